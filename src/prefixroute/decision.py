@@ -1,0 +1,102 @@
+"""What the router answers: a `Decision` to forward, or a `Rejection`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from prefixroute.endpoint import EndpointId
+from prefixroute.request import Request
+
+__all__ = ["Decision", "Rejection"]
+
+
+@attrs.frozen(slots=True)
+class Rejection:
+    """The router will not serve the request: answer the client with `status`.
+
+    `status` is an HTTP status: 429 (admission: over a rate, concurrency or
+    saturation limit), 503 (no endpoint can serve), 400 (the request itself
+    is unusable). `retry_after_s` is the hint for a `Retry-After` header.
+    """
+
+    status: int = attrs.field(validator=attrs.validators.in_((400, 429, 503)))
+    reason: str
+    retry_after_s: float | None = None
+
+
+@attrs.frozen(slots=True, eq=False)
+class Decision:
+    """Where one request goes, with everything needed to explain and settle it.
+
+    `candidates` are the endpoints that passed the filters, in the order the
+    scorers saw them; `raw[k][i]` is scorer `scorer_names[k]`'s clamped score
+    in [0, 1] for candidate i, `weights[k]` its weight in the profile and
+    `totals[i]` the weighted sum the picker saw (the per-endpoint views are
+    the `scores` and `totals_by_endpoint` properties, built on demand so the
+    hot path does not pay for them). `matched_blocks` and
+    `predicted_cached_tokens` describe the chosen endpoint's prefix match;
+    `matches` every endpoint's. The driver passes the whole `Decision` back to
+    `Router.on_complete`. Equality is identity.
+    """
+
+    endpoint: EndpointId
+    fallbacks: tuple[EndpointId, ...]
+    matched_blocks: int
+    total_blocks: int
+    predicted_cached_tokens: int
+    prompt_tokens: int
+    request: Request
+    profile: str
+    picker: str
+    candidates: tuple[EndpointId, ...]
+    scorer_names: tuple[str, ...]
+    weights: tuple[float, ...]
+    raw: tuple[tuple[float, ...], ...] = attrs.field(repr=False)
+    totals: tuple[float, ...] = attrs.field(repr=False)
+    matches: Mapping[EndpointId, int] = attrs.field(repr=False)
+    decided_at: float
+    load_tokens: int = attrs.field(repr=False)
+    block_keys: tuple[int, ...] = attrs.field(repr=False)
+
+    @property
+    def scores(self) -> dict[EndpointId, dict[str, float]]:
+        """Per candidate endpoint, per scorer: the clamped score in [0, 1]."""
+        return {
+            eid: {name: self.raw[k][i] for k, name in enumerate(self.scorer_names)}
+            for i, eid in enumerate(self.candidates)
+        }
+
+    @property
+    def totals_by_endpoint(self) -> dict[EndpointId, float]:
+        """Per candidate endpoint: the weighted total the picker saw."""
+        return dict(zip(self.candidates, self.totals, strict=True))
+
+    def explain(self) -> str:
+        """A human-readable account: the choice, the match, and each candidate's scores."""
+        req = self.request
+        lines = [
+            f"request {req.request_id or '-'} tenant={req.tenant} model={req.model}: "
+            f"{self.prompt_tokens} prompt tokens, {self.total_blocks} full blocks",
+            f"  -> {self.endpoint} (profile {self.profile}, picker {self.picker}): "
+            f"matched {self.matched_blocks}/{self.total_blocks} blocks, "
+            f"~{self.predicted_cached_tokens} tokens predicted cached",
+        ]
+        if self.fallbacks:
+            lines.append(f"  fallbacks: {', '.join(self.fallbacks)}")
+        header = ["endpoint", "total", "blocks"]
+        header += [f"{n}*{w:g}" for n, w in zip(self.scorer_names, self.weights, strict=True)]
+        rows = [header]
+        order = sorted(range(len(self.candidates)), key=lambda i: -self.totals[i])
+        for i in order:
+            eid = self.candidates[i]
+            row = [str(eid), f"{self.totals[i]:.3f}", str(self.matches.get(eid, 0))]
+            row += [f"{col[i]:.3f}" for col in self.raw]
+            rows.append(row)
+        widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+        for r in rows:
+            mark = "*" if r[0] == self.endpoint else " "
+            cells = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+            lines.append(f"  {mark} {cells}".rstrip())
+        return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Index events: what engines report about their KV caches.
+
+Drivers translate engine KV-cache events (vLLM's `BlockStored`,
+`BlockRemoved`, `AllBlocksCleared` over ZMQ, or a simulator's) and endpoint
+lifecycle changes into these values and hand them to `Router.observe`. Block
+keys are in the router's key space (`prefixroute.blocks`); translating an
+engine's own block hashes is the driver's job.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from prefixroute.endpoint import EndpointId
+from prefixroute.index import Tier
+
+__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "EndpointRemoved", "IndexEvent"]
+
+
+def _keys(value: object) -> tuple[int, ...]:
+    return tuple(int(k) for k in value)  # type: ignore[attr-defined]
+
+
+@attrs.frozen(slots=True)
+class BlockStored:
+    """`endpoint` now holds `keys` (a chain in prefix order) in `tier`; confirms speculation."""
+
+    endpoint: EndpointId
+    keys: tuple[int, ...] = attrs.field(converter=_keys)
+    tier: Tier = attrs.field(default=Tier.GPU, converter=Tier)
+
+
+@attrs.frozen(slots=True)
+class BlockRemoved:
+    """`endpoint` dropped `keys` from `tier` (from every tier when `tier` is None)."""
+
+    endpoint: EndpointId
+    keys: tuple[int, ...] = attrs.field(converter=_keys)
+    tier: Tier | None = None
+
+
+@attrs.frozen(slots=True)
+class AllBlocksCleared:
+    """`endpoint` emptied its cache (a restart or a cache reset)."""
+
+    endpoint: EndpointId
+
+
+@attrs.frozen(slots=True)
+class EndpointRemoved:
+    """`endpoint` left the pool: forget everything about it."""
+
+    endpoint: EndpointId
+
+
+IndexEvent = BlockStored | BlockRemoved | AllBlocksCleared | EndpointRemoved

@@ -1,0 +1,113 @@
+"""The extension points: one-method protocols and the per-decision context.
+
+A profile runs `Filter`s, then `Scorer`s, then one `Picker`; the router asks
+an `AdmissionPolicy` first. Each protocol has exactly one method; optional
+capabilities would be protocols of their own (STYLE.md 4, after GIE's
+`plugins.go`). Plugins read everything they need from the `RouteContext`,
+which the router builds once per decision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from prefixroute.decision import Rejection
+from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.index import PrefixMatch
+from prefixroute.load import LoadTracker
+from prefixroute.request import Request
+
+__all__ = ["AdmissionPolicy", "Filter", "Picker", "RouteContext", "Scorer"]
+
+
+class RouteContext:
+    """Everything a plugin may read while one request is being routed.
+
+    Built by the router for each `route` call; plugins must not mutate it.
+    `matches` holds the prefix match of every endpoint that matched at least
+    one block (absent = 0). `load` is the router's own, exact, in-flight
+    accounting (fresher than scraped metrics).
+    """
+
+    __slots__ = (
+        "block_keys",
+        "load",
+        "matches",
+        "now",
+        "prompt_tokens",
+        "request",
+        "rng",
+        "tokens_per_block",
+        "total_blocks",
+    )
+
+    def __init__(
+        self,
+        *,
+        request: Request,
+        now: float,
+        rng: random.Random,
+        block_keys: Sequence[int],
+        prompt_tokens: int,
+        tokens_per_block: float,
+        matches: Mapping[EndpointId, PrefixMatch],
+        load: LoadTracker,
+    ) -> None:
+        self.request = request
+        self.now = now
+        self.rng = rng
+        self.block_keys = block_keys
+        self.total_blocks = len(block_keys)
+        self.prompt_tokens = prompt_tokens
+        self.tokens_per_block = tokens_per_block
+        self.matches = matches
+        self.load = load
+
+    @property
+    def best_match(self) -> int:
+        """The longest prefix match, in blocks, over all endpoints (0 = a cold request)."""
+        return max((m.blocks for m in self.matches.values()), default=0)
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """Narrows the candidate endpoints. Returning an empty list rejects with 503."""
+
+    def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
+        """The candidates that may serve `ctx.request`, in their given order."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Rates each candidate in [0, 1] (higher is better); the profile weights the result."""
+
+    def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
+        """One score per candidate, in the candidates' order."""
+        ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    """Chooses among scored candidates."""
+
+    def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        """Candidate indexes in preference order: the first is chosen, the rest are fallbacks.
+
+        `totals[i]` is candidate i's weighted score. The result holds every
+        index exactly once.
+        """
+        ...
+
+
+@runtime_checkable
+class AdmissionPolicy(Protocol):
+    """Decides whether a request may be routed at all."""
+
+    def admit(
+        self, request: Request, endpoints: Sequence[EndpointState], now: float
+    ) -> Rejection | None:
+        """None admits; a `Rejection` answers the client (429 with retry-after, 503, 400)."""
+        ...

@@ -1,0 +1,149 @@
+"""The request model: `Request` (what to route), `Usage` (what happened).
+
+`Request.from_openai` is the one pure parser from an OpenAI chat-completions
+or completions body (plus HTTP headers) to a `Request`; every driver uses it,
+so the gateway, the ext_proc server and the simulator see identical requests.
+Malformed input raises `RequestError`, whose `status` is the HTTP status a
+driver answers with (400 for the client's mistakes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Request", "RequestError", "Usage"]
+
+TokenIds = npt.NDArray[np.uint32]
+
+
+class RequestError(ValueError):
+    """A request the router cannot use; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, *, status: int = 400, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+def _token_array(value: Sequence[int] | npt.NDArray[Any] | None) -> TokenIds | None:
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(
+            "token_ids must be a flat sequence of integers", field="token_ids"
+        ) from exc
+    if arr.ndim != 1:
+        raise RequestError("token_ids must be a flat sequence of integers", field="token_ids")
+    if arr.size == 0:
+        raise RequestError("token_ids must not be empty", field="token_ids")
+    integral = np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_
+    if not integral and not (arr.dtype == object and all(_is_int(v) for v in arr)):
+        raise RequestError("token_ids must be integers", field="token_ids")
+    if int(arr.min()) < 0 or int(arr.max()) > 0xFFFFFFFF:
+        raise RequestError("token_ids must be within [0, 2**32)", field="token_ids")
+    out = arr.astype(np.uint32, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _tokens_eq(a: TokenIds | None, b: TokenIds | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.array_equal(a, b))
+
+
+@attrs.frozen(slots=True)
+class Request:
+    """One inference request, as the router sees it.
+
+    Give `prompt` (text; chat messages rendered by `render_messages`) or
+    `token_ids` (any integer sequence, stored as a read-only uint32 array),
+    or both. `priority` below zero marks the request sheddable. `cache_salt`
+    and `lora` are folded into the block keys, so requests with different
+    salts or adapters never share a prefix. `max_tokens` is the expected
+    output length, when known.
+    """
+
+    model: str
+    prompt: str | None = None
+    token_ids: TokenIds | None = attrs.field(
+        default=None,
+        converter=_token_array,
+        eq=attrs.cmp_using(eq=_tokens_eq),
+        hash=False,
+        repr=lambda t: "None" if t is None else f"<{len(t)} tokens>",
+    )
+    tenant: str = "default"
+    session: str | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+    lora: str | None = None
+    max_tokens: int | None = None
+    request_id: str | None = None
+    stream: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise RequestError("model must be a non-empty string", field="model")
+        if self.prompt is None and self.token_ids is None:
+            raise RequestError("a request needs a prompt or token_ids", field="prompt")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
+            raise RequestError("max_tokens must be an integer >= 0", field="max_tokens")
+        if not _is_int(self.priority):
+            raise RequestError("priority must be an integer", field="priority")
+        if not isinstance(self.tenant, str) or not self.tenant:
+            raise RequestError("tenant must be a non-empty string", field="tenant")
+
+    @classmethod
+    def from_openai(
+        cls,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
+        *,
+        tenant_header: str | None = "x-tenant-id",
+        session_header: str | None = "x-session-id",
+        priority_header: str | None = "x-priority",
+        request_id_header: str | None = "x-request-id",
+        tenant_from_user: bool = False,
+    ) -> Request:
+        """Parse an OpenAI chat-completions or completions body (see `prefixroute.openai`)."""
+        from prefixroute.openai import parse_openai
+
+        return parse_openai(
+            body,
+            headers or {},
+            tenant_header=tenant_header,
+            session_header=session_header,
+            priority_header=priority_header,
+            request_id_header=request_id_header,
+            tenant_from_user=tenant_from_user,
+        )
+
+
+@attrs.frozen(slots=True)
+class Usage:
+    """What serving a request really cost, as the engine reported it.
+
+    `cached_tokens` is the engine's prefix-cache hit for this request
+    (`usage.prompt_tokens_details.cached_tokens` in vLLM's OpenAI API).
+    Latencies are seconds, None when unknown; `ok` is False for a failed
+    request (an error or a dropped stream).
+    """
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    ok: bool = True

@@ -1,0 +1,298 @@
+"""The router: admission -> filters -> prefix match -> scorers -> picker -> record.
+
+`Router` is the pure core every driver embeds (gateway, ext_proc server,
+simulator). It reads no clock, does no I/O and starts no thread: `now` is an
+argument and randomness comes from the `random.Random` it was built with, so
+the same inputs give the same decisions in every driver.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from itertools import repeat
+from operator import add, mul
+
+from prefixroute.admission import AlwaysAdmit
+from prefixroute.blocks import Blocker
+from prefixroute.decision import Decision, Rejection
+from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EndpointRemoved,
+    IndexEvent,
+)
+from prefixroute.filters import (
+    HealthyFilter,
+    ModelFilter,
+    RoleFilter,
+    SaturationFilter,
+    StaleMetricsFilter,
+)
+from prefixroute.index import PrefixIndex
+from prefixroute.load import LoadTracker
+from prefixroute.pickers import MaxScorePicker
+from prefixroute.plugins import AdmissionPolicy, RouteContext
+from prefixroute.profile import Profile, WeightedScorer
+from prefixroute.request import Request, Usage
+from prefixroute.scorers import (
+    ColdSpreadScorer,
+    InflightScorer,
+    KVUtilisationScorer,
+    LoraAffinityScorer,
+    PrefixAffinityScorer,
+    QueueDepthScorer,
+    SessionAffinityScorer,
+)
+
+__all__ = ["DEFAULT_ENGINE_BLOCK_SIZE", "DEFAULT_SPECULATIVE_TTL_S", "Router", "default_profile"]
+
+DEFAULT_SPECULATIVE_TTL_S = 30.0
+DEFAULT_ENGINE_BLOCK_SIZE = 16
+
+
+def default_profile() -> Profile:
+    """The default profile: prefix affinity balanced against exact and scraped load.
+
+    Filters: healthy, serves-model, role (both/prefill), stale-metrics guard,
+    saturation guard. Scorers (weight): prefix affinity 3, router in-flight 2,
+    queue depth 1, KV utilisation 1, session affinity 1, LoRA affinity 1,
+    cold spreader 1. Picker: max-score with random tie-break.
+    """
+    return Profile(
+        name="default",
+        filters=(
+            ("healthy-filter", HealthyFilter()),
+            ("model-filter", ModelFilter()),
+            ("role-filter", RoleFilter()),
+            ("stale-metrics-filter", StaleMetricsFilter()),
+            ("saturation-filter", SaturationFilter()),
+        ),
+        scorers=(
+            WeightedScorer("prefix", PrefixAffinityScorer(), 3.0),
+            WeightedScorer("inflight", InflightScorer(), 2.0),
+            WeightedScorer("queue", QueueDepthScorer(), 1.0),
+            WeightedScorer("kv", KVUtilisationScorer(), 1.0),
+            WeightedScorer("session", SessionAffinityScorer(), 1.0),
+            WeightedScorer("lora", LoraAffinityScorer(), 1.0),
+            WeightedScorer("cold", ColdSpreadScorer(), 1.0),
+        ),
+        picker=("max-score-picker", MaxScorePicker()),
+    )
+
+
+def _clamp(scores: Sequence[float]) -> tuple[float, ...]:
+    """`scores` clamped into [0, 1], NaN as 0; C-level checks skip the loop when all fit."""
+    total = sum(scores)
+    if total == total and min(scores) >= 0.0 and max(scores) <= 1.0:  # no NaN, all in range
+        return tuple(scores)
+    return tuple(x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in scores)
+
+
+class Router:
+    """Decides which endpoint serves each request, and learns from what happened.
+
+    - `route(request, endpoints, now)`: a `Decision` (recorded optimistically:
+      the request's blocks enter the index as speculative entries on the
+      chosen endpoint, and its work counts as in flight there) or a
+      `Rejection`.
+    - `on_complete(decision, usage, now)`: settles the in-flight accounting
+      and, if the request succeeded and `confirm_on_complete`, confirms its
+      blocks on the endpoint that served it (the engine has just computed
+      them). With KV events from the engines, `observe` confirms instead.
+    - `observe(event)`: applies an index event.
+
+    Speculative entries that are neither confirmed nor refreshed expire
+    `speculative_ttl_s` after the last decision that predicted them.
+    Capacities: an endpoint's index capacity is its `kv_capacity_blocks`
+    (engine blocks of `engine_block_size` tokens) converted to index blocks,
+    or the index's default when unknown.
+    """
+
+    def __init__(
+        self,
+        profile: Profile | None = None,
+        *,
+        blocker: Blocker | None = None,
+        index: PrefixIndex | None = None,
+        admission: AdmissionPolicy | None = None,
+        rng: random.Random | None = None,
+        speculative_ttl_s: float = DEFAULT_SPECULATIVE_TTL_S,
+        confirm_on_complete: bool = True,
+        engine_block_size: int = DEFAULT_ENGINE_BLOCK_SIZE,
+    ) -> None:
+        if not (math.isfinite(speculative_ttl_s) and speculative_ttl_s > 0):
+            raise ValueError(f"speculative_ttl_s must be > 0, got {speculative_ttl_s!r}")
+        if engine_block_size < 1:
+            raise ValueError(f"engine_block_size must be >= 1, got {engine_block_size!r}")
+        self.profile = profile if profile is not None else default_profile()
+        self.blocker = blocker if blocker is not None else Blocker()
+        self.index = index if index is not None else PrefixIndex()
+        self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
+        self.load = LoadTracker()
+        self.rng = rng if rng is not None else random.Random(0)
+        self.speculative_ttl_s = speculative_ttl_s
+        self.confirm_on_complete = confirm_on_complete
+        self.engine_block_size = engine_block_size
+        self._capacity_seen: dict[EndpointId, int] = {}
+
+    @classmethod
+    def default(cls, *, seed: int = 0) -> Router:
+        """The default profile with a token-mode blocker; `seed` seeds hashing and picking."""
+        return cls(default_profile(), blocker=Blocker(seed=seed), rng=random.Random(seed))
+
+    def route(
+        self, request: Request, endpoints: Sequence[EndpointState], now: float
+    ) -> Decision | Rejection:
+        """Choose an endpoint for `request` among `endpoints` at time `now`.
+
+        Cost: hashing the prompt once (O(tokens), vectorised), one index
+        walk (O(matched blocks)), O(candidates) per filter and scorer, and
+        recording the chosen endpoint's blocks (O(blocks)).
+        """
+        self.index.expire(now)
+        rejection = self.admission.admit(request, endpoints, now)
+        if rejection is not None:
+            return rejection
+        if not endpoints:
+            return Rejection(503, "no endpoints are configured", retry_after_s=1.0)
+
+        blocker = self.blocker
+        keys = blocker.keys(request).tolist()
+        prompt_tokens = blocker.prompt_tokens(request)
+        tokens_per_block = blocker.tokens_per_block(request)
+        matches = self.index.match(keys)
+        ctx = RouteContext(
+            request=request,
+            now=now,
+            rng=self.rng,
+            block_keys=keys,
+            prompt_tokens=prompt_tokens,
+            tokens_per_block=tokens_per_block,
+            matches=matches,
+            load=self.load,
+        )
+
+        profile = self.profile
+        candidates = list(endpoints)
+        for name, flt in profile.filters:
+            candidates = flt.filter(ctx, candidates)
+            if not candidates:
+                return Rejection(
+                    503,
+                    f"no endpoint can serve model {request.model!r}: {name} left no candidate",
+                    retry_after_s=1.0,
+                )
+
+        n = len(candidates)
+        totals = [0.0] * n
+        raw: list[tuple[float, ...]] = []
+        for ws in profile.scorers:
+            scores = ws.scorer.score(ctx, candidates)
+            if len(scores) != n:
+                raise ValueError(f"scorer {ws.name!r} returned {len(scores)} scores for {n}")
+            clamped = _clamp(scores)
+            raw.append(clamped)
+            totals = list(map(add, totals, map(mul, clamped, repeat(ws.weight))))
+
+        assert profile.picker is not None
+        picker_name, picker = profile.picker
+        order = picker.pick(ctx, totals)
+        chosen = candidates[order[0]]
+        fallbacks = tuple(candidates[i].id for i in order[1 : 1 + profile.max_fallbacks])
+
+        match = matches.get(chosen.id)
+        matched = match.blocks if match is not None else 0
+        predicted = min(prompt_tokens, int(matched * tokens_per_block))
+        expected_output = request.max_tokens or 0
+        load_tokens = prompt_tokens - predicted + expected_output
+
+        self._record(chosen, keys, tokens_per_block, now)
+        self.load.start(chosen.id, load_tokens)
+        if not matches:
+            self.load.note_cold(chosen.id, now)
+        if request.session is not None:
+            self.load.bind_session(request.session, chosen.id)
+
+        return Decision(
+            endpoint=chosen.id,
+            fallbacks=fallbacks,
+            matched_blocks=matched,
+            total_blocks=len(keys),
+            predicted_cached_tokens=predicted,
+            prompt_tokens=prompt_tokens,
+            request=request,
+            profile=profile.name,
+            picker=picker_name,
+            candidates=tuple(e.id for e in candidates),
+            scorer_names=tuple(ws.name for ws in profile.scorers),
+            weights=tuple(ws.weight for ws in profile.scorers),
+            raw=tuple(raw),
+            totals=tuple(totals),
+            matches={eid: m.blocks for eid, m in matches.items()},
+            decided_at=now,
+            load_tokens=load_tokens,
+            block_keys=tuple(keys),
+        )
+
+    def _record(
+        self, endpoint: EndpointState, keys: list[int], tokens_per_block: float, now: float
+    ) -> None:
+        """Size the endpoint's index capacity from its state, then add the keys speculatively."""
+        engine_blocks = endpoint.kv_capacity_blocks
+        if engine_blocks is not None and self._capacity_seen.get(endpoint.id) != engine_blocks:
+            index_blocks = max(1, int(engine_blocks * self.engine_block_size / tokens_per_block))
+            self.index.set_capacity(endpoint.id, index_blocks)
+            self._capacity_seen[endpoint.id] = engine_blocks
+        if keys:
+            self.index.insert(endpoint.id, keys, speculative_until=now + self.speculative_ttl_s)
+
+    def on_complete(
+        self,
+        decision: Decision,
+        usage: Usage,
+        now: float,
+        *,
+        served_by: EndpointId | None = None,
+    ) -> None:
+        """Settle `decision` with what really happened (`usage`) at `now`.
+
+        Releases the in-flight accounting and, for a successful request when
+        `confirm_on_complete` is set, confirms the request's blocks on the
+        endpoint that served it: `served_by` when the driver fell back to
+        another endpoint, else the decision's. Blocks the index evicted or
+        removed meanwhile stay gone (the index models the engine's LRU); if
+        the request outlived `speculative_ttl_s`, or another endpoint served
+        it, the whole chain is inserted as confirmed instead. A failed
+        request's speculative entries are left to expire. The driver calls this exactly once per
+        decision; a second call would release the in-flight count twice.
+        """
+        self.load.finish(decision.endpoint, decision.load_tokens)
+        keys = decision.block_keys
+        if usage.ok and self.confirm_on_complete and keys:
+            served = served_by or decision.endpoint
+            expired = now - decision.decided_at >= self.speculative_ttl_s
+            if served != decision.endpoint or expired:
+                self.index.insert(served, keys)
+            else:
+                self.index.confirm(served, keys)
+        self.index.expire(now)
+
+    def observe(self, event: IndexEvent) -> None:
+        """Apply a KV-cache or endpoint event to the router's state."""
+        match event:
+            case BlockStored(endpoint=eid, keys=keys, tier=tier):
+                self.index.insert(eid, keys, tier=tier)
+            case BlockRemoved(endpoint=eid, keys=keys, tier=tier):
+                self.index.remove(eid, keys, tier=tier)
+            case AllBlocksCleared(endpoint=eid):
+                self.index.clear_endpoint(eid)
+            case EndpointRemoved(endpoint=eid):
+                self.index.remove_endpoint(eid)
+                self.load.forget(eid)
+                self._capacity_seen.pop(eid, None)
+            case _:
+                raise TypeError(f"unknown index event {event!r}")

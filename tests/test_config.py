@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefixroute import ConfigError, Decision, Request, Router, load_config
+from prefixroute.pickers import PowerOfTwoPicker
+from tests.helpers import endpoint
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+MINIMAL: dict[str, Any] = {
+    "plugins": [
+        {"type": "healthy-filter"},
+        {"type": "prefix-affinity-scorer", "name": "prefix"},
+        {"type": "queue-depth-scorer", "name": "queue", "parameters": {"scale": 4}},
+        {"type": "power-of-two-picker"},
+    ],
+    "profiles": [
+        {
+            "name": "main",
+            "plugins": [
+                {"pluginRef": "healthy-filter"},
+                {"pluginRef": "prefix", "weight": 3},
+                {"pluginRef": "queue", "weight": 1},
+                {"pluginRef": "power-of-two-picker"},
+            ],
+        }
+    ],
+}
+
+
+def test_empty_document_is_the_default_router() -> None:
+    router = load_config({})
+    assert router.profile == Router.default().profile
+
+
+def test_a_minimal_document_builds_what_it_says() -> None:
+    router = load_config(MINIMAL)
+    assert router.profile.name == "main"
+    assert [s.name for s in router.profile.scorers] == ["prefix", "queue"]
+    assert [s.weight for s in router.profile.scorers] == [3.0, 1.0]
+    assert isinstance(router.profile.picker[1], PowerOfTwoPicker)  # type: ignore[index]
+    result = router.route(Request(model="m", prompt="hello " * 40), [endpoint(0), endpoint(1)], 0.0)
+    assert isinstance(result, Decision)
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_load_and_route(path: Path) -> None:
+    router = load_config(path)
+    result = router.route(Request(model="m", prompt="hello " * 40), [endpoint(0), endpoint(1)], 0.0)
+    assert isinstance(result, Decision)
+
+
+def with_(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of `doc` with the dotted/indexed `path` set to `value`."""
+    import copy
+    import re
+
+    out = copy.deepcopy(doc)
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", path) if p != ""]
+    node: Any = out
+    for p in parts[:-1]:
+        node = node[p]
+    node[parts[-1]] = value
+    return out
+
+
+BAD = [
+    ({"bogus": 1}, "bogus"),
+    ({"seed": "x"}, "seed"),
+    ({"hashing": {"mode": "words"}}, "hashing"),
+    ({"hashing": {"block_size": 0}}, "hashing"),
+    ({"hashing": {"extra": 1}}, "hashing.extra"),
+    ({"index": {"tier_weights": {"tape": 0.1}}}, "index.tier_weights.tape"),
+    ({"index": {"default_capacity_blocks": -5}}, "index"),
+    ({"router": {"speculative_ttl_s": -1}}, "router"),
+    ({"plugins": "x"}, "plugins"),
+    ({"plugins": [{"type": "healthy-filter"}]}, "profiles"),
+    ({"profile": "x"}, "profile"),
+    (with_(MINIMAL, "plugins[1].type", "no-such-scorer"), "plugins[1].type"),
+    (with_(MINIMAL, "plugins[2].parameters", {"scael": 4}), "plugins[2].parameters.scael"),
+    (with_(MINIMAL, "plugins[2].parameters", {"scale": -4}), "plugins[2]"),
+    (with_(MINIMAL, "plugins[1].name", "healthy-filter"), "plugins[1].name"),
+    (with_(MINIMAL, "plugins[0].nmae", "x"), "plugins[0].nmae"),
+    (
+        with_(MINIMAL, "profiles[0].plugins[1].pluginRef", "nope"),
+        "profiles[0].plugins[1].pluginRef",
+    ),
+    (with_(MINIMAL, "profiles[0].plugins[1].weight", "heavy"), "profiles[0].plugins[1].weight"),
+    (with_(MINIMAL, "profiles[0].plugins[1].weight", -2), "profiles[0].plugins[1].weight"),
+    (with_(MINIMAL, "profiles[0].plugins[0].weight", 2), "profiles[0].plugins[0].weight"),
+    (with_(MINIMAL, "profiles[0].plugins", []), "profiles[0].plugins"),
+    (with_(MINIMAL, "profiles[0].max_fallbacks", -1), "profiles[0].max_fallbacks"),
+    (with_(MINIMAL, "profiles[0].name", ""), "profiles[0].name"),
+    ({**MINIMAL, "profile": "other"}, "profile"),
+    (
+        with_(MINIMAL, "profiles[0].plugins", [{"pluginRef": "healthy-filter"}]),
+        "profiles[0].plugins",
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc", "path"), BAD, ids=[p for _, p in BAD])
+def test_invalid_documents_name_the_field(doc: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(doc)
+    assert err.value.path == path
+    assert str(err.value).startswith(path)
+
+
+def test_two_pickers_in_a_profile_are_refused() -> None:
+    doc = with_(MINIMAL, "plugins", [*MINIMAL["plugins"], {"type": "max-score-picker"}])
+    doc["profiles"][0]["plugins"].append({"pluginRef": "max-score-picker"})
+    with pytest.raises(ConfigError, match="one picker"):
+        load_config(doc)
+
+
+def test_files_are_read_and_their_errors_reported(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("hashing: {mode: text, block_size: 64}\n")
+    assert load_config(good).blocker.block_size == 64
+    assert load_config(str(good)).blocker.mode == "text"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plugins: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_profile_selection_and_admission_chain() -> None:
+    doc = with_(
+        MINIMAL,
+        "profiles",
+        [*MINIMAL["profiles"], {"name": "alt", "plugins": [{"pluginRef": "queue"}]}],
+    )
+    doc["plugins"].append({"type": "always-admit"})
+    doc["profiles"][1]["plugins"].append({"pluginRef": "always-admit"})
+    assert load_config(doc).profile.name == "main"
+    doc["profile"] = "alt"
+    router = load_config(doc)
+    assert router.profile.name == "alt"
+    assert router.route(Request(model="m", prompt="x"), [endpoint(0)], 0.0)
+
+
+def test_the_default_example_is_the_default_profile() -> None:
+    router = load_config(EXAMPLES / "default.yaml")
+    default = Router.default()
+    assert router.profile == default.profile
+    assert router.blocker == default.blocker
+    assert router.speculative_ttl_s == default.speculative_ttl_s

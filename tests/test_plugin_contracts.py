@@ -1,0 +1,161 @@
+"""One contract suite per extension point, run by every built-in implementation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixroute import (
+    AdmissionPolicy,
+    EndpointState,
+    Filter,
+    LoadTracker,
+    Picker,
+    PrefixMatch,
+    Rejection,
+    Request,
+    RouteContext,
+    Scorer,
+    default_registry,
+)
+from prefixroute.endpoint import EndpointId
+
+REGISTRY = default_registry()
+PLUGINS = {t: REGISTRY.create(t) for t in REGISTRY.types()}
+FILTERS = sorted(t for t, p in PLUGINS.items() if isinstance(p, Filter))
+SCORERS = sorted(t for t, p in PLUGINS.items() if isinstance(p, Scorer))
+PICKERS = sorted(t for t, p in PLUGINS.items() if isinstance(p, Picker))
+ADMISSIONS = sorted(t for t, p in PLUGINS.items() if isinstance(p, AdmissionPolicy))
+
+
+@st.composite
+def endpoint_states(draw: st.DrawFn, index: int) -> EndpointState:
+    return EndpointState(
+        id=f"e{index}",
+        address=f"127.0.0.1:{8000 + index}",
+        role=draw(st.sampled_from(["both", "prefill", "decode"])),
+        models=draw(st.sampled_from([frozenset(), frozenset({"m"}), frozenset({"other"})])),
+        adapters=draw(st.sampled_from([frozenset(), frozenset({"lora-a"})])),
+        waiting=draw(st.integers(0, 500)),
+        running=draw(st.integers(0, 500)),
+        kv_usage=draw(st.floats(0.0, 1.0)),
+        healthy=draw(st.booleans()),
+        observed_at=draw(st.none() | st.floats(0.0, 100.0)),
+    )
+
+
+@st.composite
+def contexts(draw: st.DrawFn) -> tuple[RouteContext, list[EndpointState]]:
+    n = draw(st.integers(1, 8))
+    endpoints = [draw(endpoint_states(i)) for i in range(n)]
+    total = draw(st.integers(0, 64))
+    matches = {}
+    for e in endpoints:
+        if total and draw(st.booleans()):
+            blocks = draw(st.integers(1, total))
+            matches[EndpointId(e.id)] = PrefixMatch(blocks, blocks * draw(st.floats(0.5, 1.0)))
+    load = LoadTracker()
+    for e in endpoints:
+        for _ in range(draw(st.integers(0, 3))):
+            load.start(EndpointId(e.id), draw(st.integers(0, 50_000)))
+        if draw(st.booleans()):
+            load.note_cold(EndpointId(e.id), draw(st.floats(0.0, 100.0)))
+    session = draw(st.none() | st.just("s1"))
+    if session and draw(st.booleans()):
+        load.bind_session(session, EndpointId(endpoints[0].id))
+    request = Request(
+        model="m",
+        prompt="x",
+        session=session,
+        lora=draw(st.none() | st.just("lora-a")),
+    )
+    ctx = RouteContext(
+        request=request,
+        now=draw(st.floats(0.0, 200.0)),
+        rng=random.Random(draw(st.integers(0, 2**32))),
+        block_keys=list(range(total)),
+        prompt_tokens=total * 16,
+        tokens_per_block=16.0,
+        matches=matches,
+        load=load,
+    )
+    return ctx, endpoints
+
+
+@pytest.mark.parametrize("type_name", FILTERS)
+@settings(max_examples=60, deadline=None)
+@given(case=contexts())
+def test_filter_returns_an_ordered_subset(type_name: str, case: tuple) -> None:
+    ctx, endpoints = case
+    kept = PLUGINS[type_name].filter(ctx, endpoints)
+    ids = [e.id for e in endpoints]
+    positions = [ids.index(e.id) for e in kept]
+    assert positions == sorted(set(positions))
+
+
+@pytest.mark.parametrize("type_name", SCORERS)
+@settings(max_examples=60, deadline=None)
+@given(case=contexts())
+def test_scorer_gives_one_unit_score_per_candidate(type_name: str, case: tuple) -> None:
+    ctx, endpoints = case
+    scores = PLUGINS[type_name].score(ctx, endpoints)
+    assert len(scores) == len(endpoints)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+@pytest.mark.parametrize("type_name", SCORERS)
+@settings(max_examples=30, deadline=None)
+@given(case=contexts())
+def test_scorer_is_absolute_not_relative_to_the_candidate_set(type_name: str, case: tuple) -> None:
+    ctx, endpoints = case
+    whole = PLUGINS[type_name].score(ctx, endpoints)
+    alone = [PLUGINS[type_name].score(ctx, [e])[0] for e in endpoints]
+    assert whole == pytest.approx(alone)
+
+
+@pytest.mark.parametrize("type_name", PICKERS)
+@settings(max_examples=60, deadline=None)
+@given(case=contexts(), data=st.data())
+def test_picker_returns_a_permutation(type_name: str, case: tuple, data: st.DataObject) -> None:
+    ctx, endpoints = case
+    totals = data.draw(
+        st.lists(st.floats(0.0, 20.0), min_size=len(endpoints), max_size=len(endpoints))
+    )
+    order = PLUGINS[type_name].pick(ctx, totals)
+    assert sorted(order) == list(range(len(endpoints)))
+    rest = [totals[i] for i in order[1:]]
+    assert rest == sorted(rest, reverse=True)
+
+
+@pytest.mark.parametrize("type_name", PICKERS)
+def test_picker_is_deterministic_given_the_rng(type_name: str) -> None:
+    totals = [0.5, 0.9, 0.9, 0.1, 0.7]
+    runs = []
+    for _ in range(2):
+        rng = random.Random(7)
+        ctx = RouteContext(
+            request=Request(model="m", prompt="x"),
+            now=0.0,
+            rng=rng,
+            block_keys=[],
+            prompt_tokens=1,
+            tokens_per_block=16.0,
+            matches={},
+            load=LoadTracker(),
+        )
+        runs.append([PLUGINS[type_name].pick(ctx, totals)[0] for _ in range(20)])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("type_name", ADMISSIONS)
+def test_admission_answers_none_or_a_rejection(type_name: str) -> None:
+    verdict = PLUGINS[type_name].admit(Request(model="m", prompt="x"), [], 0.0)
+    assert verdict is None or isinstance(verdict, Rejection)
+
+
+def test_every_builtin_implements_exactly_one_protocol() -> None:
+    assert FILTERS and SCORERS and PICKERS and ADMISSIONS
+    assert len(FILTERS) + len(SCORERS) + len(PICKERS) + len(ADMISSIONS) == len(PLUGINS)

@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import attrs
+import pytest
+
+from prefixroute import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Decision,
+    EndpointRemoved,
+    EndpointState,
+    Profile,
+    Rejection,
+    Request,
+    RouteContext,
+    Router,
+    Usage,
+    WeightedScorer,
+)
+from prefixroute.endpoint import EndpointId
+from prefixroute.filters import HealthyFilter
+from prefixroute.scorers import PrefixAffinityScorer
+from tests.helpers import endpoint
+
+SYSTEM = "You are a DevOps engineer assistant specializing in Kubernetes and CI/CD. " * 5
+
+
+def fleet(n: int = 4, **fields: object) -> list[EndpointState]:
+    return [endpoint(i, **fields) for i in range(n)]
+
+
+def chat(question: str, *, tenant: str = "t", session: str | None = None) -> Request:
+    return Request(
+        model="m", prompt=SYSTEM + question, tenant=tenant, session=session, max_tokens=80
+    )
+
+
+def decide(
+    router: Router, request: Request, endpoints: Sequence[EndpointState], now: float
+) -> Decision:
+    result = router.route(request, endpoints, now)
+    assert isinstance(result, Decision), result
+    return result
+
+
+def test_requests_sharing_a_prefix_land_together() -> None:
+    router = Router.default(seed=1)
+    eps = fleet()
+    first = decide(router, chat("Summarize the key points."), eps, 0.0)
+    assert first.matched_blocks == 0
+    second = decide(router, chat("What should I focus on?"), eps, 0.1)
+    assert second.endpoint == first.endpoint
+    assert second.matched_blocks > 0
+    assert second.predicted_cached_tokens == pytest.approx(
+        second.matched_blocks * router.blocker.tokens_per_block(second.request), abs=1
+    )
+    assert second.matches[first.endpoint] == second.matched_blocks
+
+
+def test_cold_requests_spread_across_the_fleet() -> None:
+    router = Router.default(seed=2)
+    eps = fleet(4)
+    chosen = Counter(
+        decide(router, Request(model="m", prompt=f"Question {n} " * 40), eps, n * 0.01).endpoint
+        for n in range(40)
+    )
+    assert set(chosen) == {"e0", "e1", "e2", "e3"}
+    assert max(chosen.values()) <= 13
+
+
+def test_decision_carries_scores_fallbacks_and_explains_itself() -> None:
+    router = Router.default(seed=0)
+    eps = fleet(4)
+    d = decide(router, chat("Hi", session="s-1"), eps, 0.0)
+    assert len(d.fallbacks) == 2 and d.endpoint not in d.fallbacks
+    assert set(d.scores) == {"e0", "e1", "e2", "e3"}
+    assert set(d.scores["e0"]) == set(d.scorer_names)
+    assert d.totals_by_endpoint[d.endpoint] == max(d.totals)
+    for eid, per in d.scores.items():
+        total = sum(w * per[n] for n, w in zip(d.scorer_names, d.weights, strict=True))
+        assert d.totals_by_endpoint[eid] == pytest.approx(total)
+    text = d.explain()
+    assert d.endpoint in text and "prefix" in text and "fallbacks" in text
+
+
+def test_filters_that_leave_nothing_reject_with_503() -> None:
+    router = Router.default()
+    result = router.route(chat("x"), fleet(2, healthy=False), 0.0)
+    assert isinstance(result, Rejection)
+    assert result.status == 503 and "healthy-filter" in result.reason
+    wrong_model = router.route(Request(model="nope", prompt="x"), fleet(2, models={"m"}), 0.0)
+    assert isinstance(wrong_model, Rejection) and "nope" in wrong_model.reason
+    empty = router.route(chat("x"), [], 0.0)
+    assert isinstance(empty, Rejection) and empty.status == 503
+
+
+def test_admission_rejection_is_returned_untouched() -> None:
+    @attrs.frozen
+    class Refuse:
+        def admit(
+            self, request: Request, endpoints: Sequence[EndpointState], now: float
+        ) -> Rejection:
+            return Rejection(429, "over the tenant's rate", retry_after_s=2.0)
+
+    router = Router(admission=Refuse())
+    result = router.route(chat("x"), fleet(), 0.0)
+    assert result == Rejection(429, "over the tenant's rate", retry_after_s=2.0)
+    assert len(router.index) == 0 and router.load.in_flight() == 0
+
+
+def test_in_flight_accounting_and_confirmation_on_complete() -> None:
+    router = Router.default()
+    eps = fleet(2)
+    d = decide(router, chat("x"), eps, 0.0)
+    assert router.load.requests(d.endpoint) == 1
+    assert router.load.tokens(d.endpoint) == d.prompt_tokens + 80
+    assert all(router.index.is_speculative(d.endpoint, k) for k in d.block_keys)
+    router.on_complete(d, Usage(prompt_tokens=d.prompt_tokens, completion_tokens=80), 1.0)
+    assert router.load.requests(d.endpoint) == 0 and router.load.tokens(d.endpoint) == 0
+    assert not any(router.index.is_speculative(d.endpoint, k) for k in d.block_keys)
+    router.load.check_invariants()
+    router.index.check_invariants()
+
+
+def test_on_complete_credits_the_endpoint_that_really_served() -> None:
+    router = Router.default()
+    d = decide(router, chat("x"), fleet(2), 0.0)
+    other = EndpointId("e1" if d.endpoint == "e0" else "e0")
+    router.on_complete(d, Usage(), 1.0, served_by=other)
+    assert router.index.match(list(d.block_keys))[other].blocks == d.total_blocks
+
+
+def test_unconfirmed_predictions_expire_after_the_ttl() -> None:
+    router = Router(speculative_ttl_s=5.0)
+    eps = fleet(2)
+    d = decide(router, chat("x"), eps, 0.0)
+    router.on_complete(d, Usage(ok=False), 1.0)
+    assert router.index.size(d.endpoint) == d.total_blocks
+    later = decide(router, Request(model="m", prompt="unrelated " * 30), eps, 6.0)
+    assert later.total_blocks > 0
+    assert all(not router.index.holders(k) for k in d.block_keys)
+
+
+def test_events_drive_the_index() -> None:
+    router = Router.default()
+    req = chat("x")
+    keys = router.blocker.keys(req).tolist()
+    router.observe(BlockStored(endpoint=EndpointId("e3"), keys=keys))
+    d = decide(router, req, fleet(4), 0.0)
+    assert d.endpoint == "e3" and d.matched_blocks == len(keys)
+    router.observe(BlockRemoved(endpoint=EndpointId("e3"), keys=keys[len(keys) // 2 :]))
+    router.observe(AllBlocksCleared(endpoint=EndpointId("e3")))
+    assert router.index.size(EndpointId("e3")) == 0
+    router.observe(EndpointRemoved(endpoint=EndpointId("e3")))
+    assert EndpointId("e3") not in router.index.endpoints()
+    with pytest.raises(TypeError):
+        router.observe("nonsense")  # type: ignore[arg-type]
+
+
+def test_same_seed_same_decisions() -> None:
+    def run(seed: int) -> list[str]:
+        router = Router.default(seed=seed)
+        rng = random.Random(99)
+        out = []
+        for i in range(60):
+            q = rng.choice(["a", "b", "c", "d"]) * rng.randint(1, 400)
+            result = router.route(Request(model="m", prompt=q), fleet(5), i * 0.05)
+            assert isinstance(result, Decision)
+            out.append(result.endpoint)
+        return out
+
+    assert run(3) == run(3)
+
+
+def test_capacity_comes_from_the_endpoint_state() -> None:
+    router = Router.default()
+    eps = [endpoint(0, kv_capacity_blocks=100)]
+    d = decide(router, chat("x"), eps, 0.0)
+    tpb = router.blocker.tokens_per_block(d.request)
+    assert router.index.capacity(EndpointId("e0")) == int(100 * 16 / tpb)
+
+
+def test_profile_clamps_scores_and_checks_their_count() -> None:
+    @attrs.frozen
+    class Wild:
+        values: tuple[float, ...]
+
+        def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
+            return list(self.values[: len(candidates)])
+
+    profile = Profile(
+        name="p",
+        filters=(("healthy", HealthyFilter()),),
+        scorers=(WeightedScorer("wild", Wild((5.0, math.nan, -1.0)), 2.0),),
+    )
+    d = decide(Router(profile), chat("x"), fleet(3), 0.0)
+    assert d.raw == ((1.0, 0.0, 0.0),)
+    assert d.totals == (2.0, 0.0, 0.0) and d.endpoint == "e0"
+    short = Profile(name="p", scorers=(WeightedScorer("wild", Wild((1.0,)), 1.0),))
+    with pytest.raises(ValueError, match="wild"):
+        Router(short).route(chat("x"), fleet(3), 0.0)
+
+
+def test_profile_validation() -> None:
+    with pytest.raises(ValueError, match="weight"):
+        WeightedScorer("p", PrefixAffinityScorer(), -1.0)
+    with pytest.raises(ValueError, match="duplicate"):
+        Profile(
+            name="p",
+            scorers=(
+                WeightedScorer("a", PrefixAffinityScorer()),
+                WeightedScorer("a", PrefixAffinityScorer()),
+            ),
+        )
+    with pytest.raises(ValueError, match="speculative_ttl_s"):
+        Router(speculative_ttl_s=0)
