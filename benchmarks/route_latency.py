@@ -1,6 +1,6 @@
 """Per-decision latency of `Router.route` on a warm 1M-entry index over 64 endpoints.
 
-    python benchmarks/route_latency.py [--decisions N] [--entries N]
+    python -m benchmarks.route_latency [--decisions N] [--entries N]
 
 Reports p50/p99 latency and decisions per second on one core for three
 request kinds (half prefix hit, full hit, cold), plus the hashing share.

@@ -71,18 +71,23 @@ def with_(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 BAD = [
     ({"bogus": 1}, "bogus"),
     ({"seed": "x"}, "seed"),
-    ({"hashing": {"mode": "words"}}, "hashing"),
-    ({"hashing": {"block_size": 0}}, "hashing"),
+    ({"hashing": {"mode": "words"}}, "hashing.mode"),
+    ({"hashing": {"block_size": 0}}, "hashing.block_size"),
     ({"hashing": {"extra": 1}}, "hashing.extra"),
     ({"index": {"tier_weights": {"tape": 0.1}}}, "index.tier_weights.tape"),
-    ({"index": {"default_capacity_blocks": -5}}, "index"),
-    ({"router": {"speculative_ttl_s": -1}}, "router"),
+    ({"index": {"default_capacity_blocks": -5}}, "index.default_capacity_blocks"),
+    ({"router": {"speculative_ttl_s": -1}}, "router.speculative_ttl_s"),
     ({"plugins": "x"}, "plugins"),
+    ({"router": {"speculative_ttl_s": "30"}}, "router.speculative_ttl_s"),
+    ({"router": {"confirm_on_complete": "false"}}, "router.confirm_on_complete"),
+    ({"hashing": {"isolate_tenants": "no"}}, "hashing.isolate_tenants"),
+    ({"hashing": {"seed": 1.5}}, "hashing.seed"),
+    (with_(MINIMAL, "plugins[2].parameters", {"scale": "4"}), "plugins[2].parameters.scale"),
     ({"plugins": [{"type": "healthy-filter"}]}, "profiles"),
     ({"profile": "x"}, "profile"),
     (with_(MINIMAL, "plugins[1].type", "no-such-scorer"), "plugins[1].type"),
     (with_(MINIMAL, "plugins[2].parameters", {"scael": 4}), "plugins[2].parameters.scael"),
-    (with_(MINIMAL, "plugins[2].parameters", {"scale": -4}), "plugins[2]"),
+    (with_(MINIMAL, "plugins[2].parameters", {"scale": -4}), "plugins[2].parameters.scale"),
     (with_(MINIMAL, "plugins[1].name", "healthy-filter"), "plugins[1].name"),
     (with_(MINIMAL, "plugins[0].nmae", "x"), "plugins[0].nmae"),
     (
@@ -133,6 +138,10 @@ def test_files_are_read_and_their_errors_reported(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_config(latin)
 
 
 def test_profile_selection_and_admission_chain() -> None:
@@ -147,7 +156,7 @@ def test_profile_selection_and_admission_chain() -> None:
     doc["profile"] = "alt"
     router = load_config(doc)
     assert router.profile.name == "alt"
-    assert router.route(Request(model="m", prompt="x"), [endpoint(0)], 0.0)
+    assert isinstance(router.route(Request(model="m", prompt="x"), [endpoint(0)], 0.0), Decision)
 
 
 def test_the_default_example_is_the_default_profile() -> None:
@@ -156,3 +165,8 @@ def test_the_default_example_is_the_default_profile() -> None:
     assert router.profile == default.profile
     assert router.blocker == default.blocker
     assert router.speculative_ttl_s == default.speculative_ttl_s
+    assert router.confirm_on_complete == default.confirm_on_complete
+    assert router.engine_block_size == default.engine_block_size
+    assert router.index.default_capacity_blocks == default.index.default_capacity_blocks
+    assert router.index.tier_weights == default.index.tier_weights
+    assert router.rng.random() == default.rng.random()

@@ -65,7 +65,7 @@ def contexts(draw: st.DrawFn) -> tuple[RouteContext, list[EndpointState]]:
             load.note_cold(EndpointId(e.id), draw(st.floats(0.0, 100.0)))
     session = draw(st.none() | st.just("s1"))
     if session and draw(st.booleans()):
-        load.bind_session(session, EndpointId(endpoints[0].id))
+        load.bind_session(("default", session), EndpointId(endpoints[0].id))
     request = Request(
         model="m",
         prompt="x",

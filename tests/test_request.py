@@ -83,6 +83,12 @@ def test_ragged_token_ids_are_a_request_error() -> None:
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"prompt": "x", "priority": "high"}, "priority"),
         ({"prompt": "x", "tenant": ""}, "tenant"),
+        ({"prompt": 123}, "prompt"),
+        ({"prompt": "x", "cache_salt": 5}, "cache_salt"),
+        ({"prompt": "x", "lora": 5}, "lora"),
+        ({"prompt": "x", "session": ["a"]}, "session"),
+        ({"prompt": "x", "request_id": 1}, "request_id"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
     ],
 )
 def test_more_invalid_values_are_request_errors(fields: dict[str, Any], field: str) -> None:

@@ -220,3 +220,58 @@ def test_profile_validation() -> None:
         )
     with pytest.raises(ValueError, match="speculative_ttl_s"):
         Router(speculative_ttl_s=0)
+
+
+def test_capacities_are_synced_for_every_endpoint_passed() -> None:
+    router = Router.default()
+    keys = list(range(1, 201))
+    router.observe(BlockStored(endpoint=EndpointId("e1"), keys=keys))
+    eps = [endpoint(0), endpoint(1, kv_capacity_blocks=10, waiting=100)]
+    decide(router, chat("x"), eps, 0.0)
+    assert router.index.capacity(EndpointId("e1")) == 10
+    assert router.index.size(EndpointId("e1")) == 10
+    assert router.index.match(keys)[EndpointId("e1")].blocks == 10  # the head survives
+
+
+def test_a_removed_endpoint_is_not_resurrected_by_a_late_completion() -> None:
+    router = Router.default()
+    d = decide(router, Request(model="m", prompt="a" * 300), fleet(1), 0.0)
+    router.observe(EndpointRemoved(endpoint=d.endpoint))
+    # the same id comes back as a new pod
+    decide(router, Request(model="m", prompt="b" * 300), fleet(1), 1.0)
+    assert router.load.requests(d.endpoint) == 1
+    # outlived the TTL: a live endpoint would get the whole chain inserted as confirmed
+    router.on_complete(d, Usage(prompt_tokens=d.prompt_tokens), 100.0)
+    assert router.load.requests(d.endpoint) == 1  # the new pod's request is still in flight
+    assert not any(router.index.holders(k) for k in d.block_keys)
+
+
+def test_duplicate_endpoint_ids_are_refused() -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        Router.default().route(chat("x"), [endpoint(0), endpoint(0), endpoint(1)], 0.0)
+
+
+def test_sessions_are_scoped_by_tenant() -> None:
+    router = Router.default()
+    eps = fleet(4)
+    first = decide(router, Request(model="m", prompt="a" * 200, tenant="t1", session="s"), eps, 0.0)
+    other = Request(model="m", prompt="b" * 200, tenant="t2", session="s")
+    d = decide(router, other, eps, 0.1)
+    assert d.scores[first.endpoint]["session"] == 0.0
+    same = Request(model="m", prompt="c" * 200, tenant="t1", session="s")
+    assert decide(router, same, eps, 0.2).scores[first.endpoint]["session"] == 1.0
+
+
+def test_counters_track_predictions_and_reality() -> None:
+    router = Router.default()
+    eps = fleet(2)
+    d1 = decide(router, chat("one"), eps, 0.0)
+    router.on_complete(d1, Usage(prompt_tokens=d1.prompt_tokens, cached_tokens=0), 0.5)
+    d2 = decide(router, chat("two"), eps, 1.0)
+    router.on_complete(d2, Usage(prompt_tokens=d2.prompt_tokens, cached_tokens=40, ok=False), 1.5)
+    router.route(chat("three"), fleet(2, healthy=False), 2.0)
+    c = router.counters
+    assert (c.decisions, c.rejections, c.completions, c.failures) == (2, 1, 2, 1)
+    assert c.predicted_cached_tokens == d2.predicted_cached_tokens > 0
+    assert c.actual_cached_tokens == 40
+    assert c.prompt_tokens == d1.prompt_tokens + d2.prompt_tokens

@@ -58,7 +58,7 @@ def test_inflight_counts_router_tracked_requests_and_tokens() -> None:
 
 def test_session_affinity_prefers_the_last_endpoint_of_the_session() -> None:
     load = LoadTracker()
-    load.bind_session("s", EndpointId("e1"))
+    load.bind_session(("default", "s"), EndpointId("e1"))
     eps = [endpoint(0), endpoint(1)]
     assert SessionAffinityScorer().score(
         context(Request(model="m", prompt="x", session="s"), load=load), eps

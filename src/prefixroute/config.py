@@ -45,9 +45,16 @@ __all__ = ["ConfigError", "load_config"]
 T = TypeVar("T")
 
 _TOP_KEYS = {"seed", "hashing", "index", "router", "plugins", "profiles", "profile"}
-_HASHING_KEYS = {"mode", "block_size", "seed", "chars_per_token", "isolate_tenants"}
-_INDEX_KEYS = {"default_capacity_blocks", "tier_weights"}
-_ROUTER_KEYS = {"speculative_ttl_s", "confirm_on_complete", "engine_block_size"}
+# Section schemas: key -> the JSON type its value must have.
+_HASHING = {
+    "mode": "str",
+    "block_size": "int",
+    "seed": "int",
+    "chars_per_token": "float",
+    "isolate_tenants": "bool",
+}
+_INDEX = {"default_capacity_blocks": "int", "tier_weights": "mapping"}
+_ROUTER = {"speculative_ttl_s": "float", "confirm_on_complete": "bool", "engine_block_size": "int"}
 
 
 class ConfigError(ValueError):
@@ -77,10 +84,34 @@ def _only(doc: Mapping[str, Any], allowed: set[str], path: str) -> None:
 
 
 def _build(path: str, make: Callable[..., T], **kwargs: Any) -> T:
+    """Call `make`; a refusal becomes a ConfigError naming the argument it mentions."""
     try:
         return make(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(path, str(exc)) from exc
+        msg = str(exc)
+        named = [k for k in kwargs if f"'{k}'" in msg or msg.startswith(k)]
+        raise ConfigError(f"{path}.{named[0]}" if named else path, msg) from exc
+
+
+def _section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> dict[str, Any]:
+    """The mapping at `doc[name]`, with only `schema`'s keys, each of its JSON type."""
+    section = _mapping(doc.get(name), name)
+    _only(section, set(schema), name)
+    for key, value in section.items():
+        expected = schema[key]
+        if expected == "bool":
+            ok = isinstance(value, bool)
+        elif expected == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif expected == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif expected == "str":
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, Mapping)
+        if not ok:
+            raise ConfigError(f"{name}.{key}", f"must be a {expected}, got {value!r}")
+    return dict(section)
 
 
 def _str(value: object, path: str) -> str:
@@ -101,6 +132,8 @@ def _read(source: str | os.PathLike[str]) -> Mapping[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"config file {path} is not UTF-8 text: {exc}") from exc
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -124,17 +157,11 @@ def load_config(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError("seed", f"must be an integer, got {seed!r}")
 
-    hashing = _mapping(doc.get("hashing"), "hashing")
-    _only(hashing, _HASHING_KEYS, "hashing")
-    blocker = _build("hashing", Blocker, **hashing)
+    blocker = _build("hashing", Blocker, **_section(doc, "hashing", _HASHING))
 
-    index_doc = _mapping(doc.get("index"), "index")
-    _only(index_doc, _INDEX_KEYS, "index")
-    index_kwargs: dict[str, Any] = {}
-    if "default_capacity_blocks" in index_doc:
-        index_kwargs["default_capacity_blocks"] = index_doc["default_capacity_blocks"]
-    if "tier_weights" in index_doc:
-        weights = _mapping(index_doc["tier_weights"], "index.tier_weights")
+    index_kwargs = _section(doc, "index", _INDEX)
+    if "tier_weights" in index_kwargs:
+        weights = _mapping(index_kwargs["tier_weights"], "index.tier_weights")
         tiers = {t.name.lower(): t for t in Tier}
         parsed: dict[Tier, float] = {}
         for name, value in weights.items():
@@ -145,9 +172,7 @@ def load_config(
             parsed[tiers[name]] = _number(value, f"index.tier_weights.{name}")
         index_kwargs["tier_weights"] = parsed
     index = _build("index", PrefixIndex, **index_kwargs)
-
-    router_doc = _mapping(doc.get("router"), "router")
-    _only(router_doc, _ROUTER_KEYS, "router")
+    router_kwargs = _section(doc, "router", _ROUTER)
 
     profile, admission = _profiles(doc, registry)
     return _build(
@@ -158,7 +183,7 @@ def load_config(
         index=index,
         admission=admission,
         rng=random.Random(seed),
-        **router_doc,
+        **router_kwargs,
     )
 
 
@@ -230,9 +255,7 @@ def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, Admi
                 weight = _number(ref.get("weight", 1.0), f"{rpath}.weight")
                 assert isinstance(plugin, Scorer)
                 scorers.append(
-                    _build(
-                        f"{rpath}.weight", WeightedScorer, name=pname, scorer=plugin, weight=weight
-                    )
+                    _build(rpath, WeightedScorer, name=pname, scorer=plugin, weight=weight)
                 )
             elif kind == "filter":
                 assert isinstance(plugin, Filter)
@@ -260,8 +283,8 @@ def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, Admi
             name=name,
             filters=filters,
             scorers=scorers,
-            picker=pickers[0] if pickers else None,
             max_fallbacks=max_fallbacks,
+            **({"picker": pickers[0]} if pickers else {}),
         )
         admission = AdmissionChain(admissions) if admissions else None
         profiles[name] = (profile, admission)

@@ -38,7 +38,8 @@ class Decision:
     hot path does not pay for them). `matched_blocks` and
     `predicted_cached_tokens` describe the chosen endpoint's prefix match;
     `matches` every endpoint's. The driver passes the whole `Decision` back to
-    `Router.on_complete`. Equality is identity.
+    `Router.on_complete`; `epoch` lets the router tell whether the chosen
+    endpoint was removed since. Equality is identity.
     """
 
     endpoint: EndpointId
@@ -59,6 +60,7 @@ class Decision:
     decided_at: float
     load_tokens: int = attrs.field(repr=False)
     block_keys: tuple[int, ...] = attrs.field(repr=False)
+    epoch: int = attrs.field(default=0, repr=False)
 
     @property
     def scores(self) -> dict[EndpointId, dict[str, float]]:

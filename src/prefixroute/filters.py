@@ -24,11 +24,6 @@ __all__ = [
 ]
 
 
-def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value!r}")
-
-
 @attrs.frozen
 class HealthyFilter:
     """Keeps endpoints whose `healthy` flag is set. Type `healthy-filter`."""
@@ -46,7 +41,7 @@ class ModelFilter:
     demand (vLLM's runtime LoRA loading) and only scored by affinity.
     """
 
-    require_adapter: bool = False
+    require_adapter: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         model = ctx.request.model
@@ -57,7 +52,9 @@ class ModelFilter:
 def _roles(value: object) -> frozenset[Role]:
     if isinstance(value, str):
         value = [value]
-    return frozenset(Role(v) for v in value)  # type: ignore[attr-defined]
+    if not isinstance(value, list | tuple | set | frozenset) or not value:
+        raise ValueError(f"roles must be a non-empty list of both/prefill/decode, got {value!r}")
+    return frozenset(Role(v) for v in value)
 
 
 @attrs.frozen
@@ -86,7 +83,7 @@ class StaleMetricsFilter:
     all is a valid deployment; then load scorers see zeros).
     """
 
-    max_age_s: float = attrs.field(default=5.0, validator=_positive)
+    max_age_s: float = attrs.field(default=5.0, validator=attrs.validators.gt(0.0))
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         oldest = ctx.now - self.max_age_s

@@ -10,7 +10,7 @@ table (for session affinity).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 
 from prefixroute.endpoint import EndpointId
@@ -43,7 +43,7 @@ class LoadTracker:
         self._requests: dict[EndpointId, int] = {}
         self._tokens: dict[EndpointId, int] = {}
         self._cold_at: dict[EndpointId, float] = {}
-        self._sessions: OrderedDict[str, EndpointId] = OrderedDict()
+        self._sessions: OrderedDict[Hashable, EndpointId] = OrderedDict()
         self._session_capacity = session_capacity
         self._requests_view = MappingProxyType(self._requests)
         self._tokens_view = MappingProxyType(self._tokens)
@@ -87,15 +87,19 @@ class LoadTracker:
         """When `endpoint` last received a cold request, or None if never."""
         return self._cold_at.get(endpoint)
 
-    def bind_session(self, session: str, endpoint: EndpointId) -> None:
-        """Remember that `session` was last served by `endpoint` (LRU-bounded)."""
+    def bind_session(self, session: Hashable, endpoint: EndpointId) -> None:
+        """Remember that `session` was last served by `endpoint` (LRU-bounded).
+
+        The router keys sessions by (tenant, session id), so tenants that
+        happen to use the same session id never share affinity.
+        """
         sessions = self._sessions
         sessions[session] = endpoint
         sessions.move_to_end(session)
         if len(sessions) > self._session_capacity:
             sessions.popitem(last=False)
 
-    def session_endpoint(self, session: str) -> EndpointId | None:
+    def session_endpoint(self, session: Hashable) -> EndpointId | None:
         """The endpoint that last served `session`, if remembered."""
         return self._sessions.get(session)
 

@@ -89,12 +89,7 @@ class SoftmaxPicker:
     Low temperatures approach max-score; high ones approach uniform.
     """
 
-    temperature: float = attrs.field(default=0.1)
-
-    @temperature.validator
-    def _check(self, attr: attrs.Attribute[float], value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"temperature must be > 0, got {value!r}")
+    temperature: float = attrs.field(default=0.1, validator=attrs.validators.gt(0.0))
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
         top = max(totals)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import add, mul
 
 import attrs
 
-from prefixroute.plugins import Filter, Picker, Scorer
+from prefixroute.endpoint import EndpointState
+from prefixroute.pickers import MaxScorePicker
+from prefixroute.plugins import Filter, Picker, RouteContext, Scorer
 
 __all__ = ["Profile", "WeightedScorer"]
 
@@ -53,13 +57,14 @@ class Profile:
     """The pipeline one decision runs: filters in order, weighted scorers, a picker.
 
     `max_fallbacks` bounds how many runner-up endpoints a decision carries
-    for drivers that retry (0 disables fallbacks).
+    for drivers that retry (0 disables fallbacks). The picker defaults to
+    max-score.
     """
 
     name: str
     filters: tuple[tuple[str, Filter], ...] = attrs.field(converter=_filters, default=())
     scorers: tuple[WeightedScorer, ...] = attrs.field(converter=_scorers, default=())
-    picker: tuple[str, Picker] | None = None
+    picker: tuple[str, Picker] = attrs.field(factory=lambda: ("max-score-picker", MaxScorePicker()))
     max_fallbacks: int = attrs.field(default=2, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self) -> None:
@@ -67,13 +72,42 @@ class Profile:
             raise ValueError("profile name must be non-empty")
         _unique([n for n, _ in self.filters], "filter")
         _unique([s.name for s in self.scorers], "scorer")
-        if self.picker is None:
-            from prefixroute.pickers import MaxScorePicker
-
-            object.__setattr__(self, "picker", ("max-score-picker", MaxScorePicker()))
 
     @property
-    def picker_name(self) -> str:
-        """The picker's instance name."""
-        assert self.picker is not None
-        return self.picker[0]
+    def scorer_names(self) -> tuple[str, ...]:
+        """The scorers' instance names, in order."""
+        return tuple(ws.name for ws in self.scorers)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The scorers' weights, in order."""
+        return tuple(ws.weight for ws in self.scorers)
+
+    def score(
+        self, ctx: RouteContext, candidates: Sequence[EndpointState]
+    ) -> tuple[tuple[tuple[float, ...], ...], list[float]]:
+        """Run every scorer: (per-scorer clamped scores, weighted totals per candidate).
+
+        Each scorer's output is clamped into [0, 1] (NaN counts as 0) and
+        multiplied by its weight; the totals are the sums. O(scorers x
+        candidates), in C-level loops where the values are already in range.
+        """
+        n = len(candidates)
+        totals = [0.0] * n
+        raw: list[tuple[float, ...]] = []
+        for ws in self.scorers:
+            scores = ws.scorer.score(ctx, candidates)
+            if len(scores) != n:
+                raise ValueError(f"scorer {ws.name!r} returned {len(scores)} scores for {n}")
+            clamped = _clamp(scores)
+            raw.append(clamped)
+            totals = list(map(add, totals, map(mul, clamped, repeat(ws.weight))))
+        return tuple(raw), totals
+
+
+def _clamp(scores: Sequence[float]) -> tuple[float, ...]:
+    """`scores` clamped into [0, 1], NaN as 0; C-level checks skip the loop when all fit."""
+    total = sum(scores)
+    if total == total and min(scores) >= 0.0 and max(scores) <= 1.0:  # no NaN, all in range
+        return tuple(scores)
+    return tuple(x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in scores)

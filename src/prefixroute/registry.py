@@ -110,20 +110,46 @@ class Registry:
                 f"unknown plugin type {type_name!r}; known: {', '.join(self.types())}"
             )
         params = dict(parameters or {})
-        if attrs.has(factory):  # type: ignore[arg-type]
-            known = {f.alias for f in attrs.fields(factory)}
-            for key in params:
-                if key not in known:
-                    hint = ", ".join(sorted(known)) or "none"
+        if isinstance(factory, type) and attrs.has(factory):
+            fields = {f.alias: f for f in attrs.fields(factory)}
+            for key, value in params.items():
+                field = fields.get(key)
+                if field is None:
+                    hint = ", ".join(sorted(fields)) or "none"
                     raise PluginError(
                         f"unknown parameter {key!r} for {type_name} (parameters: {hint})", field=key
                     )
+                _check_type(type_name, key, field.type, value)
         try:
             plugin = factory(**params)
         except (TypeError, ValueError) as exc:
-            raise PluginError(f"invalid parameters for {type_name}: {exc}") from exc
+            named = [k for k in params if f"'{k}'" in str(exc) or str(exc).startswith(k)]
+            raise PluginError(
+                f"invalid parameters for {type_name}: {exc}", field=named[0] if named else None
+            ) from exc
         plugin_kind(plugin)
         return plugin
+
+
+def _check_type(type_name: str, key: str, annotation: object, value: object) -> None:
+    """Refuse a parameter whose JSON type cannot be the field's (`bool`, `int`, `float`).
+
+    Config values arrive from YAML, where "false" is a string and 4 an int; a
+    truthy string for a boolean would silently mean the opposite.
+    """
+    expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if expected == "bool":
+        ok = isinstance(value, bool)
+    elif expected == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        return
+    if not ok:
+        raise PluginError(
+            f"parameter {key!r} of {type_name} must be a {expected}, got {value!r}", field=key
+        )
 
 
 _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (

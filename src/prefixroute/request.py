@@ -104,6 +104,12 @@ class Request:
             raise RequestError("priority must be an integer", field="priority")
         if not isinstance(self.tenant, str) or not self.tenant:
             raise RequestError("tenant must be a non-empty string", field="tenant")
+        for name in ("prompt", "session", "cache_salt", "lora", "request_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise RequestError(f"{name} must be a string or None", field=name)
+        if not isinstance(self.stream, bool):
+            raise RequestError("stream must be a boolean", field="stream")
 
     @classmethod
     def from_openai(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from itertools import repeat
-from operator import add, mul
+
+import attrs
 
 from prefixroute.admission import AlwaysAdmit
-from prefixroute.blocks import Blocker
+from prefixroute.blocks import Blocker, HashMode
 from prefixroute.decision import Decision, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import (
@@ -48,7 +48,13 @@ from prefixroute.scorers import (
     SessionAffinityScorer,
 )
 
-__all__ = ["DEFAULT_ENGINE_BLOCK_SIZE", "DEFAULT_SPECULATIVE_TTL_S", "Router", "default_profile"]
+__all__ = [
+    "DEFAULT_ENGINE_BLOCK_SIZE",
+    "DEFAULT_SPECULATIVE_TTL_S",
+    "Router",
+    "RouterCounters",
+    "default_profile",
+]
 
 DEFAULT_SPECULATIVE_TTL_S = 30.0
 DEFAULT_ENGINE_BLOCK_SIZE = 16
@@ -84,12 +90,22 @@ def default_profile() -> Profile:
     )
 
 
-def _clamp(scores: Sequence[float]) -> tuple[float, ...]:
-    """`scores` clamped into [0, 1], NaN as 0; C-level checks skip the loop when all fit."""
-    total = sum(scores)
-    if total == total and min(scores) >= 0.0 and max(scores) <= 1.0:  # no NaN, all in range
-        return tuple(scores)
-    return tuple(x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in scores)
+@attrs.define(slots=True)
+class RouterCounters:
+    """Running totals the router keeps for exporters (plain ints, never reset).
+
+    `predicted_cached_tokens` sums the index's predictions at decision time,
+    `actual_cached_tokens` the engines' reports at completion: their ratio
+    is the prediction's accuracy.
+    """
+
+    decisions: int = 0
+    rejections: int = 0
+    completions: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    predicted_cached_tokens: int = 0
+    actual_cached_tokens: int = 0
 
 
 class Router:
@@ -108,8 +124,10 @@ class Router:
     Speculative entries that are neither confirmed nor refreshed expire
     `speculative_ttl_s` after the last decision that predicted them.
     Capacities: an endpoint's index capacity is its `kv_capacity_blocks`
-    (engine blocks of `engine_block_size` tokens) converted to index blocks,
-    or the index's default when unknown.
+    (engine blocks of `engine_block_size` tokens) converted to index blocks
+    (of `block_size` tokens in token mode, `block_size / chars_per_token` in
+    text mode), or the index's default when unknown. `counters` keeps
+    running totals for metrics exporters.
     """
 
     def __init__(
@@ -137,7 +155,13 @@ class Router:
         self.speculative_ttl_s = speculative_ttl_s
         self.confirm_on_complete = confirm_on_complete
         self.engine_block_size = engine_block_size
+        self.counters = RouterCounters()
         self._capacity_seen: dict[EndpointId, int] = {}
+        self._epochs: dict[EndpointId, int] = {}  # bumped when an endpoint is removed
+        if self.blocker.mode is HashMode.TOKEN:
+            self._index_block_tokens = float(self.blocker.block_size)
+        else:
+            self._index_block_tokens = self.blocker.block_size / self.blocker.chars_per_token
 
     @classmethod
     def default(cls, *, seed: int = 0) -> Router:
@@ -149,16 +173,19 @@ class Router:
     ) -> Decision | Rejection:
         """Choose an endpoint for `request` among `endpoints` at time `now`.
 
-        Cost: hashing the prompt once (O(tokens), vectorised), one index
-        walk (O(matched blocks)), O(candidates) per filter and scorer, and
-        recording the chosen endpoint's blocks (O(blocks)).
+        `endpoints` must have distinct ids (ValueError otherwise: a driver
+        bug). Cost: hashing the prompt once (O(tokens), vectorised), one
+        index walk (O(matched blocks)), O(endpoints) per filter and scorer,
+        and recording the chosen endpoint's blocks (O(blocks)).
         """
         self.index.expire(now)
+        self._sync_capacities(endpoints)
         rejection = self.admission.admit(request, endpoints, now)
+        if rejection is None and not endpoints:
+            rejection = Rejection(503, "no endpoints are configured", retry_after_s=1.0)
         if rejection is not None:
+            self.counters.rejections += 1
             return rejection
-        if not endpoints:
-            return Rejection(503, "no endpoints are configured", retry_after_s=1.0)
 
         blocker = self.blocker
         keys = blocker.keys(request).tolist()
@@ -181,24 +208,14 @@ class Router:
         for name, flt in profile.filters:
             candidates = flt.filter(ctx, candidates)
             if not candidates:
+                self.counters.rejections += 1
                 return Rejection(
                     503,
                     f"no endpoint can serve model {request.model!r}: {name} left no candidate",
                     retry_after_s=1.0,
                 )
 
-        n = len(candidates)
-        totals = [0.0] * n
-        raw: list[tuple[float, ...]] = []
-        for ws in profile.scorers:
-            scores = ws.scorer.score(ctx, candidates)
-            if len(scores) != n:
-                raise ValueError(f"scorer {ws.name!r} returned {len(scores)} scores for {n}")
-            clamped = _clamp(scores)
-            raw.append(clamped)
-            totals = list(map(add, totals, map(mul, clamped, repeat(ws.weight))))
-
-        assert profile.picker is not None
+        raw, totals = profile.score(ctx, candidates)
         picker_name, picker = profile.picker
         order = picker.pick(ctx, totals)
         chosen = candidates[order[0]]
@@ -207,15 +224,19 @@ class Router:
         match = matches.get(chosen.id)
         matched = match.blocks if match is not None else 0
         predicted = min(prompt_tokens, int(matched * tokens_per_block))
-        expected_output = request.max_tokens or 0
-        load_tokens = prompt_tokens - predicted + expected_output
+        load_tokens = prompt_tokens - predicted + (request.max_tokens or 0)
 
-        self._record(chosen, keys, tokens_per_block, now)
+        if keys:
+            self.index.insert(chosen.id, keys, speculative_until=now + self.speculative_ttl_s)
         self.load.start(chosen.id, load_tokens)
         if not matches:
             self.load.note_cold(chosen.id, now)
         if request.session is not None:
-            self.load.bind_session(request.session, chosen.id)
+            self.load.bind_session((request.tenant, request.session), chosen.id)
+        counters = self.counters
+        counters.decisions += 1
+        counters.prompt_tokens += prompt_tokens
+        counters.predicted_cached_tokens += predicted
 
         return Decision(
             endpoint=chosen.id,
@@ -228,27 +249,33 @@ class Router:
             profile=profile.name,
             picker=picker_name,
             candidates=tuple(e.id for e in candidates),
-            scorer_names=tuple(ws.name for ws in profile.scorers),
-            weights=tuple(ws.weight for ws in profile.scorers),
-            raw=tuple(raw),
+            scorer_names=profile.scorer_names,
+            weights=profile.weights,
+            raw=raw,
             totals=tuple(totals),
             matches={eid: m.blocks for eid, m in matches.items()},
             decided_at=now,
             load_tokens=load_tokens,
             block_keys=tuple(keys),
+            epoch=self._epochs.get(chosen.id, 0),
         )
 
-    def _record(
-        self, endpoint: EndpointState, keys: list[int], tokens_per_block: float, now: float
-    ) -> None:
-        """Size the endpoint's index capacity from its state, then add the keys speculatively."""
-        engine_blocks = endpoint.kv_capacity_blocks
-        if engine_blocks is not None and self._capacity_seen.get(endpoint.id) != engine_blocks:
-            index_blocks = max(1, int(engine_blocks * self.engine_block_size / tokens_per_block))
-            self.index.set_capacity(endpoint.id, index_blocks)
-            self._capacity_seen[endpoint.id] = engine_blocks
-        if keys:
-            self.index.insert(endpoint.id, keys, speculative_until=now + self.speculative_ttl_s)
+    def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> None:
+        """Size each endpoint's index capacity from its `kv_capacity_blocks`; refuse duplicate ids.
+
+        O(endpoints) dict look-ups; the index is touched only when a capacity changes.
+        """
+        seen = self._capacity_seen
+        ids = set()
+        for e in endpoints:
+            ids.add(e.id)
+            blocks = e.kv_capacity_blocks
+            if blocks is not None and seen.get(e.id) != blocks:
+                tokens = blocks * self.engine_block_size
+                self.index.set_capacity(e.id, max(1, int(tokens / self._index_block_tokens)))
+                seen[e.id] = blocks
+        if len(ids) != len(endpoints):
+            raise ValueError("endpoints passed to route() must have distinct ids")
 
     def on_complete(
         self,
@@ -267,19 +294,29 @@ class Router:
         removed meanwhile stay gone (the index models the engine's LRU); if
         the request outlived `speculative_ttl_s`, or another endpoint served
         it, the whole chain is inserted as confirmed instead. A failed
-        request's speculative entries are left to expire. The driver calls this exactly once per
-        decision; a second call would release the in-flight count twice.
+        request's speculative entries are left to expire. A decision whose
+        endpoint was removed (`EndpointRemoved`) after it was made settles
+        nothing: the pod it counted against is gone. The driver calls this
+        exactly once per decision; a second call would release the in-flight
+        count twice.
         """
+        counters = self.counters
+        counters.completions += 1
+        if not usage.ok:
+            counters.failures += 1
+        counters.actual_cached_tokens += usage.cached_tokens
+        self.index.expire(now)
+        if self._epochs.get(decision.endpoint, 0) != decision.epoch:
+            return
         self.load.finish(decision.endpoint, decision.load_tokens)
         keys = decision.block_keys
-        if usage.ok and self.confirm_on_complete and keys:
-            served = served_by or decision.endpoint
-            expired = now - decision.decided_at >= self.speculative_ttl_s
-            if served != decision.endpoint or expired:
-                self.index.insert(served, keys)
-            else:
-                self.index.confirm(served, keys)
-        self.index.expire(now)
+        if not (usage.ok and self.confirm_on_complete and keys):
+            return
+        served = served_by or decision.endpoint
+        if served != decision.endpoint or now - decision.decided_at >= self.speculative_ttl_s:
+            self.index.insert(served, keys)
+        else:
+            self.index.confirm(served, keys)
 
     def observe(self, event: IndexEvent) -> None:
         """Apply a KV-cache or endpoint event to the router's state."""
@@ -294,5 +331,6 @@ class Router:
                 self.index.remove_endpoint(eid)
                 self.load.forget(eid)
                 self._capacity_seen.pop(eid, None)
+                self._epochs[eid] = self._epochs.get(eid, 0) + 1
             case _:
                 raise TypeError(f"unknown index event {event!r}")

@@ -35,11 +35,6 @@ __all__ = [
 _unit = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
 
 
-def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attr.name} must be > 0, got {value!r}")
-
-
 @attrs.frozen
 class PrefixAffinityScorer:
     """Prefers endpoints holding the request's prefix. Type `prefix-affinity-scorer`.
@@ -52,7 +47,7 @@ class PrefixAffinityScorer:
     """
 
     length_weight: float = attrs.field(default=0.2, validator=_unit)
-    length_ref_tokens: float = attrs.field(default=2048.0, validator=_positive)
+    length_ref_tokens: float = attrs.field(default=2048.0, validator=attrs.validators.gt(0.0))
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
         total = ctx.total_blocks
@@ -80,7 +75,7 @@ class QueueDepthScorer:
     score = 1 / (1 + waiting / scale).
     """
 
-    scale: float = attrs.field(default=8.0, validator=_positive)
+    scale: float = attrs.field(default=8.0, validator=attrs.validators.gt(0.0))
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
         inv = 1.0 / self.scale
@@ -107,8 +102,8 @@ class InflightScorer:
     keeps a burst from piling onto one endpoint between metric refreshes.
     """
 
-    request_scale: float = attrs.field(default=8.0, validator=_positive)
-    token_scale: float = attrs.field(default=16384.0, validator=_positive)
+    request_scale: float = attrs.field(default=8.0, validator=attrs.validators.gt(0.0))
+    token_scale: float = attrs.field(default=16384.0, validator=attrs.validators.gt(0.0))
     token_weight: float = attrs.field(default=0.5, validator=_unit)
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
@@ -128,8 +123,10 @@ class SessionAffinityScorer:
     """1 for the endpoint that last served the session, else 0. Type `session-affinity-scorer`."""
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
-        session = ctx.request.session
-        target = ctx.load.session_endpoint(session) if session is not None else None
+        request = ctx.request
+        if request.session is None:
+            return [0.0] * len(candidates)
+        target = ctx.load.session_endpoint((request.tenant, request.session))
         if target is None:
             return [0.0] * len(candidates)
         return [1.0 if e.id == target else 0.0 for e in candidates]
@@ -160,7 +157,7 @@ class ColdSpreadScorer:
     instead of letting ties and stale load metrics pile them onto one pod.
     """
 
-    tau_s: float = attrs.field(default=1.0, validator=_positive)
+    tau_s: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
         if ctx.best_match > 0:
