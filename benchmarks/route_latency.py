@@ -1,11 +1,15 @@
-"""Per-decision latency of `Router.route` on a warm 1M-entry index over 64 endpoints.
+"""Per-decision latency of `Router.route` on a warm index, by request kind and fleet size.
 
-    python -m benchmarks.route_latency [--decisions N] [--entries N]
+    python -m benchmarks.route_latency [--decisions N] [--entries N] [--endpoints 8,64]
 
-Reports p50/p99 latency and decisions per second on one core for three
-request kinds (half prefix hit, full hit, cold), plus the hashing share.
-Each decision is settled with `on_complete` outside the timed region, so the
-in-flight counts stay realistic. Quote medians; the machine is shared.
+For each fleet size, warms an index to `--entries` (block, endpoint) entries
+by routing real requests, then times `route` alone (perf_counter_ns around
+the call; `on_complete` settles each decision outside the timed region) for
+three request kinds: half hit (a 2,048-token shared prefix + 2,048 new
+tokens), full hit (the same requests again), cold (4,096 random tokens).
+Prints p50/p99 latency, decisions per second on one core (1 / mean), and
+the hashing share (`Blocker.keys` timed separately). The machine is shared
+and noisy: quote medians, compare within one run.
 """
 
 from __future__ import annotations
@@ -20,31 +24,22 @@ from benchmarks.fleet import warm_router
 from prefixroute import Decision, Request, Usage
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--decisions", type=int, default=5000)
-    parser.add_argument("--entries", type=int, default=1_000_000)
-    args = parser.parse_args()
-
+def measure(endpoints: int, entries: int, decisions: int) -> None:
     t0 = time.perf_counter()
-    router, fleet, work = warm_router(entries=args.entries)
-    print(f"warmed index: {len(router.index):,} entries in {time.perf_counter() - t0:.1f} s")
+    router, fleet, work = warm_router(endpoints=endpoints, entries=entries)
+    warm_s = time.perf_counter() - t0
+    print(f"{endpoints} endpoints, {len(router.index):,} entries (warmed in {warm_s:.1f} s)")
 
     rng = np.random.default_rng(1)
-    kinds = {
-        "half hit (2,048 shared + 2,048 new)": [work.request(i) for i in range(args.decisions)],
-        "full hit (repeat of a routed prompt)": [],
-        "cold (no shared prefix)": [
-            Request(model="m", token_ids=rng.integers(0, 150_000, 4096, dtype=np.uint32))
-            for _ in range(args.decisions)
-        ],
-    }
+    half = [work.request(i) for i in range(decisions)]
+    cold = [
+        Request(model="m", token_ids=rng.integers(0, 150_000, 4096, dtype=np.uint32))
+        for _ in range(decisions)
+    ]
+    kinds = {"half hit": half, "full hit": half, "cold": cold}
     now = 1000.0
-    gc.collect()
-    gc.disable()
+    gc.collect()  # start clean; the collector stays on, as in production
     for name, requests in kinds.items():
-        if not requests:
-            requests = kinds["half hit (2,048 shared + 2,048 new)"]
         lat = np.empty(len(requests))
         hashing = np.empty(len(requests))
         for i, req in enumerate(requests):
@@ -56,17 +51,27 @@ def main() -> None:
             t1 = time.perf_counter_ns()
             assert isinstance(result, Decision)
             usage = Usage(
-                prompt_tokens=result.prompt_tokens, cached_tokens=result.predicted_cached_tokens
+                prompt_tokens=result.prompt_tokens,
+                cached_tokens=result.predicted_cached_tokens,
             )
             router.on_complete(result, usage, now)
             lat[i] = (t1 - h1) / 1e3
             hashing[i] = (h1 - h0) / 1e3
         p50, p99 = np.percentile(lat, [50, 99])
         print(
-            f"{name:40s} p50 {p50:7.1f} us  p99 {p99:7.1f} us  "
-            f"{1e6 / np.mean(lat):8.0f} decisions/s  hashing p50 {np.median(hashing):5.1f} us"
+            f"  {name:9s} p50 {p50:7.1f} us  p99 {p99:7.1f} us  "
+            f"{1e6 / np.mean(lat):7.0f} decisions/s  hashing p50 {np.median(hashing):5.1f} us"
         )
-    gc.enable()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--decisions", type=int, default=5000)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--endpoints", default="64", help="comma-separated fleet sizes")
+    args = parser.parse_args()
+    for n in (int(x) for x in args.endpoints.split(",")):
+        measure(n, args.entries, args.decisions)
 
 
 if __name__ == "__main__":

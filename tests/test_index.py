@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +21,8 @@ from prefixroute.index import (
     PrefixIndex,
     PrefixMatch,
     Tier,
+    _count_elements,
+    _count_into,
 )
 from tests.strategies import (
     BASE_CHAINS,
@@ -145,24 +149,75 @@ class ModelIndex:
         return out
 
 
+# -- the per-key reference for insert ----------------------------------------------
+
+
+class WalkIndex(PrefixIndex):
+    """`PrefixIndex` whose `insert` always takes the per-key reference walk."""
+
+    def _record(self, ep: Any, keys: Sequence[int], deadline: float | None) -> int:
+        return self._record_walk(ep, keys, deadline)
+
+
+def snapshot(index: PrefixIndex) -> dict[str, Any]:
+    """All of an index's state but the deadline heap's batching, to compare twins.
+
+    The heap is left out because `insert`'s fast path may list a repeated key
+    twice in a batch; `check_invariants` already ties the heap to the
+    deadlines, which are compared.
+    """
+    return {
+        "holders": dict(index._holders),
+        "endpoints": {
+            eid: (
+                ep.slot,
+                ep.capacity,
+                ep.size,
+                list(ep.lru),
+                dict(ep.extra),
+                dict(ep.tiers),
+                dict(ep.spec),
+            )
+            for eid, ep in index._eps.items()
+        },
+        "counters": (
+            index._entries,
+            index._n_tiered,
+            index._n_spec,
+            index._inserted,
+            index._evicted,
+            index._expired,
+            index._removed,
+        ),
+    }
+
+
 # -- the state machine -----------------------------------------------------------
 
 
 class IndexMachine(RuleBasedStateMachine):
-    """Drives `PrefixIndex` and `ModelIndex` with the same operations and compares them."""
+    """Drives `PrefixIndex` and `ModelIndex` with the same operations and compares them.
+
+    A `WalkIndex` twin gets the same operations too: `insert`'s fast path must
+    leave exactly the state of the per-key walk, deque order and stale counts
+    included.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.index = PrefixIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
+        self.twin = WalkIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
         # No slack: deque compaction and heap rebuilds happen on these tiny sizes.
-        self.index._compact_slack = 0
-        self.index._heap_slack = 0
+        for index in (self.index, self.twin):
+            index._compact_slack = 0
+            index._heap_slack = 0
         self.model = ModelIndex(6, WEIGHTS)
         self.now = 0.0
 
     @rule(e=endpoint_ids(), n=st.integers(1, 12))
     def set_capacity(self, e: EndpointId, n: int) -> None:
         self.index.set_capacity(e, n)
+        self.twin.set_capacity(e, n)
         self.model.set_capacity(e, n)
 
     @rule(
@@ -174,30 +229,36 @@ class IndexMachine(RuleBasedStateMachine):
     def insert(self, e: EndpointId, keys: list[int], tier: Tier, ttl: int | None) -> None:
         until = None if ttl is None else self.now + ttl / 2
         self.index.insert(e, keys, tier=tier, speculative_until=until)
+        self.twin.insert(e, keys, tier=tier, speculative_until=until)
         self.model.insert(e, keys, tier, until)
 
     @rule(e=endpoint_ids(), keys=chains())
     def confirm(self, e: EndpointId, keys: list[int]) -> None:
         assert self.index.confirm(e, keys) == self.model.confirm(e, keys)
+        self.twin.confirm(e, keys)
 
     @rule(e=endpoint_ids(), keys=chains(), tier=st.none() | tiers)
     def remove(self, e: EndpointId, keys: list[int], tier: Tier | None) -> None:
         assert self.index.remove(e, keys, tier=tier) == self.model.remove(e, keys, tier)
+        self.twin.remove(e, keys, tier=tier)
 
     @rule(e=endpoint_ids())
     def clear_endpoint(self, e: EndpointId) -> None:
         self.index.clear_endpoint(e)
+        self.twin.clear_endpoint(e)
         self.model.clear_endpoint(e)
 
     @rule(e=endpoint_ids())
     def remove_endpoint(self, e: EndpointId) -> None:
         self.index.remove_endpoint(e)
+        self.twin.remove_endpoint(e)
         self.model.remove_endpoint(e)
 
     @rule(dt=st.integers(0, 4))
     def expire(self, dt: int) -> None:
         self.now += dt / 2
         assert self.index.expire(self.now) == self.model.expire(self.now)
+        self.twin.expire(self.now)
 
     @rule(keys=chains())
     def match(self, keys: list[int]) -> None:
@@ -206,6 +267,10 @@ class IndexMachine(RuleBasedStateMachine):
     @invariant()
     def bookkeeping_is_consistent(self) -> None:
         self.index.check_invariants()
+
+    @invariant()
+    def insert_fast_path_equals_walk(self) -> None:
+        assert snapshot(self.index) == snapshot(self.twin)
 
     @invariant()
     def same_contents(self) -> None:
@@ -617,3 +682,110 @@ def test_match_fast_path_equals_walk_on_long_chains(
     assert index._match_walk(chain) == expected
     probe_keys = chain[:probe] + [2**64 - 1 - i for i in range(3)]
     assert index.match(probe_keys) == index._match_walk(probe_keys)
+
+
+# -- insert's fast path against the per-key walk -------------------------------------
+
+
+class CountingIndex(PrefixIndex):
+    """`PrefixIndex` counting how often `insert` falls back to the per-key walk."""
+
+    walks = 0
+
+    def _record_walk(self, ep: Any, keys: Sequence[int], deadline: float | None) -> int:
+        self.walks += 1
+        return super()._record_walk(ep, keys, deadline)
+
+
+A = [100 + i for i in range(8)]  # a chain; its keys are distinct
+
+# (steps before, the insert measured, whether it walks). A step is (op, endpoint, keys).
+INSERT_SHAPES = {
+    "all new": ([], (E0, A), False),
+    "all held": ([("insert", E0, A)], (E0, A), False),
+    "held prefix, new tail": ([("insert", E0, A[:4])], (E0, A), False),
+    "prefix held elsewhere": ([("insert", E1, A[:4])], (E0, A), False),
+    "prefix partly held here": (
+        [("insert", E1, A[:4]), ("insert", E0, A[:2])],
+        (E0, A),
+        False,
+    ),
+    "held by both, then new": ([("insert", E1, A[:6]), ("insert", E0, A[:6])], (E0, A), False),
+    "a new key twice at the end": ([], (E0, [7, 7]), False),
+    "a held key twice": ([("insert", E0, A)], (E0, [A[0], A[1], A[0]]), False),
+    "a hole in the held prefix": ([("insert", E0, A), ("remove", E0, A[2:3])], (E0, A), True),
+    "a new key twice in the tail": ([], (E0, [1, 2, 3, 2]), True),
+    "a key held elsewhere, twice": ([("insert", E1, [5])], (E0, [5, 5, 6]), True),
+    "new keys before held ones": ([("insert", E0, A[4:])], (E0, A), True),
+}
+
+
+@pytest.mark.parametrize("until", [None, 10.0])
+@pytest.mark.parametrize("shape", INSERT_SHAPES)
+def test_insert_shapes_fast_path_equals_walk(shape: str, until: float | None) -> None:
+    """The chain shapes `insert` handles in C, and the ones it walks, agree with the walk."""
+    steps, (endpoint, keys), walks = INSERT_SHAPES[shape]
+    index, twin = CountingIndex(), WalkIndex()
+    for idx in (index, twin):
+        idx.set_capacity(E0, 6)  # the longer chains evict
+        for op, e, ks in steps:
+            if op == "insert":
+                idx.insert(e, ks, speculative_until=5.0)
+            else:
+                idx.remove(e, ks)
+    index.walks = 0
+    index.insert(endpoint, keys, speculative_until=until)
+    twin.insert(endpoint, keys, speculative_until=until)
+    assert index.walks == int(walks)
+    assert snapshot(index) == snapshot(twin)
+    index.check_invariants()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pool=unique_chains(min_size=8, max_size=120),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "insert", "insert", "remove", "confirm", "capacity"]),
+            endpoint_ids(3),
+            st.integers(0, 120),  # start of the pool slice (inserts start at 0 half the time)
+            st.integers(0, 120),  # its length
+            st.none() | st.integers(0, 4),  # speculative deadline, or confirmed
+            tiers,
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_insert_fast_path_equals_walk_on_long_chains(
+    pool: list[int], steps: list[tuple[str, EndpointId, int, int, int | None, Tier]]
+) -> None:
+    """Long chains with shared prefixes, holes and evictions: state equal to the walk's."""
+    index, twin = PrefixIndex(default_capacity_blocks=64), WalkIndex(default_capacity_blocks=64)
+    for idx in (index, twin):
+        idx._compact_slack = idx._heap_slack = 0
+    for i, (op, e, start, length, until, tier) in enumerate(steps):
+        if op == "insert" and i % 2:
+            start = 0  # a chain from the first block: shared prefixes
+        keys = pool[start : start + length]
+        for idx in (index, twin):
+            if op == "insert":
+                idx.insert(e, keys, tier=tier, speculative_until=until)
+            elif op == "remove":
+                idx.remove(e, keys)
+            elif op == "confirm":
+                idx.confirm(e, keys)
+            else:
+                idx.set_capacity(e, 8 + length)
+            idx.expire(i / 2)
+        assert snapshot(index) == snapshot(twin)
+    index.check_invariants()
+
+
+def test_count_into_matches_the_c_helper() -> None:
+    """The pure-Python fallback for `collections._count_elements` counts the same."""
+    keys = [3, 1, 3, 2**64 - 1, 3]
+    by_python, by_c = {1: 2}, {1: 2}
+    _count_into(by_python, keys)
+    _count_elements(by_c, keys)
+    assert by_python == by_c == {1: 3, 3: 3, 2**64 - 1: 1} == Counter(keys) + Counter({1: 2})
