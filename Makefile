@@ -21,6 +21,8 @@ typecheck: $(STAMP)
 
 test: lint typecheck
 	$(BIN)/pytest -q
+	# the benchmark suites once each, untimed, so they cannot rot
+	$(BIN)/pytest -q benchmarks --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/prefixroute demo
@@ -28,7 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,max,rounds
 	$(BIN)/python -m benchmarks.index_memory
-	$(BIN)/python -m benchmarks.route_latency
+	$(BIN)/python -m benchmarks.route_latency --endpoints 8,64
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -200,7 +200,7 @@ def test_profile_clamps_scores_and_checks_their_count() -> None:
         scorers=(WeightedScorer("wild", Wild((5.0, math.nan, -1.0)), 2.0),),
     )
     d = decide(Router(profile), chat("x"), fleet(3), 0.0)
-    assert d.raw == ((1.0, 0.0, 0.0),)
+    assert d.raw.tolist() == [[1.0, 0.0, 0.0]]
     assert d.totals == (2.0, 0.0, 0.0) and d.endpoint == "e0"
     short = Profile(name="p", scorers=(WeightedScorer("wild", Wild((1.0,)), 1.0),))
     with pytest.raises(ValueError, match="wild"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request
@@ -31,7 +33,8 @@ class Decision:
     """Where one request goes, with everything needed to explain and settle it.
 
     `candidates` are the endpoints that passed the filters, in the order the
-    scorers saw them; `raw[k][i]` is scorer `scorer_names[k]`'s clamped score
+    scorers saw them; `raw[k, i]` (a read-only numpy array) is scorer
+    `scorer_names[k]`'s clamped score
     in [0, 1] for candidate i, `weights[k]` its weight in the profile and
     `totals[i]` the weighted sum the picker saw (the per-endpoint views are
     the `scores` and `totals_by_endpoint` properties, built on demand so the
@@ -54,7 +57,7 @@ class Decision:
     candidates: tuple[EndpointId, ...]
     scorer_names: tuple[str, ...]
     weights: tuple[float, ...]
-    raw: tuple[tuple[float, ...], ...] = attrs.field(repr=False)
+    raw: npt.NDArray[np.float64] = attrs.field(repr=False)
     totals: tuple[float, ...] = attrs.field(repr=False)
     matches: Mapping[EndpointId, int] = attrs.field(repr=False)
     decided_at: float
@@ -65,8 +68,9 @@ class Decision:
     @property
     def scores(self) -> dict[EndpointId, dict[str, float]]:
         """Per candidate endpoint, per scorer: the clamped score in [0, 1]."""
+        columns = self.raw.T.tolist()
         return {
-            eid: {name: self.raw[k][i] for k, name in enumerate(self.scorer_names)}
+            eid: dict(zip(self.scorer_names, columns[i], strict=True))
             for i, eid in enumerate(self.candidates)
         }
 
@@ -94,7 +98,7 @@ class Decision:
         for i in order:
             eid = self.candidates[i]
             row = [str(eid), f"{self.totals[i]:.3f}", str(self.matches.get(eid, 0))]
-            row += [f"{col[i]:.3f}" for col in self.raw]
+            row += [f"{x:.3f}" for x in self.raw[:, i].tolist()]
             rows.append(row)
         widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
         for r in rows:
