@@ -60,36 +60,21 @@ def demo_requests() -> list[tuple[dict[str, Any], dict[str, str]]]:
 
 def demo_fleet(now: float) -> list[EndpointState]:
     """Four endpoints with mixed load; the last one is unhealthy."""
-    return [
+    loads = {"pod-a": (0, 3, 0.20), "pod-b": (2, 6, 0.45), "pod-c": (0, 1, 0.05)}
+    fleet = [
         EndpointState(
-            id="pod-a",
-            address="10.0.0.1:8000",
-            waiting=0,
-            running=3,
-            kv_usage=0.20,
+            id=pod,
+            address=f"10.0.0.{i + 1}:8000",
+            waiting=waiting,
+            running=running,
+            kv_usage=kv,
             kv_capacity_blocks=4096,
             observed_at=now,
-        ),
-        EndpointState(
-            id="pod-b",
-            address="10.0.0.2:8000",
-            waiting=2,
-            running=6,
-            kv_usage=0.45,
-            kv_capacity_blocks=4096,
-            observed_at=now,
-        ),
-        EndpointState(
-            id="pod-c",
-            address="10.0.0.3:8000",
-            waiting=0,
-            running=1,
-            kv_usage=0.05,
-            kv_capacity_blocks=4096,
-            observed_at=now,
-        ),
-        EndpointState(id="pod-d", address="10.0.0.4:8000", healthy=False, observed_at=now),
+        )
+        for i, (pod, (waiting, running, kv)) in enumerate(loads.items())
     ]
+    fleet.append(EndpointState(id="pod-d", address="10.0.0.4:8000", healthy=False, observed_at=now))
+    return fleet
 
 
 def run_demo(router: Router, *, quiet: bool = False, out: Any = None) -> list[Decision]:

@@ -37,7 +37,13 @@ from prefixroute.blocks import Blocker
 from prefixroute.index import PrefixIndex, Tier
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.profile import Profile, WeightedScorer
-from prefixroute.registry import PluginError, Registry, default_registry, plugin_kind
+from prefixroute.registry import (
+    PluginError,
+    Registry,
+    default_registry,
+    json_type_ok,
+    plugin_kind,
+)
 from prefixroute.router import Router, default_profile
 
 __all__ = ["ConfigError", "load_config"]
@@ -98,19 +104,8 @@ def _section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> di
     section = _mapping(doc.get(name), name)
     _only(section, set(schema), name)
     for key, value in section.items():
-        expected = schema[key]
-        if expected == "bool":
-            ok = isinstance(value, bool)
-        elif expected == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif expected == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        elif expected == "str":
-            ok = isinstance(value, str)
-        else:
-            ok = isinstance(value, Mapping)
-        if not ok:
-            raise ConfigError(f"{name}.{key}", f"must be a {expected}, got {value!r}")
+        if not json_type_ok(value, schema[key]):
+            raise ConfigError(f"{name}.{key}", f"must be a {schema[key]}, got {value!r}")
     return dict(section)
 
 

@@ -39,7 +39,14 @@ from prefixroute.scorers import (
     SessionAffinityScorer,
 )
 
-__all__ = ["PluginError", "PluginKind", "Registry", "default_registry", "plugin_kind"]
+__all__ = [
+    "PluginError",
+    "PluginKind",
+    "Registry",
+    "default_registry",
+    "json_type_ok",
+    "plugin_kind",
+]
 
 PluginKind = Literal["filter", "scorer", "picker", "admission"]
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
@@ -131,22 +138,30 @@ class Registry:
         return plugin
 
 
-def _check_type(type_name: str, key: str, annotation: object, value: object) -> None:
-    """Refuse a parameter whose JSON type cannot be the field's (`bool`, `int`, `float`).
+def json_type_ok(value: object, expected: str) -> bool | None:
+    """Whether a decoded JSON/YAML `value` can be of type `expected`.
 
-    Config values arrive from YAML, where "false" is a string and 4 an int; a
-    truthy string for a boolean would silently mean the opposite.
+    `expected` is `bool`, `int`, `float` (an int is fine), `str` or `mapping`;
+    None for any other name (not checked). Booleans are not numbers here:
+    YAML's `true` must not pass for 1, nor the string "false" for a boolean.
     """
-    expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
     if expected == "bool":
-        ok = isinstance(value, bool)
-    elif expected == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected == "float":
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    else:
-        return
-    if not ok:
+        return isinstance(value, bool)
+    if expected == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected == "str":
+        return isinstance(value, str)
+    if expected == "mapping":
+        return isinstance(value, Mapping)
+    return None
+
+
+def _check_type(type_name: str, key: str, annotation: object, value: object) -> None:
+    """Refuse a parameter whose JSON type cannot be the field's annotated type."""
+    expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    if json_type_ok(value, expected) is False:
         raise PluginError(
             f"parameter {key!r} of {type_name} must be a {expected}, got {value!r}", field=key
         )
