@@ -82,6 +82,12 @@ BAD = [
     ({"router": {"confirm_on_complete": "false"}}, "router.confirm_on_complete"),
     ({"hashing": {"isolate_tenants": "no"}}, "hashing.isolate_tenants"),
     ({"hashing": {"seed": 1.5}}, "hashing.seed"),
+    ({"router": {"speculative_ttl_s": 10**400}}, "router.speculative_ttl_s"),
+    ({"index": {"tier_weights": {"gpu": 10**400}}}, "index.tier_weights.gpu"),
+    (
+        with_(MINIMAL, "plugins[0]", {"type": "role-filter", "parameters": {"roles": ["bogus"]}}),
+        "plugins[0].parameters.roles",
+    ),
     (with_(MINIMAL, "plugins[2].parameters", {"scale": "4"}), "plugins[2].parameters.scale"),
     ({"plugins": [{"type": "healthy-filter"}]}, "profiles"),
     ({"profile": "x"}, "profile"),
@@ -170,3 +176,11 @@ def test_the_default_example_is_the_default_profile() -> None:
     assert router.index.default_capacity_blocks == default.index.default_capacity_blocks
     assert router.index.tier_weights == default.index.tier_weights
     assert router.rng.random() == default.rng.random()
+
+
+def test_a_negative_weight_is_reported_at_the_weight_whatever_the_scorer_is_called() -> None:
+    doc = with_(MINIMAL, "plugins[1].name", "scorer")
+    doc["profiles"][0]["plugins"][1] = {"pluginRef": "scorer", "weight": -1}
+    with pytest.raises(ConfigError) as err:
+        load_config(doc)
+    assert err.value.path == "profiles[0].plugins[1].weight"

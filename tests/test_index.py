@@ -750,7 +750,7 @@ def test_insert_shapes_fast_path_equals_walk(shape: str, until: float | None) ->
             endpoint_ids(3),
             st.integers(0, 120),  # start of the pool slice (inserts start at 0 half the time)
             st.integers(0, 120),  # its length
-            st.none() | st.integers(0, 4),  # speculative deadline, or confirmed
+            st.none() | st.integers(0, 4),  # speculative TTL (from now), or confirmed
             tiers,
         ),
         min_size=1,
@@ -770,7 +770,8 @@ def test_insert_fast_path_equals_walk_on_long_chains(
         keys = pool[start : start + length]
         for idx in (index, twin):
             if op == "insert":
-                idx.insert(e, keys, tier=tier, speculative_until=until)
+                deadline = None if until is None else i / 2 + until
+                idx.insert(e, keys, tier=tier, speculative_until=deadline)
             elif op == "remove":
                 idx.remove(e, keys)
             elif op == "confirm":

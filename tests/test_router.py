@@ -275,3 +275,28 @@ def test_counters_track_predictions_and_reality() -> None:
     assert c.predicted_cached_tokens == d2.predicted_cached_tokens > 0
     assert c.actual_cached_tokens == 40
     assert c.prompt_tokens == d1.prompt_tokens + d2.prompt_tokens
+
+
+def test_late_events_and_credits_do_not_bring_back_a_removed_endpoint() -> None:
+    router = Router.default()
+    d = decide(router, Request(model="m", prompt="a" * 300), fleet(2), 0.0)
+    gone = d.endpoint
+    router.observe(EndpointRemoved(endpoint=gone))
+    router.observe(BlockStored(endpoint=gone, keys=[1, 2, 3]))
+    other = decide(router, Request(model="m", prompt="b" * 300), [endpoint(5)], 1.0)
+    router.on_complete(other, Usage(), 2.0, served_by=gone)
+    assert gone not in router.index.endpoints()
+    # the id passed to route() again is a live endpoint again
+    router.route(Request(model="m", prompt="c" * 300), [endpoint(5), endpoint(int(gone[1:]))], 3.0)
+    router.observe(BlockStored(endpoint=gone, keys=[1, 2, 3]))
+    assert router.index.match([1, 2, 3])[gone].blocks == 3
+
+
+def test_duplicate_ids_are_refused_before_anything_changes() -> None:
+    router = Router.default()
+    router.observe(BlockStored(endpoint=EndpointId("e0"), keys=list(range(50))))
+    with pytest.raises(ValueError, match="distinct"):
+        router.route(
+            chat("x"), [endpoint(0, kv_capacity_blocks=100), endpoint(0, kv_capacity_blocks=1)], 0.0
+        )
+    assert router.index.size(EndpointId("e0")) == 50

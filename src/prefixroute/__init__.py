@@ -24,7 +24,7 @@ from prefixroute.plugins import AdmissionPolicy, Filter, Picker, RouteContext, S
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.registry import PluginError, Registry, default_registry
 from prefixroute.request import Request, RequestError, Usage
-from prefixroute.router import Router, default_profile
+from prefixroute.router import Router, RouterCounters, default_profile
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "Role",
     "RouteContext",
     "Router",
+    "RouterCounters",
     "Scorer",
     "Tier",
     "Usage",

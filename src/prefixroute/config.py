@@ -24,6 +24,7 @@ field's path, e.g. `profiles[0].plugins[1].weight`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -105,7 +106,7 @@ def _section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> di
     _only(section, set(schema), name)
     for key, value in section.items():
         if not json_type_ok(value, schema[key]):
-            raise ConfigError(f"{name}.{key}", f"must be a {schema[key]}, got {value!r}")
+            raise ConfigError(f"{name}.{key}", f"must be of type {schema[key]}, got {value!r}")
     return dict(section)
 
 
@@ -116,9 +117,9 @@ def _str(value: object, path: str) -> str:
 
 
 def _number(value: object, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not json_type_ok(value, "float"):
         raise ConfigError(path, f"must be a number, got {value!r}")
-    return float(value)
+    return float(value)  # type: ignore[arg-type]
 
 
 def _read(source: str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -248,6 +249,8 @@ def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, Admi
                 )
             if kind == "scorer":
                 weight = _number(ref.get("weight", 1.0), f"{rpath}.weight")
+                if not (math.isfinite(weight) and weight >= 0):
+                    raise ConfigError(f"{rpath}.weight", f"must be finite and >= 0, got {weight}")
                 assert isinstance(plugin, Scorer)
                 scorers.append(
                     _build(rpath, WeightedScorer, name=pname, scorer=plugin, weight=weight)

@@ -41,8 +41,8 @@ class Decision:
     hot path does not pay for them). `matched_blocks` and
     `predicted_cached_tokens` describe the chosen endpoint's prefix match;
     `matches` every endpoint's. The driver passes the whole `Decision` back to
-    `Router.on_complete`; `epoch` lets the router tell whether the chosen
-    endpoint was removed since. Equality is identity.
+    `Router.on_complete`; `epoch` is the chosen endpoint's generation, so the
+    router can tell whether it was removed since. Equality is identity.
     """
 
     endpoint: EndpointId

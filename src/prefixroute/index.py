@@ -72,9 +72,10 @@ the speed of `match` and `insert`, which run on every request:
   per-key walk, kept as `_record_walk`, the reference the tests hold
   `insert` to. Eviction pops the ``size - capacity`` oldest deque items in
   one call and, when none is stale, drops them with ``map(dict.pop, ...)``;
-  otherwise a loop walks the deque in order. Measured on the warm
-  1M-entry, 64-endpoint index (`benchmarks/test_bench_index.py`, medians),
-  a speculative insert of 256 new keys, evicting 256, went from 119 us to
+  otherwise a loop walks the deque in order. Measured when this design was
+  chosen, on the warm 1M-entry, 64-endpoint index
+  (`benchmarks/test_bench_index.py`, medians of one run; current figures are
+  in docs/performance.md), a speculative insert of 256 new keys, evicting 256, went from 119 us to
   74 us; of 256 held ones from 48 us to 37 us; a confirmed insert of new
   keys from 91 us to 48 us. A 128-held, 128-new chain went only from 96 us
   to 83 us (86 us with the walk): what is left is mostly the dict work

@@ -101,11 +101,47 @@ class Profile:
             if len(scores) != n:
                 raise ValueError(f"scorer {ws.name!r} returned {len(scores)} scores for {n}")
             rows.append(scores)
-        if not rows:
-            return np.zeros((0, n)), [0.0] * n
-        raw = np.array(rows, dtype=np.float64)
+        if not rows or n == 0:
+            empty = np.zeros((len(rows), n))
+            empty.flags.writeable = False
+            return empty, [0.0] * n
+        try:
+            raw = np.array(rows)
+        except (ValueError, TypeError, OverflowError):  # ragged or unconvertible
+            raw = np.empty(0, dtype=object)
+        if raw.ndim != 2 or raw.dtype.kind not in "biuf":
+            bad = next(
+                (ws.name for ws, row in zip(self.scorers, rows, strict=True) if not _numeric(row)),
+                self.scorers[0].name,
+            )
+            raise ValueError(f"scorer {bad!r} returned scores that are not a list of numbers")
+        raw = raw.astype(np.float64)
         if not (raw.min() >= 0.0 and raw.max() <= 1.0):  # NaN fails both comparisons
             raw = np.clip(np.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         raw.flags.writeable = False
         totals: list[float] = (np.array(self.weights) @ raw).tolist()
         return raw, totals
+
+
+def _numeric(row: Sequence[float]) -> bool:
+    try:
+        arr = np.asarray(row)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return arr.ndim == 1 and arr.dtype.kind in "biuf"
+
+
+def score_reference(
+    profile: Profile, ctx: RouteContext, candidates: Sequence[EndpointState]
+) -> tuple[list[list[float]], list[float]]:
+    """`Profile.score` in plain Python: the reference the numpy path is tested against."""
+    raw: list[list[float]] = []
+    totals = [0.0] * len(candidates)
+    for ws in profile.scorers:
+        row = []
+        for x in ws.scorer.score(ctx, candidates):
+            x = float(x)
+            row.append(x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0))
+        raw.append(row)
+        totals = [t + ws.weight * x for t, x in zip(totals, row, strict=True)]
+    return raw, totals

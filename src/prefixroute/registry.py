@@ -130,7 +130,9 @@ class Registry:
         try:
             plugin = factory(**params)
         except (TypeError, ValueError) as exc:
+            # The parameter the message names; failing that, the only one given.
             named = [k for k in params if f"'{k}'" in str(exc) or str(exc).startswith(k)]
+            named = named or (list(params) if len(params) == 1 else [])
             raise PluginError(
                 f"invalid parameters for {type_name}: {exc}", field=named[0] if named else None
             ) from exc
@@ -150,7 +152,13 @@ def json_type_ok(value: object, expected: str) -> bool | None:
     if expected == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if expected == "float":
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            float(value)  # a 400-digit int is no float
+        except OverflowError:
+            return False
+        return True
     if expected == "str":
         return isinstance(value, str)
     if expected == "mapping":
@@ -163,7 +171,8 @@ def _check_type(type_name: str, key: str, annotation: object, value: object) -> 
     expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
     if json_type_ok(value, expected) is False:
         raise PluginError(
-            f"parameter {key!r} of {type_name} must be a {expected}, got {value!r}", field=key
+            f"parameter {key!r} of {type_name} must be of type {expected}, got {value!r}",
+            field=key,
         )
 
 

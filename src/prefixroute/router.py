@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import attrs
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 DEFAULT_SPECULATIVE_TTL_S = 30.0
+REMOVED_MEMORY = 4096  # removed endpoint ids remembered, to ignore their late events
 DEFAULT_ENGINE_BLOCK_SIZE = 16
 
 
@@ -157,7 +159,12 @@ class Router:
         self.engine_block_size = engine_block_size
         self.counters = RouterCounters()
         self._capacity_seen: dict[EndpointId, int] = {}
-        self._epochs: dict[EndpointId, int] = {}  # bumped when an endpoint is removed
+        # A generation per live endpoint (a new one when a removed id returns), so a
+        # late completion settles nothing against a pod that is gone; and the ids
+        # removed recently, so late events cannot bring a removed pod back.
+        self._generations: dict[EndpointId, int] = {}
+        self._next_generation = 0
+        self._removed: OrderedDict[EndpointId, None] = OrderedDict()
         if self.blocker.mode is HashMode.TOKEN:
             self._index_block_tokens = float(self.blocker.block_size)
         else:
@@ -257,25 +264,36 @@ class Router:
             decided_at=now,
             load_tokens=load_tokens,
             block_keys=tuple(keys),
-            epoch=self._epochs.get(chosen.id, 0),
+            epoch=self._generation(chosen.id),
         )
 
     def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> None:
-        """Size each endpoint's index capacity from its `kv_capacity_blocks`; refuse duplicate ids.
+        """Refuse duplicate ids, then size each endpoint's index capacity from its state.
 
-        O(endpoints) dict look-ups; the index is touched only when a capacity changes.
+        An id passed here is live again even if it was removed before. O(endpoints)
+        dict look-ups; the index is touched only when a capacity changes.
         """
+        ids = {e.id for e in endpoints}
+        if len(ids) != len(endpoints):
+            raise ValueError("endpoints passed to route() must have distinct ids")
+        if self._removed:
+            for eid in ids.intersection(self._removed):
+                del self._removed[eid]
         seen = self._capacity_seen
-        ids = set()
         for e in endpoints:
-            ids.add(e.id)
             blocks = e.kv_capacity_blocks
             if blocks is not None and seen.get(e.id) != blocks:
                 tokens = blocks * self.engine_block_size
                 self.index.set_capacity(e.id, max(1, int(tokens / self._index_block_tokens)))
                 seen[e.id] = blocks
-        if len(ids) != len(endpoints):
-            raise ValueError("endpoints passed to route() must have distinct ids")
+
+    def _generation(self, endpoint: EndpointId) -> int:
+        """The live generation of `endpoint`, starting one on first sight."""
+        gen = self._generations.get(endpoint)
+        if gen is None:
+            self._next_generation += 1
+            gen = self._generations[endpoint] = self._next_generation
+        return gen
 
     def on_complete(
         self,
@@ -296,7 +314,9 @@ class Router:
         it, the whole chain is inserted as confirmed instead. A failed
         request's speculative entries are left to expire. A decision whose
         endpoint was removed (`EndpointRemoved`) after it was made settles
-        nothing: the pod it counted against is gone. The driver calls this
+        nothing: the pod it counted against is gone. Nor is a removed pod
+        credited as `served_by`, and `BlockStored` events of a removed pod
+        are ignored until its id is passed to `route` again. The driver calls this
         exactly once per decision; a second call would release the in-flight
         count twice.
         """
@@ -306,13 +326,15 @@ class Router:
             counters.failures += 1
         counters.actual_cached_tokens += usage.cached_tokens
         self.index.expire(now)
-        if self._epochs.get(decision.endpoint, 0) != decision.epoch:
+        if self._generations.get(decision.endpoint) != decision.epoch:
             return
         self.load.finish(decision.endpoint, decision.load_tokens)
         keys = decision.block_keys
         if not (usage.ok and self.confirm_on_complete and keys):
             return
         served = served_by or decision.endpoint
+        if served in self._removed:
+            return
         if served != decision.endpoint or now - decision.decided_at >= self.speculative_ttl_s:
             self.index.insert(served, keys)
         else:
@@ -322,7 +344,8 @@ class Router:
         """Apply a KV-cache or endpoint event to the router's state."""
         match event:
             case BlockStored(endpoint=eid, keys=keys, tier=tier):
-                self.index.insert(eid, keys, tier=tier)
+                if eid not in self._removed:  # a late event of a pod that is gone
+                    self.index.insert(eid, keys, tier=tier)
             case BlockRemoved(endpoint=eid, keys=keys, tier=tier):
                 self.index.remove(eid, keys, tier=tier)
             case AllBlocksCleared(endpoint=eid):
@@ -331,6 +354,10 @@ class Router:
                 self.index.remove_endpoint(eid)
                 self.load.forget(eid)
                 self._capacity_seen.pop(eid, None)
-                self._epochs[eid] = self._epochs.get(eid, 0) + 1
+                self._generations.pop(eid, None)
+                self._removed[eid] = None
+                self._removed.move_to_end(eid)
+                if len(self._removed) > REMOVED_MEMORY:
+                    self._removed.popitem(last=False)
             case _:
                 raise TypeError(f"unknown index event {event!r}")
