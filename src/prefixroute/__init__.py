@@ -1,4 +1,4 @@
-"""prefixroute: prefix-cache-aware, tenant-fair request routing for LLM inference fleets.
+"""prefixroute: prefix-cache-aware request routing for LLM inference fleets.
 
 The pure core: build a `Router` (`Router.default()` or `load_config(doc)`), call
 `route(request, endpoints, now)` for each request and `on_complete(decision,
