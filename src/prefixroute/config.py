@@ -24,7 +24,6 @@ field's path, e.g. `profiles[0].plugins[1].weight`.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -249,12 +248,11 @@ def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, Admi
                 )
             if kind == "scorer":
                 weight = _number(ref.get("weight", 1.0), f"{rpath}.weight")
-                if not (math.isfinite(weight) and weight >= 0):
-                    raise ConfigError(f"{rpath}.weight", f"must be finite and >= 0, got {weight}")
                 assert isinstance(plugin, Scorer)
-                scorers.append(
-                    _build(rpath, WeightedScorer, name=pname, scorer=plugin, weight=weight)
-                )
+                try:  # WeightedScorer owns the rule (finite, >= 0)
+                    scorers.append(WeightedScorer(pname, plugin, weight))
+                except ValueError as exc:
+                    raise ConfigError(f"{rpath}.weight", str(exc)) from exc
             elif kind == "filter":
                 assert isinstance(plugin, Filter)
                 filters.append((pname, plugin))
