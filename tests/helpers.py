@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prefixroute import EndpointState, LoadTracker, PrefixMatch, Request, RouteContext
 from prefixroute.endpoint import EndpointId
@@ -28,9 +28,10 @@ def context(
     matches: Mapping[str, int] | None = None,
     load: LoadTracker | None = None,
     seed: int = 0,
+    candidates: Sequence[EndpointState] = (),
 ) -> RouteContext:
-    """A `RouteContext` with `total_blocks` fake keys and GPU-only matches."""
-    return RouteContext(
+    """A `RouteContext` with `total_blocks` fake keys, GPU-only matches and `candidates` set."""
+    ctx = RouteContext(
         request=request or Request(model="m", prompt="hello"),
         now=now,
         rng=random.Random(seed),
@@ -40,3 +41,5 @@ def context(
         matches={EndpointId(k): PrefixMatch(v, float(v)) for k, v in (matches or {}).items()},
         load=load or LoadTracker(),
     )
+    ctx.candidates = candidates
+    return ctx

@@ -35,7 +35,7 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_console_script_runs_the_demo() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "prefixroute.cli", "demo", "--quiet"],
+        [sys.executable, "-m", "prefixroute.cli", "explain", "--quiet"],
         capture_output=True,
         text=True,
         timeout=60,

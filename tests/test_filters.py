@@ -3,13 +3,16 @@ from __future__ import annotations
 import pytest
 
 from prefixroute import Request
+from prefixroute.endpoint import EndpointId
 from prefixroute.filters import (
     HealthyFilter,
+    HotSpotFilter,
     ModelFilter,
     RoleFilter,
     SaturationFilter,
     StaleMetricsFilter,
 )
+from prefixroute.load import LoadTracker
 from tests.helpers import context, endpoint
 
 
@@ -62,3 +65,25 @@ def test_saturation_filter_drops_busy_and_fails_open() -> None:
     assert ids(SaturationFilter().filter(context(), busy)) == ["e0", "e1"]
     with pytest.raises(ValueError):
         SaturationFilter(max_kv_usage=1.5)
+
+
+def test_hot_spot_filter_drops_endpoints_far_above_the_mean() -> None:
+    load = LoadTracker()
+    eps = [endpoint(i) for i in range(4)]
+    for i, n in enumerate((30, 6, 5, 7)):  # mean 12: the limit is 1.5 * 12 + 4 = 22
+        for _ in range(n):
+            load.start(EndpointId(f"e{i}"), 100)
+    ctx = context(Request(model="m", prompt="x"), load=load)
+    assert ids(HotSpotFilter().filter(ctx, eps)) == ["e1", "e2", "e3"]
+    assert ids(HotSpotFilter(ratio=3.0).filter(ctx, eps)) == ["e0", "e1", "e2", "e3"]
+    # One candidate, or all equally busy: nothing is dropped.
+    assert ids(HotSpotFilter().filter(ctx, eps[:1])) == ["e0"]
+    idle = context(Request(model="m", prompt="x"))
+    assert ids(HotSpotFilter(ratio=1.0, slack=0.0).filter(idle, eps)) == ["e0", "e1", "e2", "e3"]
+
+
+def test_hot_spot_filter_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="ratio"):
+        HotSpotFilter(ratio=0.5)
+    with pytest.raises(ValueError, match="slack"):
+        HotSpotFilter(slack=-1.0)

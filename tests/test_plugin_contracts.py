@@ -82,6 +82,7 @@ def contexts(draw: st.DrawFn) -> tuple[RouteContext, list[EndpointState]]:
         matches=matches,
         load=load,
     )
+    ctx.candidates = endpoints  # as the router sets it after filtering
     return ctx, endpoints
 
 
@@ -135,6 +136,8 @@ def test_picker_is_deterministic_given_the_rng(type_name: str) -> None:
     totals = [0.5, 0.9, 0.9, 0.1, 0.7]
     runs = []
     for _ in range(2):
+        picker = REGISTRY.create(type_name)  # fresh: stateful pickers start over
+        assert isinstance(picker, Picker)
         rng = random.Random(7)
         ctx = RouteContext(
             request=Request(model="m", prompt="x"),
@@ -146,7 +149,10 @@ def test_picker_is_deterministic_given_the_rng(type_name: str) -> None:
             matches={},
             load=LoadTracker(),
         )
-        runs.append([PLUGINS[type_name].pick(ctx, totals)[0] for _ in range(20)])
+        ctx.candidates = [
+            EndpointState(id=f"e{i}", address=f"127.0.0.1:{8000 + i}") for i in range(5)
+        ]
+        runs.append([picker.pick(ctx, totals)[0] for _ in range(20)])
     assert runs[0] == runs[1]
 
 

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from prefixroute import LoadTracker, Request
 from prefixroute.endpoint import EndpointId
 from prefixroute.scorers import (
     ColdSpreadScorer,
+    ConsistentHashScorer,
     InflightScorer,
+    KVCostScorer,
     KVUtilisationScorer,
     LoraAffinityScorer,
     PrefixAffinityScorer,
@@ -86,3 +93,75 @@ def test_cold_spread_prefers_endpoints_without_recent_cold_work() -> None:
     assert s[0] < s[1] < s[2] == 1.0
     warm = context(now=10.0, total_blocks=4, matches={"e0": 1}, load=load)
     assert ColdSpreadScorer().score(warm, eps) == [0.0, 0.0, 0.0]
+
+
+def _owner(scorer: ConsistentHashScorer, request: Request, n: int, drop: int | None = None) -> str:
+    eps = [endpoint(i) for i in range(n) if i != drop]
+    scores = scorer.score(context(request), eps)
+    return eps[scores.index(max(scores))].id
+
+
+def test_consistent_hash_spreads_keys_and_moves_only_a_removed_endpoints_keys() -> None:
+    scorer = ConsistentHashScorer(key="session")
+    sessions = [Request(model="m", prompt="x", session=f"s{i}") for i in range(600)]
+    owners = [_owner(scorer, r, 6) for r in sessions]
+    counts = {e: owners.count(e) for e in set(owners)}
+    assert len(counts) == 6 and min(counts.values()) > 60
+    after = [_owner(scorer, r, 6, drop=3) for r in sessions]
+    assert all(a == b for a, b in zip(owners, after, strict=True) if a != "e3")
+    assert all(a != "e3" for a in after)
+
+
+def test_consistent_hash_keys() -> None:
+    with_session = Request(model="m", prompt="x", tenant="acme", session="s1")
+    no_session = Request(model="m", prompt="x", tenant="acme")
+    eps = [endpoint(i) for i in range(4)]
+    by_session = ConsistentHashScorer(key="session")
+    assert by_session.score(context(no_session), eps) == [0.0] * 4
+    assert ConsistentHashScorer(key="session-or-tenant").score(context(no_session), eps) == (
+        ConsistentHashScorer(key="tenant").score(context(with_session), eps)
+    )
+    assert ConsistentHashScorer().score(context(with_session), eps) == by_session.score(
+        context(with_session), eps
+    )
+    assert all(0.0 <= s < 1.0 for s in by_session.score(context(with_session), eps))
+    with pytest.raises(ValueError, match="key"):
+        ConsistentHashScorer(key="user")
+
+
+def test_consistent_hash_is_the_same_in_every_process() -> None:
+    code = (
+        "from prefixroute import Request; from prefixroute.scorers import ConsistentHashScorer;"
+        "from tests.helpers import context, endpoint;"
+        "print(ConsistentHashScorer().score(context(Request(model='m', prompt='x', "
+        "session='s')), [endpoint(0), endpoint(1)]))"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1
+
+
+def test_kv_cost_is_dynamos_prefill_plus_decode_blocks() -> None:
+    load = LoadTracker()
+    load.start(EndpointId("e1"), 320)  # 20 blocks of in-flight work
+    eps = [endpoint(0), endpoint(1), endpoint(2)]
+    ctx = context(total_blocks=40, matches={"e0": 10, "e1": 40}, load=load)
+    s = KVCostScorer(overlap_score_weight=1.0, scale=64.0).score(ctx, eps)
+    # costs: e0 30 + 0, e1 0 + 20, e2 40 + 0
+    assert s == pytest.approx([1 / (1 + 30 / 64), 1 / (1 + 20 / 64), 1 / (1 + 40 / 64)])
+    heavy = KVCostScorer(overlap_score_weight=2.0, scale=10.0).score(ctx, eps)
+    assert heavy == pytest.approx([1 / (1 + 60 / 10), 1 / (1 + 20 / 10), 1 / (1 + 80 / 10)])
+    assert KVCostScorer(overlap_score_weight=0.0).score(ctx, eps)[0] == 1.0
+    with pytest.raises(ValueError, match="overlap_score_weight"):
+        KVCostScorer(overlap_score_weight=float("inf"))
+    with pytest.raises(ValueError, match="scale"):
+        KVCostScorer(scale=0.0)

@@ -1,6 +1,11 @@
 """The `prefixroute` command line (a driver: it owns printing and the clock).
 
-prefixroute demo [--config FILE] [--quiet]   route a built-in request set, explain each decision
+prefixroute demo                             compare routing policies on the built-in demo scenario
+prefixroute simulate --scenario S --policy P simulate one policy on a scenario
+prefixroute compare --scenario S --policies a,b,c
+                                             simulate several policies, print one table
+prefixroute explain [--config FILE] [--quiet]
+                                             route a built-in request set, explain each decision
 prefixroute check-config FILE                validate a config document
 prefixroute version
 """
@@ -8,7 +13,9 @@ prefixroute version
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,13 +127,136 @@ def run_demo(router: Router, *, quiet: bool = False, out: Any = None) -> list[De
     return decisions
 
 
+# The demo: 500 Zipf tenants whose prompts outgrow the fleet's KV, 60 simulated seconds.
+DEMO_SCENARIO = "tenants-500"
+DEMO_DURATION_S = 60.0
+DEMO_POLICIES = (
+    "round-robin",
+    "least-request",
+    "session-hash",
+    "gie-default",
+    "sglang-cache-aware",
+    "dynamo-kv",
+    "prefixroute",
+)
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only once a run has taken `after_s` seconds."""
+
+    def __init__(self, label: str, total_s: float, *, enabled: bool, after_s: float = 2.0) -> None:
+        self.label = label
+        self.total_s = total_s
+        self.enabled = enabled
+        self.after_s = after_s
+        self.started = time.perf_counter()
+        self.shown = 0.0
+
+    def __call__(self, virtual_s: float) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.started < self.after_s or now - self.shown < 0.2:
+            return
+        self.shown = now
+        frac = min(1.0, virtual_s / self.total_s) if self.total_s > 0 else 1.0
+        bar = "#" * int(frac * 30)
+        print(
+            f"\r{self.label:<20} [{bar:<30}] {frac:4.0%} {now - self.started:5.1f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.enabled and self.shown:
+            print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def run_simulations(
+    scenario_name: str,
+    policy_names: Sequence[str],
+    *,
+    endpoints: int | None = None,
+    duration_s: float | None = None,
+    seed: int | None = None,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    progress: bool | None = None,
+    out: Any = None,
+) -> list[dict[str, Any]]:
+    """Load a scenario and policies, run each, print the table; write JSON and a plot if asked.
+
+    ScenarioError / ConfigError propagate to `main`, which turns them into exit status 2.
+    """
+    from prefixroute.sim.compare import run_policy
+    from prefixroute.sim.policy import load_policy
+    from prefixroute.sim.report import format_table, plot_runs
+    from prefixroute.sim.scenario import load_scenario
+
+    out = out if out is not None else sys.stdout
+    scenario = load_scenario(scenario_name).with_overrides(
+        endpoints=endpoints, duration_s=duration_s, seed=seed
+    )
+    policies = [load_policy(p) for p in policy_names]
+    show = sys.stderr.isatty() if progress is None else progress
+    print(
+        f"scenario {scenario.name}: {scenario.endpoints} x {scenario.cost.name}, "
+        f"{scenario.engine.kv_capacity_tokens:,} KV tokens each, {scenario.duration_s:g} s, "
+        f"seed {scenario.seed}",
+        file=out,
+    )
+    if scenario.description:
+        print(f"  {scenario.description}", file=out)
+    runs = []
+    for policy in policies:
+        bar = Progress(policy.name, scenario.duration_s, enabled=show)
+        try:
+            runs.append(run_policy(scenario, policy, progress=bar))
+        finally:
+            bar.close()
+    results = [r.summary for r in runs]
+    print(format_table(results), file=out)
+    print(
+        f"{results[0]['requests']:,} requests per policy; simulated in "
+        + ", ".join(f"{r['wall_s']:.1f}" for r in results)
+        + " s",
+        file=out,
+    )
+    if json_path:
+        doc: Any = results[0] if len(results) == 1 else {"results": results}
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+    if plot_path:
+        plot_runs([(r.summary["policy"], r.simulation) for r in runs], plot_path)
+    return results
+
+
+def _sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", required=True, help="a built-in scenario name or a YAML/JSON file")
+    p.add_argument("--endpoints", type=int, help="override the scenario's endpoint count")
+    p.add_argument("--duration", type=float, help="override the scenario's duration (s)")
+    p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--json", dest="json_path", help="write the figures as JSON here")
+    p.add_argument("--plot", dest="plot_path", help="write plots to this PNG (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prefixroute` command."""
     parser = argparse.ArgumentParser(prog="prefixroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="route a built-in request set and explain each decision")
-    demo.add_argument("--config", help="a router config (YAML/JSON); default: built-in profile")
-    demo.add_argument("--quiet", action="store_true", help="print only the summary")
+    demo = sub.add_parser("demo", help="compare routing policies on the built-in demo scenario")
+    demo.add_argument("--duration", type=float, help="override the scenario's duration (s)")
+    simulate = sub.add_parser("simulate", help="simulate one policy on a scenario")
+    _sim_args(simulate)
+    simulate.add_argument("--policy", required=True, help="a built-in policy name or a file")
+    compare = sub.add_parser("compare", help="simulate several policies on one scenario")
+    _sim_args(compare)
+    compare.add_argument("--policies", required=True, help="comma-separated names or files")
+    explain = sub.add_parser("explain", help="route a built-in request set, explain each decision")
+    explain.add_argument("--config", help="a router config (YAML/JSON); default: built-in profile")
+    explain.add_argument("--quiet", action="store_true", help="print only the summary")
     check = sub.add_parser("check-config", help="validate a router config document")
     check.add_argument("path")
     sub.add_parser("version", help="print the version")
@@ -135,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command in ("demo", "simulate", "compare"):
+        return _simulate_command(args)
     try:
         if args.command == "check-config":
             router = load_config(args.path)
@@ -145,6 +277,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"prefixroute: invalid config: {exc}", file=sys.stderr)
         return 2
     run_demo(router, quiet=args.quiet)
+    return 0
+
+
+def _simulate_command(args: argparse.Namespace) -> int:
+    from prefixroute.sim.schema import ScenarioError
+
+    try:
+        if args.command == "demo":
+            run_simulations(
+                DEMO_SCENARIO, DEMO_POLICIES, duration_s=args.duration or DEMO_DURATION_S
+            )
+            return 0
+        names = [args.policy] if args.command == "simulate" else args.policies.split(",")
+        names = [n.strip() for n in names if n.strip()]
+        if not names:
+            print("prefixroute: --policies names no policy", file=sys.stderr)
+            return 2
+        run_simulations(
+            args.scenario,
+            names,
+            endpoints=args.endpoints,
+            duration_s=args.duration,
+            seed=args.seed,
+            json_path=args.json_path,
+            plot_path=args.plot_path,
+            progress=False if args.no_progress else None,
+        )
+    except ScenarioError as exc:
+        print(f"prefixroute: invalid scenario: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"prefixroute: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a policy that cannot run this scenario (e.g. KV events)
+        print(f"prefixroute: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"prefixroute: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,6 +17,7 @@ from prefixroute.plugins import RouteContext
 
 __all__ = [
     "HealthyFilter",
+    "HotSpotFilter",
     "ModelFilter",
     "RoleFilter",
     "SaturationFilter",
@@ -108,4 +109,32 @@ class SaturationFilter:
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         q, kv = self.max_waiting, self.max_kv_usage
         ok = [e for e in candidates if e.waiting <= q and e.kv_usage <= kv]
+        return ok or list(candidates)
+
+
+@attrs.frozen
+class HotSpotFilter:
+    """Drops endpoints far busier than their peers. Type `hot-spot-filter`.
+
+    An endpoint is hot when the router's in-flight requests on it exceed
+    `ratio` x the candidates' mean plus `slack`. Prefix affinity alone keeps
+    a popular tenant on the one endpoint that holds its prefix however busy
+    that endpoint gets; dropping hot endpoints makes the tenant spill to the
+    next best one, which then warms up too, so hot prefixes end up
+    replicated and cold ones stay unique (the same two-regime idea as
+    SGLang's cache-aware balance thresholds, `sgl-router` `cache_aware.rs`,
+    expressed as a filter in front of the scorers). Never drops every
+    candidate. O(candidates), exact (the router's own counts, not scraped).
+    """
+
+    ratio: float = attrs.field(default=1.5, validator=attrs.validators.ge(1.0))
+    slack: float = attrs.field(default=4.0, validator=attrs.validators.ge(0.0))
+
+    def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
+        if len(candidates) < 2:
+            return list(candidates)
+        load = ctx.load.requests_view()
+        counts = [load.get(e.id, 0) for e in candidates]
+        limit = self.ratio * sum(counts) / len(counts) + self.slack
+        ok = [e for e, n in zip(candidates, counts, strict=True) if n <= limit]
         return ok or list(candidates)

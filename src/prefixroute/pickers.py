@@ -8,6 +8,50 @@ reproducible given the router's seed.
 Sources: power of two choices (Mitzenmacher, "The Power of Two Choices in
 Randomized Load Balancing", 2001; Finagle's P2C balancer); softmax/Boltzmann
 selection as in the llm-d router's weighted-random pickers.
+
+Baselines, so that other routers' policies run as configs of this library (the
+simulator compares them): `RoundRobinPicker` and `RandomPicker` (the
+`round_robin` and `random` policies of SGLang's router and vLLM
+production-stack), and `CacheAwarePicker`, SGLang router's `cache_aware`
+policy (sgl-project/sglang, `sgl-model-gateway/src/policies/cache_aware.rs`,
+formerly `sgl-router/src/policies/cache_aware.rs`; sglang-router 0.3.x). These
+ignore the totals when choosing (the totals still order the fallbacks) and
+keep mutable state, so they are mutable attrs classes whose state lives in
+slots outside their attrs fields: the fields are the parameters a config may
+set, nothing else.
+
+`CacheAwarePicker`, step by step (the source's order):
+
+1. load = the router's in-flight requests per candidate (SGLang's
+   `Worker::load()`, the router's own count). Imbalanced when
+   ``max - min > balance_abs_threshold and max > min * balance_rel_threshold``:
+   then the least-loaded candidate wins.
+2. Otherwise match the request's text (its prompt, else its token ids, one
+   code point per token) in an approximate radix tree of what was sent where
+   (`prefixroute.radix.RadixTree`). If the best match rate, matched length /
+   sequence length, is above `cache_threshold`, the candidate with the
+   longest match wins; otherwise the least-loaded one. (sglang-router up to
+   0.2.x sent misses to the endpoint with the smallest tree,
+   `get_smallest_tenant`; sglang PR #14650 "cache-aware router should pick
+   min load instead of min tenant size", of 2025-12-08, made it the
+   least-loaded worker ahead of the 0.3.0 release, PR #15781 of 2025-12-24.)
+3. Insert the sequence into the tree for the winner at `ctx.now`.
+
+Defaults are sglang-router 0.3.x's (`sgl-model-gateway/bindings/python/src/
+sglang_router/router_args.py`, `RouterArgs`): cache_threshold 0.3,
+balance_abs_threshold 64, balance_rel_threshold 1.5, eviction_interval_secs
+60, max_tree_size 2**26. (The Rust binary's clap default for the eviction
+interval, `sgl-model-gateway/src/main.rs`, is 120 s; the Python entry point
+passes 60.)
+Deviations, deliberate: no eviction thread (the core is pure) — instead,
+when `ctx.now` has advanced `eviction_interval_s` since the last eviction, the
+next pick evicts every tree to `max_tree_size` first; 0 disables eviction, as
+in SGLang. Loads, matches and the winner are taken over the filtered
+candidates only (SGLang computes min/max load over all workers, healthy or
+not, and may name a matched worker that then fails its health check). Ties
+break at random by `ctx.rng` (SGLang takes the first minimum, or whichever
+tenant its concurrent map yields first). One tree per model, as in the
+source.
 """
 
 from __future__ import annotations
@@ -18,8 +62,17 @@ from collections.abc import Sequence
 import attrs
 
 from prefixroute.plugins import RouteContext
+from prefixroute.radix import RadixTree, token_text
 
-__all__ = ["MaxScorePicker", "PowerOfTwoPicker", "SoftmaxPicker", "WeightedRandomPicker"]
+__all__ = [
+    "CacheAwarePicker",
+    "MaxScorePicker",
+    "PowerOfTwoPicker",
+    "RandomPicker",
+    "RoundRobinPicker",
+    "SoftmaxPicker",
+    "WeightedRandomPicker",
+]
 
 
 def _ranked(totals: Sequence[float], first: int) -> list[int]:
@@ -95,4 +148,138 @@ class SoftmaxPicker:
         top = max(totals)
         t = self.temperature
         first = _sample([math.exp((x - top) / t) for x in totals], ctx.rng.random())
+        return _ranked(totals, first)
+
+
+@attrs.frozen
+class RandomPicker:
+    """Uniform over the candidates, ignoring the totals. Type `random-picker`."""
+
+    def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        return _ranked(totals, ctx.rng.randrange(len(totals)))
+
+
+class _Turns:
+    """RoundRobinPicker's counter, in a slot of its own (its attrs fields are its parameters)."""
+
+    __slots__ = ("_turn",)
+
+    def _reset_turns(self) -> None:
+        self._turn = 0
+
+    def _take_turn(self) -> int:
+        turn = self._turn
+        self._turn = turn + 1
+        return turn
+
+
+@attrs.define
+class RoundRobinPicker(_Turns):
+    """Candidate `turn mod n`, then `turn += 1`, ignoring the totals. Type `round-robin-picker`.
+
+    One counter over all decisions, as SGLang's and production-stack's
+    round-robin policies keep; when the candidate set changes size the
+    cycle shifts (production-stack notes the same). O(candidates) for the
+    fallback ranking.
+    """
+
+    def __attrs_post_init__(self) -> None:
+        self._reset_turns()
+
+    def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        return _ranked(totals, self._take_turn() % len(totals))
+
+
+class _Trees:
+    """CacheAwarePicker's trees (one per model) and eviction clock, in slots of their own."""
+
+    __slots__ = ("_evicted_at", "_trees")
+
+    def _reset_trees(self) -> None:
+        self._trees: dict[str, RadixTree] = {}
+        self._evicted_at: float | None = None
+
+    def _tree(self, model: str) -> RadixTree:
+        tree = self._trees.get(model)
+        if tree is None:
+            tree = self._trees[model] = RadixTree()
+        return tree
+
+    def _evict_when_due(self, now: float, interval: float, max_size: int) -> None:
+        """Evict every tree to `max_size` once `interval` has passed since the last time.
+
+        The first call starts the clock; an interval of 0 never evicts.
+        """
+        if interval <= 0:
+            return
+        if self._evicted_at is None:
+            self._evicted_at = now
+        elif now - self._evicted_at >= interval:
+            for tree in self._trees.values():
+                tree.evict(max_size)
+            self._evicted_at = now
+
+
+def _least(values: Sequence[int], ctx: RouteContext) -> int:
+    """The index of the smallest value, ties at random by `ctx.rng`."""
+    low = min(values)
+    tied = [i for i, v in enumerate(values) if v == low]
+    return tied[0] if len(tied) == 1 else tied[ctx.rng.randrange(len(tied))]
+
+
+@attrs.define
+class CacheAwarePicker(_Trees):
+    """SGLang router's `cache_aware` policy (see the module docstring). Type `cache-aware-picker`.
+
+    Needs `ctx.candidates` (one per total). Cost per pick: O(candidates) for
+    the loads, one tree walk and one insert, O(len(sequence)); every
+    `eviction_interval_s`, one eviction pass over each tree.
+    """
+
+    cache_threshold: float = attrs.field(
+        default=0.3, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    balance_abs_threshold: int = attrs.field(default=64, validator=attrs.validators.ge(0))
+    balance_rel_threshold: float = attrs.field(default=1.5, validator=attrs.validators.ge(0.0))
+    eviction_interval_s: float = attrs.field(default=60.0, validator=attrs.validators.ge(0.0))
+    max_tree_size: int = attrs.field(default=2**26, validator=attrs.validators.ge(1))
+
+    def __attrs_post_init__(self) -> None:
+        self._reset_trees()
+
+    def tree(self, model: str) -> RadixTree | None:
+        """The approximate tree kept for `model`, if any request for it was routed."""
+        return self._trees.get(model)
+
+    def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        candidates = ctx.candidates
+        if len(candidates) != len(totals):
+            raise ValueError(
+                f"cache-aware-picker needs ctx.candidates, one per total: "
+                f"got {len(candidates)} candidates for {len(totals)} totals"
+            )
+        self._evict_when_due(ctx.now, self.eviction_interval_s, self.max_tree_size)
+        request = ctx.request
+        tree = self._tree(request.model)
+        inflight = ctx.load.requests_view()
+        loads = [inflight.get(e.id, 0) for e in candidates]
+        low, high = min(loads), max(loads)
+        if request.prompt is not None:
+            seq = request.prompt
+        else:
+            assert request.token_ids is not None  # a Request has one or the other
+            seq = token_text(request.token_ids)
+
+        if high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold:
+            first = _least(loads, ctx)
+        else:
+            matched = tree.match(seq)
+            lengths = [matched.get(e.id, 0) for e in candidates]
+            best = max(lengths)
+            if seq and best / len(seq) > self.cache_threshold:
+                first = _least([best - n for n in lengths], ctx)
+            else:
+                first = _least(loads, ctx)
+        if seq:
+            tree.insert(seq, candidates[first].id, ctx.now)
         return _ranked(totals, first)

@@ -28,11 +28,14 @@ class RouteContext:
     Built by the router for each `route` call; plugins must not mutate it.
     `matches` holds the prefix match of every endpoint that matched at least
     one block (absent = 0). `load` is the router's own, exact, in-flight
-    accounting (fresher than scraped metrics).
+    accounting (fresher than scraped metrics). `candidates` holds the
+    endpoints left after the filters, in the order scorers and pickers see
+    them (the router sets it once filtering is done).
     """
 
     __slots__ = (
         "block_keys",
+        "candidates",
         "load",
         "matches",
         "now",
@@ -64,6 +67,7 @@ class RouteContext:
         self.tokens_per_block = tokens_per_block
         self.matches = matches
         self.load = load
+        self.candidates: Sequence[EndpointState] = ()
 
     @property
     def best_match(self) -> int:

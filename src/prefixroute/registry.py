@@ -17,21 +17,27 @@ import attrs
 from prefixroute.admission import AlwaysAdmit
 from prefixroute.filters import (
     HealthyFilter,
+    HotSpotFilter,
     ModelFilter,
     RoleFilter,
     SaturationFilter,
     StaleMetricsFilter,
 )
 from prefixroute.pickers import (
+    CacheAwarePicker,
     MaxScorePicker,
     PowerOfTwoPicker,
+    RandomPicker,
+    RoundRobinPicker,
     SoftmaxPicker,
     WeightedRandomPicker,
 )
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.scorers import (
     ColdSpreadScorer,
+    ConsistentHashScorer,
     InflightScorer,
+    KVCostScorer,
     KVUtilisationScorer,
     LoraAffinityScorer,
     PrefixAffinityScorer,
@@ -178,6 +184,7 @@ def _check_type(type_name: str, key: str, annotation: object, value: object) -> 
 
 _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (
     ("healthy-filter", HealthyFilter),
+    ("hot-spot-filter", HotSpotFilter),
     ("model-filter", ModelFilter),
     ("role-filter", RoleFilter),
     ("stale-metrics-filter", StaleMetricsFilter),
@@ -189,10 +196,15 @@ _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (
     ("session-affinity-scorer", SessionAffinityScorer),
     ("lora-affinity-scorer", LoraAffinityScorer),
     ("cold-spread-scorer", ColdSpreadScorer),
+    ("consistent-hash-scorer", ConsistentHashScorer),
+    ("kv-cost-scorer", KVCostScorer),
     ("max-score-picker", MaxScorePicker),
     ("weighted-random-picker", WeightedRandomPicker),
     ("power-of-two-picker", PowerOfTwoPicker),
     ("softmax-picker", SoftmaxPicker),
+    ("round-robin-picker", RoundRobinPicker),
+    ("random-picker", RandomPicker),
+    ("cache-aware-picker", CacheAwarePicker),
     ("always-admit", AlwaysAdmit),
 )
 

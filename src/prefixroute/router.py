@@ -28,6 +28,7 @@ from prefixroute.events import (
 )
 from prefixroute.filters import (
     HealthyFilter,
+    HotSpotFilter,
     ModelFilter,
     RoleFilter,
     SaturationFilter,
@@ -66,9 +67,10 @@ def default_profile() -> Profile:
     """The default profile: prefix affinity balanced against exact and scraped load.
 
     Filters: healthy, serves-model, role (both/prefill), stale-metrics guard,
-    saturation guard. Scorers (weight): prefix affinity 3, router in-flight 2,
-    queue depth 1, KV utilisation 1, session affinity 1, LoRA affinity 1,
-    cold spreader 1. Picker: max-score with random tie-break.
+    saturation guard, hot-spot guard (in-flight above 1.5 x the mean + 4).
+    Scorers (weight): prefix affinity 3, router in-flight 2, queue depth 1,
+    KV utilisation 1, session affinity 1, LoRA affinity 1, cold spreader 1.
+    Picker: max-score with random tie-break.
     """
     return Profile(
         name="default",
@@ -78,6 +80,7 @@ def default_profile() -> Profile:
             ("role-filter", RoleFilter()),
             ("stale-metrics-filter", StaleMetricsFilter()),
             ("saturation-filter", SaturationFilter()),
+            ("hot-spot-filter", HotSpotFilter()),
         ),
         scorers=(
             WeightedScorer("prefix", PrefixAffinityScorer(), 3.0),
@@ -222,6 +225,7 @@ class Router:
                     retry_after_s=1.0,
                 )
 
+        ctx.candidates = candidates
         raw, totals = profile.score(ctx, candidates)
         picker_name, picker = profile.picker
         order = picker.pick(ctx, totals)

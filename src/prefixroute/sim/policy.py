@@ -1,0 +1,86 @@
+"""Routing policies for the simulator: router config documents, built-in or from a file.
+
+A policy is an ordinary `load_config` document (what a deployment runs) plus
+an optional `simulator:` section the simulator reads and strips:
+
+    simulator:
+      kv_events: true   # feed the engines' KV-cache events to Router.observe
+
+Built-in policies live in `prefixroute/sim/policies/NAME.yaml`; each file's
+header names the system it models, its sources and parameters
+(`docs/simulator.md` has the table). Every run builds a fresh `Router` from
+the document, seeded by the scenario's seed, so runs are independent and
+reproducible.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from prefixroute.config import ConfigError, load_config
+from prefixroute.router import Router
+
+__all__ = ["Policy", "builtin_policies", "load_policy"]
+
+
+@attrs.frozen
+class Policy:
+    """A named router configuration and how the simulator feeds it."""
+
+    name: str
+    document: dict[str, Any]
+    kv_events: bool = False
+
+    def build(self, seed: int) -> Router:
+        """A fresh router; the document's own `seed` wins over `seed` when it sets one."""
+        doc = copy.deepcopy(self.document)
+        doc.setdefault("seed", seed)
+        return load_config(doc)
+
+
+def _policy_dir() -> Path:
+    return Path(str(resources.files("prefixroute.sim") / "policies"))
+
+
+def builtin_policies() -> list[str]:
+    """The names of the shipped policies, sorted."""
+    return sorted(p.stem for p in _policy_dir().glob("*.yaml"))
+
+
+def load_policy(source: str | Path) -> Policy:
+    """A policy by built-in name or from a config file; ConfigError names what is wrong."""
+    path = Path(source)
+    name = path.stem
+    if not path.suffix and not path.exists():
+        path = _policy_dir() / f"{source}.yaml"
+        if not path.exists():
+            known = ", ".join(builtin_policies())
+            raise ConfigError("", f"unknown policy {str(source)!r} (built-in: {known})")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("", f"cannot read policy file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path} is not valid YAML/JSON: {exc}") from exc
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError("", f"{path} must hold a mapping")
+    sim = doc.pop("simulator", None) or {}
+    if not isinstance(sim, dict):
+        raise ConfigError("simulator", "must be a mapping")
+    for key in sim:
+        if key != "kv_events":
+            raise ConfigError(f"simulator.{key}", "unknown key (allowed: kv_events)")
+    kv_events = sim.get("kv_events", False)
+    if not isinstance(kv_events, bool):
+        raise ConfigError("simulator.kv_events", "must be true or false")
+    policy = Policy(name=name, document=doc, kv_events=kv_events)
+    policy.build(0)  # validate now, with the file's name in the error
+    return policy

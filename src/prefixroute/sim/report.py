@@ -1,0 +1,215 @@
+"""Summaries of simulation runs: the figures, the comparison table, JSON and plots.
+
+`summarize` reduces one run to the figures a user compares policies by:
+the engines' prefix-cache hit rate (cached prompt tokens over prompt tokens,
+as vLLM counts them), TTFT / inter-token / end-to-end latency percentiles,
+throughput, failures, and tenant fairness.
+
+Tenant figures: tenants are ranked by how many requests they sent; the
+tail is the less active half (the `floor(n / 2)` tenants with the fewest
+requests, ties broken by name), the head the rest. A group's hit rate is
+its cached tokens over its prompt tokens. `jain_hit_rate` is Jain's
+fairness index of the per-tenant hit rates, (sum x)^2 / (n sum x^2) (Jain,
+Chiu and Hawe, DEC-TR-301, 1984): 1 when every tenant hits equally, 1/n
+when one tenant gets all hits.
+
+Percentiles are numpy's linear interpolation over the served requests;
+inter-token latency is weighted per token (each decode step's duration
+counts once for every sequence it advanced).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from prefixroute.sim.simulation import Simulation
+
+__all__ = ["format_table", "plot_runs", "summarize"]
+
+
+def _dist(values: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    p50, p95, p99 = np.percentile(values, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "mean": float(values.mean())}
+
+
+def _weighted_dist(values: np.ndarray, weights: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0 or weights.sum() == 0:
+        return {"p50": None, "p95": None, "p99": None, "mean": None}
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w)
+    total = cum[-1]
+
+    def q(p: float) -> float:
+        return float(v[min(len(v) - 1, int(np.searchsorted(cum, p * total)))])
+
+    return {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "mean": float((v * w).sum() / total)}
+
+
+def jain(values: Sequence[float]) -> float | None:
+    """Jain's fairness index of `values` (None for no values; 1.0 when all are zero)."""
+    if not values:
+        return None
+    s = sum(values)
+    sq = sum(x * x for x in values)
+    return 1.0 if sq == 0 else s * s / (len(values) * sq)
+
+
+def _tenants(sim: Simulation) -> dict[str, Any]:
+    out = sim.outcomes
+    prompt: Counter[str] = Counter()
+    cached: Counter[str] = Counter()
+    count: Counter[str] = Counter()
+    for tenant, status, p, c in zip(
+        out.tenant, out.status, out.prompt_tokens, out.cached_tokens, strict=True
+    ):
+        count[tenant] += 1
+        if status == 200:
+            prompt[tenant] += p
+            cached[tenant] += c
+    ranked = sorted(count, key=lambda t: (count[t], t))
+    tail = ranked[: len(ranked) // 2]
+    head = ranked[len(ranked) // 2 :]
+
+    def rate(group: Sequence[str]) -> float | None:
+        p = sum(prompt[t] for t in group)
+        return sum(cached[t] for t in group) / p if p else None
+
+    rates = [cached[t] / prompt[t] for t in ranked if prompt[t]]
+    return {
+        "count": len(ranked),
+        "head_hit_rate": rate(head),
+        "tail_hit_rate": rate(tail),
+        "jain_hit_rate": jain(rates),
+    }
+
+
+def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> dict[str, Any]:
+    """The figures of one finished run (the `--json` record)."""
+    out = sim.outcomes
+    status = np.asarray(out.status)
+    ok = status == 200
+    ttft = np.asarray(out.ttft_s)[ok]
+    e2e = np.asarray(out.e2e_s)[ok]
+    finished = np.asarray(out.finished_s)[ok]
+    makespan = float(finished.max()) if finished.size else 0.0
+    engines = sim.engines
+    queries = sum(e.stats.prefix_queries for e in engines)
+    hits = sum(e.stats.prefix_hits for e in engines)
+    itl_v = np.concatenate([np.asarray(e.itl_steps) for e in engines]) if engines else np.empty(0)
+    itl_w = np.concatenate([np.asarray(e.itl_tokens) for e in engines]) if engines else np.empty(0)
+    outputs = int(np.asarray(out.output_tokens)[ok].sum())
+    predicted = int(np.asarray(out.predicted_tokens)[ok].sum())
+    cached_ok = int(np.asarray(out.cached_tokens)[ok].sum())
+    split = Counter(e for e, s in zip(out.endpoint, out.status, strict=True) if s == 200)
+    failures = Counter(int(s) for s in status[~ok])
+    return {
+        "scenario": scenario,
+        "policy": policy,
+        "requests": int(status.size),
+        "completed": int(ok.sum()),
+        "failed": int((~ok).sum()),
+        "failures_by_status": {str(k): v for k, v in sorted(failures.items())},
+        "hit_rate": hits / queries if queries else 0.0,
+        "predicted_hit_accuracy": predicted / cached_ok if cached_ok else None,
+        "ttft_s": _dist(ttft),
+        "itl_s": _weighted_dist(itl_v, itl_w),
+        "e2e_s": _dist(e2e),
+        "throughput_rps": float(ok.sum()) / makespan if makespan else 0.0,
+        "output_tokens_per_s": outputs / makespan if makespan else 0.0,
+        "tenants": _tenants(sim),
+        "endpoint_requests": [split.get(i, 0) for i in range(len(engines))],
+        "preemptions": sum(e.stats.preemptions for e in engines),
+        "events": sim.events,
+        "events_per_s": sim.events / wall_s if wall_s > 0 else None,
+        "wall_s": wall_s,
+    }
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table, one row per run (times in milliseconds)."""
+    head = (
+        f"{'policy':<20} {'hit':>6} {'ttft p50':>8} {'p95':>7} {'p99':>7} {'itl p50':>7} "
+        f"{'e2e p50':>8} {'p99':>7} {'req/s':>7} {'failed':>6} {'tail hit':>8} {'jain':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        t = r["tenants"]
+        jain_s = "-" if t["jain_hit_rate"] is None else f"{t['jain_hit_rate']:.2f}"
+        lines.append(
+            f"{r['policy']:<20} {_pct(r['hit_rate']):>6} {_ms(r['ttft_s']['p50']):>8} "
+            f"{_ms(r['ttft_s']['p95']):>7} {_ms(r['ttft_s']['p99']):>7} "
+            f"{_ms(r['itl_s']['p50']):>7} {_ms(r['e2e_s']['p50']):>8} "
+            f"{_ms(r['e2e_s']['p99']):>7} {r['throughput_rps']:>7.1f} {r['failed']:>6} "
+            f"{_pct(t['tail_hit_rate']):>8} {jain_s:>5}"
+        )
+    return "\n".join(lines)
+
+
+def plot_runs(runs: Sequence[tuple[str, Simulation]], path: str) -> None:
+    """TTFT CDF per policy, hit rate over time, and per-endpoint load, into one PNG.
+
+    Needs matplotlib (the `plot` extra); ImportError names the extra otherwise.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - exercised without the extra
+        raise ImportError("plots need matplotlib: pip install 'prefixroute[plot]'") from exc
+    fig, (ax_cdf, ax_hit, ax_load) = plt.subplots(1, 3, figsize=(17, 4.8))
+    for name, sim in runs:
+        out = sim.outcomes
+        ok = np.asarray(out.status) == 200
+        ttft = np.sort(np.asarray(out.ttft_s)[ok]) * 1e3
+        if ttft.size:
+            ax_cdf.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size, label=name)
+        done = np.asarray(out.finished_s)[ok]
+        if done.size:
+            edges = np.linspace(0.0, float(done.max()), 61)
+            which = np.clip(np.searchsorted(edges, done, side="right") - 1, 0, 59)
+            p = np.bincount(which, np.asarray(out.prompt_tokens)[ok], minlength=60)
+            c = np.bincount(which, np.asarray(out.cached_tokens)[ok], minlength=60)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ax_hit.plot(edges[1:], np.where(p > 0, c / np.maximum(p, 1), np.nan), label=name)
+    ax_cdf.set(xscale="log", xlabel="TTFT (ms)", ylabel="fraction of requests", title="TTFT CDF")
+    ax_hit.set(xlabel="time (s)", ylabel="hit rate", title="prefix-cache hit rate over time")
+    ax_hit.set_ylim(0, 1)
+    if len(runs) == 1:
+        sim = runs[0][1]
+        for i, series in enumerate(sim.load):
+            ax_load.plot(sim.load_t[: len(series)], series, label=f"e{i}", lw=0.8)
+        ax_load.set(xlabel="time (s)", ylabel="running + waiting", title="per-endpoint load")
+    else:
+        width = 0.8 / len(runs)
+        for k, (name, sim) in enumerate(runs):
+            out = sim.outcomes
+            n = len(sim.engines)
+            counts = np.bincount(
+                [e for e, s in zip(out.endpoint, out.status, strict=True) if s == 200],
+                minlength=n,
+            )
+            share = counts / max(1, counts.sum())
+            ax_load.bar(np.arange(n) + k * width, share, width, label=name)
+        ax_load.set(xlabel="endpoint", ylabel="share of requests", title="per-endpoint load")
+    for ax in (ax_cdf, ax_hit, ax_load):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

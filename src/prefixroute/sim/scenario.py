@@ -1,0 +1,149 @@
+"""Scenario documents: everything one simulation run needs, in one YAML or JSON file.
+
+    name: seed                    # required
+    description: ...              # optional, shown in reports
+    duration_s: 1800              # arrivals stop here; in-flight requests drain after
+    seed: 0                       # seeds the workload and the router
+    metrics_interval_s: 0.05      # how stale the router's view of engine metrics gets
+    endpoints:
+      count: 1
+      profile: qwen3-0.6b-h100    # a cost profile (prefixroute.sim.cost.PROFILES)
+      kv_capacity_tokens: 644896  # default: what the profile's GPU holds
+      block_size: 16
+      max_num_seqs: 1024          # vLLM's H100 defaults for the OpenAI server
+      max_num_batched_tokens: 8192
+    workload: {...}               # see prefixroute.sim.workload
+
+Unknown keys are refused with their path. Built-in scenarios live in
+`prefixroute/sim/scenarios/NAME.yaml` and are named without the suffix; a
+workload `trace.path` that is relative is resolved against the scenario
+file's directory.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from prefixroute.sim.cost import PROFILES, CostModel
+from prefixroute.sim.engine import EngineConfig
+from prefixroute.sim.schema import Fields, ScenarioError
+
+__all__ = ["Scenario", "builtin_scenarios", "load_scenario"]
+
+
+@attrs.frozen
+class Scenario:
+    """A validated scenario; `workload` is the raw mapping (checked when the run builds it)."""
+
+    name: str
+    description: str
+    duration_s: float
+    seed: int
+    metrics_interval_s: float
+    endpoints: int
+    cost: CostModel
+    engine: EngineConfig
+    workload: dict[str, Any]
+    base_dir: Path
+
+    def with_overrides(
+        self,
+        *,
+        endpoints: int | None = None,
+        duration_s: float | None = None,
+        seed: int | None = None,
+    ) -> Scenario:
+        """A copy with the command line's overrides applied (ScenarioError if invalid)."""
+        if endpoints is not None and endpoints < 1:
+            raise ScenarioError("endpoints.count", f"must be >= 1, got {endpoints}")
+        if duration_s is not None and not duration_s > 0:
+            raise ScenarioError("duration_s", f"must be > 0, got {duration_s}")
+        return attrs.evolve(
+            self,
+            endpoints=self.endpoints if endpoints is None else endpoints,
+            duration_s=self.duration_s if duration_s is None else duration_s,
+            seed=self.seed if seed is None else seed,
+        )
+
+
+def _scenario_dir() -> Path:
+    return Path(str(resources.files("prefixroute.sim") / "scenarios"))
+
+
+def builtin_scenarios() -> list[str]:
+    """The names of the shipped scenarios, sorted."""
+    return sorted(p.stem for p in _scenario_dir().glob("*.yaml"))
+
+
+def load_scenario(source: str | Path | dict[str, Any]) -> Scenario:
+    """A scenario from a built-in name, a YAML/JSON file, or a mapping.
+
+    ScenarioError (a ValueError) names the offending field; a missing file
+    or unknown name is a ScenarioError too.
+    """
+    base = Path.cwd()
+    if isinstance(source, dict):
+        doc: object = source
+    else:
+        path = Path(source)
+        if not path.suffix and not path.exists():
+            path = _scenario_dir() / f"{source}.yaml"
+            if not path.exists():
+                known = ", ".join(builtin_scenarios())
+                raise ScenarioError("", f"unknown scenario {source!r} (built-in: {known})")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScenarioError("", f"cannot read scenario file {path}: {exc}") from exc
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ScenarioError("", f"{path} is not valid YAML/JSON: {exc}") from exc
+        base = path.resolve().parent
+    return _parse(doc, base)
+
+
+def _parse(doc: object, base: Path) -> Scenario:
+    top = Fields(doc, "")
+    name = top.string("name", "")
+    description = top.raw("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError("description", "must be a string")
+    duration = top.number("duration_s", 60.0, above=0.0)
+    seed = top.integer("seed", 0, min=0)
+    interval = top.number("metrics_interval_s", 0.05, above=0.0)
+    ep = top.sub("endpoints")
+    count = ep.integer("count", 1, min=1)
+    profile = ep.string("profile", "qwen3-0.6b-h100", choices=tuple(PROFILES))
+    cost = PROFILES[profile]
+    block_size = ep.integer("block_size", 16, min=1)
+    kv = ep.integer("kv_capacity_tokens", cost.kv_capacity_tokens, min=block_size)
+    seqs = ep.integer("max_num_seqs", 1024, min=1)
+    batched = ep.integer("max_num_batched_tokens", 8192, min=block_size)
+    ep.done()
+    workload = top.raw("workload")
+    if not isinstance(workload, dict):
+        raise ScenarioError("workload", "is required and must be a mapping")
+    top.done()
+    return Scenario(
+        name=name,
+        description=description,
+        duration_s=duration,
+        seed=seed,
+        metrics_interval_s=interval,
+        endpoints=count,
+        cost=cost,
+        engine=EngineConfig(
+            kv_capacity_tokens=kv,
+            block_size=block_size,
+            max_num_seqs=seqs,
+            max_num_batched_tokens=batched,
+        ),
+        workload=workload,
+        base_dir=base,
+    )

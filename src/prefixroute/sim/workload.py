@@ -1,0 +1,822 @@
+"""Workloads: where simulated requests come from.
+
+A `Source` hands the simulator requests in arrival order and hears back when
+each one finishes, so closed-loop users (who wait for an answer, think, and
+ask again) and multi-turn chats (whose next turn carries the previous reply)
+are modelled, not just open-loop arrivals.
+
+`build_workload` reads a scenario's `workload` mapping (every error a
+`ScenarioError` naming the field) into an `OpenLoopSource`, a
+`ClosedLoopSource` or a `TraceSource` (`prefixroute.sim.trace`)::
+
+    workload:
+      model: qwen3-0.6b            # default: the scenario's model
+      arrival:
+        process: closed-loop       # poisson | constant | closed-loop
+        users: 55                  # closed-loop: concurrent users
+        think_s: [0.5, 2.0]        # closed-loop: uniform wait after each answer
+        ramp_s: 1.0                # closed-loop: users start evenly over [0, ramp_s)
+        # rate_rps: 20.0           # poisson | constant: mean arrivals per second
+      tenants:
+        count: 3                   # default 1; names t0000, t0001, ...
+        zipf_exponent: 0.0         # tenant of rank r has weight 1/r**s (0: uniform)
+        personas: seed             # the seed experiment's three personas:
+                                   #   count must be 3; tenants finance/devops/datasci
+        # system_prompt_tokens: [200, 200]   # synthetic system prompt length (not with personas)
+      mix:                         # relative weights (default 1) of request kinds
+        tenant: {weight: 4, seed_questions: true, max_tokens: 80}
+        cold: {weight: 1, seed_questions: true, max_tokens: 50}
+        # tenant: {question_tokens: [6, 6], max_tokens: [80, 80], seed_questions: false}
+        # cold: {max_tokens: [50, 50], seed_questions: false, prompt_tokens: [8, 8]}
+        # chat: {turns: [2, 8], user_tokens: [30, 60], reply_tokens: [50, 150]}
+        # shared_prefix: {num_groups: 10, num_prompts_per_group: 10,
+        #                 system_prompt_len: 100, question_len: 50, output_len: 50}
+
+or, replaying a Mooncake trace (then `arrival`, `tenants` and `mix` must be
+absent): `workload: {trace: {path: conversation.jsonl.gz, time_scale: 1.0}}`
+(a `.gz` file is decompressed; see `prefixroute.sim.trace`).
+
+That example is the seed experiment's shape. Every `[low, high]` is an
+inclusive uniform integer range (one number means both); token counts are
+exact under `prefixroute.sim.tokenizer`.
+
+Request kinds (the `kind` label of each `SimRequest`):
+
+* `tenant`: chat messages [tenant system prompt, user question]. The question
+  is one of the three seed questions (`seed_questions`) or `question_tokens`
+  synthetic words; the answer is `max_tokens` long.
+* `cold`: a completions-style prompt (text and `encode(text)`, no chat
+  template, as the seed experiment sent `/v1/completions` "Question N"):
+  "Question N" with N uniform in 1..1000 (`seed_questions`), else
+  `prompt_tokens` fresh synthetic words. Rarely shared, by design.
+* `chat`: a multi-turn conversation of `turns` turns whose context grows:
+  turn k's prompt is the tenant system prompt, every earlier user and
+  assistant message, and a new user message of `user_tokens` words; its reply
+  (`reply_tokens` tokens: reply words then `<|im_end|>`) is given as
+  `output_token_ids`, and turn k+1's token ids start with turn k's prompt
+  followed by those reply ids. `session` is the conversation id. A
+  closed-loop user has at most one conversation in progress: choosing `chat`
+  continues it (or starts one when none is in progress). An open-loop chat
+  arrival continues the oldest idle conversation of its tenant (one whose
+  last turn finished before the arrival was drawn) and otherwise starts a
+  new one. A failed turn abandons its conversation.
+* `shared-prefix`: kubernetes-sigs/inference-perf's `shared_prefix` data
+  generator (`inference_perf/datagen/shared_prefix_datagen.py`, defaults
+  from `SharedPrefix` in `inference_perf/config.py`): `num_groups` (10)
+  groups, each with one shared system prompt of `system_prompt_len` (100)
+  tokens and `num_prompts_per_group` (10) distinct questions of
+  `question_len` (50) tokens and outputs of `output_len` (50) tokens; the
+  group lengths and per-prompt lengths are drawn once, the
+  `num_groups * num_prompts_per_group` prompts shuffled once, and requests
+  cycle through them in that order. Like inference-perf's default completion
+  API, the prompt is the prefix text followed by the question text, untemplated.
+
+The tenant of each request is drawn by Zipf popularity; a closed-loop user is
+assigned one tenant (by popularity) for good. Mix weights are per request in
+both loops. Synthetic text is made of lexicon words
+(`prefixroute.sim.tokenizer.lexicon_text`, each " " + four letters and
+exactly one token), so token counts are exact and text and tokens agree:
+a tenant's system prompt (drawn once per tenant, on first use, from the
+tenant's own stream) is the same text and the same tokens in every request,
+and text-mode and token-mode policies see the same prefix structure. Each
+request is `Request(model, prompt, token_ids, tenant, session,
+max_tokens=output_tokens)`, chat prompts rendered by
+`prefixroute.openai.render_messages` and tokenised as `encode_chat` does.
+
+Sources are deterministic given `seed` (their own string-seeded
+`random.Random` streams, never the global generator). A closed-loop user draws from a stream of
+its own, so its requests do not depend on how the engine interleaves users.
+Open-loop arrivals are generated lazily, one per `next`, so millions of
+requests are never held at once. No source produces an arrival at or after
+`duration_s`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import attrs
+import numpy as np
+import numpy.typing as npt
+
+from prefixroute.openai import render_messages
+from prefixroute.request import Request
+from prefixroute.sim.schema import Fields, ScenarioError
+from prefixroute.sim.tokenizer import (
+    IM_END,
+    LEXICON_SIZE,
+    chat_message,
+    encode,
+    generation_prompt,
+    lexicon_text,
+    lexicon_tokens,
+)
+
+__all__ = [
+    "SEED_PERSONAS",
+    "SEED_QUESTIONS",
+    "ChatKind",
+    "ClosedLoopSource",
+    "ColdKind",
+    "OpenLoopSource",
+    "SharedPrefixKind",
+    "SimRequest",
+    "Source",
+    "TenantKind",
+    "Tenants",
+    "WorkloadSpec",
+    "build_workload",
+]
+
+TokenIds = npt.NDArray[np.uint32]
+IntRange = tuple[int, int]
+
+
+@attrs.frozen(slots=True, eq=False)
+class SimRequest:
+    """One simulated request: when it arrives, what the router sees, what the engine does.
+
+    `request` carries `token_ids` always (the engine computes on tokens) and
+    `prompt` when the request was born as text (text-mode policies hash it).
+    The engine generates exactly `output_tokens` tokens; when
+    `output_token_ids` is given (a chat reply the next turn will resend) the
+    engine caches the blocks of prompt + output, as vLLM does. `user` is the
+    closed-loop user or conversation that sent it (None for open-loop
+    arrivals); `kind` labels the request for reports (`tenant`, `cold`,
+    `chat`, `shared-prefix`, `trace`).
+    """
+
+    arrival_s: float
+    request: Request
+    output_tokens: int
+    kind: str
+    user: int | None = None
+    output_token_ids: npt.NDArray[np.uint32] | None = None
+
+
+class Source(Protocol):
+    """A workload: arrivals in time order, and follow-ups when requests finish."""
+
+    def arrivals(self) -> Iterator[SimRequest]:
+        """Requests known ahead of time, in non-decreasing `arrival_s` (may be lazy)."""
+        ...
+
+    def follow_up(self, done: SimRequest, finished_s: float, ok: bool) -> SimRequest | None:
+        """The request `done`'s user sends next (arriving after `finished_s`), if any."""
+        ...
+
+
+# The seed experiment's personas and questions (as in `prefixroute.cli`'s demo).
+SEED_PERSONAS = {
+    "finance": "You are a financial analyst assistant specializing in market data. " * 5,
+    "devops": "You are a DevOps engineer assistant specializing in Kubernetes and CI/CD. " * 5,
+    "datasci": "You are a data scientist assistant specializing in ML pipelines. " * 5,
+}
+SEED_QUESTIONS = (
+    "Summarize the key points.",
+    "What should I focus on?",
+    "Give me 3 recommendations.",
+)
+
+
+# --- the parsed workload -----------------------------------------------------------------
+
+
+@attrs.frozen
+class TenantKind:
+    """`tenant` requests: system prompt + one question (see the module docstring)."""
+
+    weight: float = 1.0
+    question_tokens: IntRange = (6, 6)
+    max_tokens: IntRange = (80, 80)
+    seed_questions: bool = False
+
+
+@attrs.frozen
+class ColdKind:
+    """`cold` requests: a short untemplated prompt nobody shares."""
+
+    weight: float = 1.0
+    max_tokens: IntRange = (50, 50)
+    seed_questions: bool = False
+    prompt_tokens: IntRange = (8, 8)
+
+
+@attrs.frozen
+class ChatKind:
+    """`chat` requests: turns of multi-turn conversations."""
+
+    weight: float = 1.0
+    turns: IntRange = (2, 8)
+    user_tokens: IntRange = (30, 60)
+    reply_tokens: IntRange = (50, 150)
+
+
+@attrs.frozen
+class SharedPrefixKind:
+    """`shared-prefix` requests: inference-perf's `shared_prefix` generator."""
+
+    weight: float = 1.0
+    num_groups: int = 10
+    num_prompts_per_group: int = 10
+    system_prompt_len: IntRange = (100, 100)
+    question_len: IntRange = (50, 50)
+    output_len: IntRange = (50, 50)
+
+
+Kind = TenantKind | ColdKind | ChatKind | SharedPrefixKind
+_LABELS: dict[type, str] = {
+    TenantKind: "tenant",
+    ColdKind: "cold",
+    ChatKind: "chat",
+    SharedPrefixKind: "shared-prefix",
+}
+
+
+@attrs.frozen
+class Tenants:
+    """Who sends: `count` tenants with Zipf popularity, and their system prompts."""
+
+    count: int = 1
+    zipf_exponent: float = 0.0
+    seed_personas: bool = False
+    system_prompt_tokens: IntRange = (200, 200)
+
+    def names(self) -> list[str]:
+        """Tenant names in popularity rank order."""
+        if self.seed_personas:
+            return list(SEED_PERSONAS)
+        return [f"t{i:04d}" for i in range(self.count)]
+
+    def weights(self) -> list[float]:
+        """Relative popularity: rank r (from 1) weighs 1/r**zipf_exponent."""
+        return [1.0 / (r**self.zipf_exponent) for r in range(1, self.count + 1)]
+
+
+@attrs.frozen
+class WorkloadSpec:
+    """What requests look like, independent of when they arrive."""
+
+    model: str
+    mix: tuple[Kind, ...]
+    tenants: Tenants = Tenants()
+
+    def __attrs_post_init__(self) -> None:
+        if not any(kind.weight > 0 for kind in self.mix):
+            raise ValueError("the mix needs at least one kind with weight > 0")
+        if self.tenants.seed_personas and self.tenants.count != len(SEED_PERSONAS):
+            raise ValueError("seed personas need exactly 3 tenants")
+
+
+# --- generating requests -----------------------------------------------------------------
+
+
+class _Stream:
+    """A deterministic random stream (`random.Random`, seeded by a string)."""
+
+    __slots__ = ("py",)
+
+    def __init__(self, seed: int, name: str) -> None:
+        self.py = random.Random(f"prefixroute.sim.workload/{seed}/{name}")
+
+    def pick(self, bounds: IntRange) -> int:
+        low, high = bounds
+        return low if low == high else self.py.randint(low, high)
+
+    def words(self, n: int) -> npt.NDArray[np.uint32]:
+        """`n` uniform lexicon word indices (32 random bits each, reduced; bias < 2e-6)."""
+        bits = np.frombuffer(self.py.randbytes(4 * n), dtype="<u4")
+        return bits % np.uint32(LEXICON_SIZE)
+
+
+def _choose(stream: _Stream, cumulative: list[float]) -> int:
+    if len(cumulative) == 1:
+        return 0
+    return bisect.bisect_right(cumulative, stream.py.random() * cumulative[-1])
+
+
+class _Conversation:
+    __slots__ = ("id", "tenant", "text", "tokens", "turns_left")
+
+    def __init__(self, id: str, tenant: int, text: str, tokens: TokenIds, turns: int) -> None:
+        self.id = id
+        self.tenant = tenant
+        self.text = text  # render_messages of the messages so far
+        self.tokens = tokens  # their templated tokens, without the generation prompt
+        self.turns_left = turns
+
+
+def _user_message(text: str) -> str:
+    return render_messages([{"role": "user", "content": text}])
+
+
+class _Requests:
+    """Builds the requests of a `WorkloadSpec`: tenants, prompts, the shared-prefix pool."""
+
+    def __init__(self, spec: WorkloadSpec, seed: int) -> None:
+        self.model = spec.model
+        self.kinds = [kind for kind in spec.mix if kind.weight > 0]
+        self.kind_cumulative = list(itertools.accumulate(k.weight for k in self.kinds))
+        self.names = spec.tenants.names()
+        self.tenant_cumulative = list(itertools.accumulate(spec.tenants.weights()))
+        self.seed = seed
+        self.tenants = spec.tenants
+        setup = _Stream(seed, "setup")
+        self.setup = setup
+        self._systems: dict[int, tuple[str, TokenIds]] = {}
+        self.generation = generation_prompt()
+        self.im_end = np.array([IM_END], dtype=np.uint32)
+        self._question_cache: dict[tuple[int, int], tuple[str, TokenIds]] = {}
+        self._shared_next = 0
+        self._shared: _SharedPrefixPool | None = None
+        for kind in self.kinds:
+            if isinstance(kind, SharedPrefixKind):
+                self._shared = _SharedPrefixPool(kind, setup)
+
+    def system(self, tenant: int) -> tuple[str, TokenIds]:
+        """Tenant `tenant`'s rendered system message and its templated tokens.
+
+        Made on first use (thousands of tenants with long prompts cost nothing
+        until they send) from the tenant's own stream, so it does not depend
+        on the order tenants first appear. O(prompt) once, O(1) after.
+        """
+        cached = self._systems.get(tenant)
+        if cached is None:
+            if self.tenants.seed_personas:
+                content = SEED_PERSONAS[self.names[tenant]]
+                content_ids = encode(content)
+            else:
+                stream = _Stream(self.seed, f"tenant/{tenant}")
+                words = stream.words(stream.pick(self.tenants.system_prompt_tokens))
+                content, content_ids = lexicon_text(words), lexicon_tokens(words)
+            cached = (
+                render_messages([{"role": "system", "content": content}]),
+                chat_message("system", content_ids),
+            )
+            self._systems[tenant] = cached
+        return cached
+
+    def tenant(self, stream: _Stream) -> int:
+        return _choose(stream, self.tenant_cumulative)
+
+    def kind(self, stream: _Stream) -> Kind:
+        return self.kinds[_choose(stream, self.kind_cumulative)]
+
+    def _sim(
+        self,
+        at: float,
+        kind: str,
+        tenant: int,
+        prompt: str,
+        tokens: TokenIds,
+        output: int,
+        user: int | None,
+        session: str | None = None,
+        output_ids: TokenIds | None = None,
+    ) -> SimRequest:
+        request = Request(
+            model=self.model,
+            prompt=prompt,
+            token_ids=tokens,
+            tenant=self.names[tenant],
+            session=session,
+            max_tokens=output,
+        )
+        return SimRequest(at, request, output, kind, user, output_ids)
+
+    def tenant_request(
+        self, kind: TenantKind, tenant: int, stream: _Stream, at: float, user: int | None
+    ) -> SimRequest:
+        if kind.seed_questions:
+            q = stream.py.randrange(len(SEED_QUESTIONS))
+            cached = self._question_cache.get((tenant, q))
+            if cached is None:
+                question = SEED_QUESTIONS[q]
+                system_text, system_tokens = self.system(tenant)
+                ids = np.concatenate(
+                    (
+                        system_tokens,
+                        chat_message("user", encode(question)),
+                        self.generation,
+                    )
+                )
+                ids.flags.writeable = False
+                cached = (system_text + _user_message(question), ids)
+                self._question_cache[tenant, q] = cached
+            prompt, tokens = cached
+        else:
+            words = stream.words(stream.pick(kind.question_tokens))
+            system_text, system_tokens = self.system(tenant)
+            prompt = system_text + _user_message(lexicon_text(words))
+            tokens = np.concatenate(
+                (
+                    system_tokens,
+                    chat_message("user", lexicon_tokens(words)),
+                    self.generation,
+                )
+            )
+        return self._sim(at, "tenant", tenant, prompt, tokens, stream.pick(kind.max_tokens), user)
+
+    def cold_request(
+        self, kind: ColdKind, tenant: int, stream: _Stream, at: float, user: int | None
+    ) -> SimRequest:
+        if kind.seed_questions:
+            prompt = f"Question {stream.py.randint(1, 1000)}"
+            tokens = encode(prompt)
+        else:
+            words = stream.words(stream.pick(kind.prompt_tokens))
+            prompt, tokens = lexicon_text(words), lexicon_tokens(words)
+        return self._sim(at, "cold", tenant, prompt, tokens, stream.pick(kind.max_tokens), user)
+
+    def shared_prefix_request(self, tenant: int, at: float, user: int | None) -> SimRequest:
+        pool = self._shared
+        assert pool is not None
+        group, question, question_ids, output = pool.prompts[self._shared_next % len(pool.prompts)]
+        self._shared_next += 1
+        prompt = pool.prefix_text[group] + question
+        tokens = np.concatenate((pool.prefix_tokens[group], question_ids))
+        return self._sim(at, "shared-prefix", tenant, prompt, tokens, output, user)
+
+    def new_conversation(
+        self, kind: ChatKind, tenant: int, stream: _Stream, id: str
+    ) -> _Conversation:
+        return _Conversation(
+            id,
+            tenant,
+            *self.system(tenant),
+            stream.pick(kind.turns),
+        )
+
+    def chat_turn(
+        self, kind: ChatKind, conv: _Conversation, stream: _Stream, at: float, user: int | None
+    ) -> SimRequest:
+        """The next turn of `conv`, advancing it past the reply. O(context length)."""
+        words = stream.words(stream.pick(kind.user_tokens))
+        user_text = _user_message(lexicon_text(words))
+        user_tokens = chat_message("user", lexicon_tokens(words))
+        prompt = conv.text + user_text
+        tokens = np.concatenate((conv.tokens, user_tokens, self.generation))
+        reply = stream.words(stream.pick(kind.reply_tokens) - 1)
+        reply_ids = lexicon_tokens(reply)
+        output_ids = np.concatenate((reply_ids, self.im_end))
+        output_ids.flags.writeable = False
+        conv.text = prompt + render_messages(
+            [{"role": "assistant", "content": lexicon_text(reply)}]
+        )
+        conv.tokens = np.concatenate(
+            (conv.tokens, user_tokens, chat_message("assistant", reply_ids))
+        )
+        conv.turns_left -= 1
+        return self._sim(
+            at, "chat", conv.tenant, prompt, tokens, len(output_ids), user, conv.id, output_ids
+        )
+
+    def simple(
+        self, kind: Kind, tenant: int, stream: _Stream, at: float, user: int | None
+    ) -> SimRequest:
+        """A request of a kind without conversation state (not `ChatKind`)."""
+        if isinstance(kind, TenantKind):
+            return self.tenant_request(kind, tenant, stream, at, user)
+        if isinstance(kind, ColdKind):
+            return self.cold_request(kind, tenant, stream, at, user)
+        assert isinstance(kind, SharedPrefixKind)
+        return self.shared_prefix_request(tenant, at, user)
+
+
+class _SharedPrefixPool:
+    """The num_groups * num_prompts_per_group prompts, drawn and shuffled once (inference-perf)."""
+
+    def __init__(self, kind: SharedPrefixKind, stream: _Stream) -> None:
+        self.prefix_text: list[str] = []
+        self.prefix_tokens: list[TokenIds] = []
+        prompts: list[tuple[int, str, TokenIds, int]] = []
+        lengths = [stream.pick(kind.system_prompt_len) for _ in range(kind.num_groups)]
+        for group, length in enumerate(lengths):
+            words = stream.words(length)
+            self.prefix_text.append(lexicon_text(words))
+            self.prefix_tokens.append(lexicon_tokens(words))
+            questions = [stream.pick(kind.question_len) for _ in range(kind.num_prompts_per_group)]
+            outputs = [stream.pick(kind.output_len) for _ in range(kind.num_prompts_per_group)]
+            for q_len, out in zip(questions, outputs, strict=True):
+                words = stream.words(q_len)
+                prompts.append((group, lexicon_text(words), lexicon_tokens(words), out))
+        stream.py.shuffle(prompts)
+        self.prompts = prompts
+
+
+# --- sources -----------------------------------------------------------------------------
+
+
+def _check_duration(duration_s: float) -> None:
+    if not duration_s > 0 or duration_s == float("inf"):
+        raise ValueError(f"duration_s must be finite and > 0, got {duration_s!r}")
+
+
+class OpenLoopSource:
+    """Open-loop arrivals (Poisson or evenly spaced) at `rate_rps` until `duration_s`.
+
+    `arrivals()` is a lazy generator: O(1) memory beyond open conversations,
+    O(prompt) work per request. `follow_up` never sends anything; it only
+    marks a chat conversation idle so a later chat arrival of its tenant can
+    continue it.
+    """
+
+    def __init__(
+        self,
+        spec: WorkloadSpec,
+        *,
+        process: str,
+        rate_rps: float,
+        seed: int,
+        duration_s: float,
+    ) -> None:
+        if process not in ("poisson", "constant"):
+            raise ValueError(f"process must be poisson or constant, got {process!r}")
+        if not rate_rps > 0:
+            raise ValueError(f"rate_rps must be > 0, got {rate_rps!r}")
+        _check_duration(duration_s)
+        self.process = process
+        self.rate_rps = rate_rps
+        self.duration_s = duration_s
+        self._requests = _Requests(spec, seed)
+        self._stream = _Stream(seed, "open-loop")
+        self._idle: list[deque[_Conversation]] = [deque() for _ in self._requests.names]
+        self._busy: dict[str, _Conversation] = {}
+        self._conversations = 0
+
+    def arrivals(self) -> Iterator[SimRequest]:
+        """Lazily, each arrival in time order (first at 0 for `constant`)."""
+        stream, rate, end = self._stream, self.rate_rps, self.duration_s
+        t = 0.0
+        for k in itertools.count():
+            if self.process == "poisson":
+                t += stream.py.expovariate(rate)
+            else:
+                t = k / rate
+            if t >= end:
+                return
+            yield self._next(t)
+
+    def _next(self, at: float) -> SimRequest:
+        reqs, stream = self._requests, self._stream
+        tenant = reqs.tenant(stream)
+        kind = reqs.kind(stream)
+        if not isinstance(kind, ChatKind):
+            return reqs.simple(kind, tenant, stream, at, None)
+        idle = self._idle[tenant]
+        if idle:
+            conv = idle.popleft()
+        else:
+            conv = reqs.new_conversation(kind, tenant, stream, f"c{self._conversations:06d}")
+            self._conversations += 1
+        sim = reqs.chat_turn(kind, conv, stream, at, None)
+        if conv.turns_left > 0:
+            self._busy[conv.id] = conv
+        return sim
+
+    def follow_up(self, done: SimRequest, finished_s: float, ok: bool) -> SimRequest | None:
+        """Mark `done`'s conversation idle (or drop it when `ok` is False); always None. O(1)."""
+        if done.kind == "chat" and done.request.session is not None:
+            conv = self._busy.pop(done.request.session, None)
+            if conv is not None and ok:
+                self._idle[conv.tenant].append(conv)
+        return None
+
+
+class _User:
+    __slots__ = ("chats", "conv", "index", "stream", "tenant")
+
+    def __init__(self, index: int, tenant: int, stream: _Stream) -> None:
+        self.index = index
+        self.tenant = tenant
+        self.stream = stream
+        self.conv: _Conversation | None = None
+        self.chats = 0
+
+
+class ClosedLoopSource:
+    """`users` closed-loop users: send, wait for the answer, think `think_s`, send again.
+
+    User u (of `users`) sends its first request at `ramp_s * u / users`; each
+    follow-up arrives a uniform `think_s` after the previous one finished,
+    and none at or after `duration_s`. Each user keeps one tenant (drawn by
+    popularity) and draws from its own random stream. O(prompt) per request.
+    """
+
+    def __init__(
+        self,
+        spec: WorkloadSpec,
+        *,
+        users: int,
+        think_s: tuple[float, float] = (0.5, 2.0),
+        ramp_s: float = 1.0,
+        seed: int,
+        duration_s: float,
+    ) -> None:
+        if users < 1:
+            raise ValueError(f"users must be >= 1, got {users!r}")
+        if not 0 <= think_s[0] <= think_s[1]:
+            raise ValueError(f"think_s must be [low, high] with 0 <= low <= high, got {think_s!r}")
+        if ramp_s < 0:
+            raise ValueError(f"ramp_s must be >= 0, got {ramp_s!r}")
+        _check_duration(duration_s)
+        self.think_s = think_s
+        self.ramp_s = ramp_s
+        self.duration_s = duration_s
+        self._requests = _Requests(spec, seed)
+        setup = self._requests.setup
+        self._users = [
+            _User(u, self._requests.tenant(setup), _Stream(seed, f"user/{u}")) for u in range(users)
+        ]
+
+    def user_tenants(self) -> list[str]:
+        """The tenant of each user, by user index."""
+        return [self._requests.names[u.tenant] for u in self._users]
+
+    def arrivals(self) -> Iterator[SimRequest]:
+        """Each user's first request, in start order (lazy)."""
+        n = len(self._users)
+        for user in self._users:
+            at = self.ramp_s * user.index / n
+            if at >= self.duration_s:
+                return
+            yield self._next(user, at)
+
+    def follow_up(self, done: SimRequest, finished_s: float, ok: bool) -> SimRequest | None:
+        """`done`'s user's next request, a think time after `finished_s`; None past the end."""
+        if done.user is None or not 0 <= done.user < len(self._users):
+            return None
+        user = self._users[done.user]
+        conv = user.conv
+        if not ok and done.kind == "chat" and conv is not None and conv.id == done.request.session:
+            user.conv = None
+        low, high = self.think_s
+        at = finished_s + (low if low == high else user.stream.py.uniform(low, high))
+        if at >= self.duration_s:
+            return None
+        return self._next(user, at)
+
+    def _next(self, user: _User, at: float) -> SimRequest:
+        reqs, stream = self._requests, user.stream
+        kind = reqs.kind(stream)
+        if not isinstance(kind, ChatKind):
+            return reqs.simple(kind, user.tenant, stream, at, user.index)
+        if user.conv is None:
+            user.conv = reqs.new_conversation(
+                kind, user.tenant, stream, f"u{user.index:04d}c{user.chats:04d}"
+            )
+            user.chats += 1
+        conv = user.conv
+        sim = reqs.chat_turn(kind, conv, stream, at, user.index)
+        if conv.turns_left <= 0:
+            user.conv = None
+        return sim
+
+
+# --- reading the scenario ----------------------------------------------------------------
+
+
+def _int_range(fields: Fields, key: str, default: IntRange, *, min: int = 0) -> IntRange:
+    low, high = fields.range(key, (float(default[0]), float(default[1])), min=min)
+    if not (low.is_integer() and high.is_integer()):
+        raise ScenarioError(fields.where(key), f"must be whole numbers, got [{low:g}, {high:g}]")
+    return int(low), int(high)
+
+
+def _required(fields: Fields, key: str) -> None:
+    if not fields.has(key):
+        raise ScenarioError(fields.where(key), "is required")
+
+
+def _refuse(fields: Fields, keys: Sequence[str], why: str) -> None:
+    for key in keys:
+        if fields.has(key):
+            raise ScenarioError(fields.where(key), why)
+
+
+def _read_mix(mix: Fields) -> tuple[Kind, ...]:
+    kinds: list[Kind] = []
+    if mix.has("tenant"):
+        f = mix.sub("tenant")
+        kinds.append(
+            TenantKind(
+                weight=f.number("weight", 1.0, min=0),
+                question_tokens=_int_range(f, "question_tokens", (6, 6)),
+                max_tokens=_int_range(f, "max_tokens", (80, 80), min=1),
+                seed_questions=f.boolean("seed_questions", False),
+            )
+        )
+        f.done()
+    if mix.has("cold"):
+        f = mix.sub("cold")
+        kinds.append(
+            ColdKind(
+                weight=f.number("weight", 1.0, min=0),
+                max_tokens=_int_range(f, "max_tokens", (50, 50), min=1),
+                seed_questions=f.boolean("seed_questions", False),
+                prompt_tokens=_int_range(f, "prompt_tokens", (8, 8), min=1),
+            )
+        )
+        f.done()
+    if mix.has("chat"):
+        f = mix.sub("chat")
+        kinds.append(
+            ChatKind(
+                weight=f.number("weight", 1.0, min=0),
+                turns=_int_range(f, "turns", (2, 8), min=1),
+                user_tokens=_int_range(f, "user_tokens", (30, 60)),
+                reply_tokens=_int_range(f, "reply_tokens", (50, 150), min=1),
+            )
+        )
+        f.done()
+    if mix.has("shared_prefix"):
+        f = mix.sub("shared_prefix")
+        kinds.append(
+            SharedPrefixKind(
+                weight=f.number("weight", 1.0, min=0),
+                num_groups=f.integer("num_groups", 10, min=1),
+                num_prompts_per_group=f.integer("num_prompts_per_group", 10, min=1),
+                system_prompt_len=_int_range(f, "system_prompt_len", (100, 100)),
+                question_len=_int_range(f, "question_len", (50, 50)),
+                output_len=_int_range(f, "output_len", (50, 50), min=1),
+            )
+        )
+        f.done()
+    mix.done()
+    if not any(kind.weight > 0 for kind in kinds):
+        raise ScenarioError(mix.path, "needs at least one kind with weight > 0")
+    return tuple(kinds)
+
+
+def _read_tenants(f: Fields) -> Tenants:
+    if f.has("personas"):
+        f.string("personas", "seed", choices=("seed",))
+        count = f.integer("count", len(SEED_PERSONAS), min=1)
+        if count != len(SEED_PERSONAS):
+            raise ScenarioError(f.where("count"), f"must be 3 with personas: seed, got {count}")
+        _refuse(f, ["system_prompt_tokens"], "cannot be combined with personas")
+        tenants = Tenants(
+            count=count, zipf_exponent=f.number("zipf_exponent", 0.0, min=0), seed_personas=True
+        )
+    else:
+        tenants = Tenants(
+            count=f.integer("count", 1, min=1),
+            zipf_exponent=f.number("zipf_exponent", 0.0, min=0),
+            system_prompt_tokens=_int_range(f, "system_prompt_tokens", (200, 200)),
+        )
+    f.done()
+    return tenants
+
+
+def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) -> Source:
+    """The `Source` a scenario's `workload` mapping describes (schema: module docstring).
+
+    Every mapping read is checked with `done()`, so an unknown key fails with
+    a `ScenarioError` naming its path (`workload.mix.chat.turn`). A `trace`
+    path is opened as given (resolve relative paths first).
+    """
+    model = fields.string("model", model)
+    if fields.has("trace"):
+        from prefixroute.sim.trace import TraceSource
+
+        _refuse(fields, ["arrival", "tenants", "mix"], "cannot be combined with workload.trace")
+        trace = fields.sub("trace")
+        _required(trace, "path")
+        path = trace.string("path", "")
+        time_scale = trace.number("time_scale", 1.0, above=0)
+        trace.done()
+        fields.done()
+        return TraceSource(path, time_scale=time_scale, model=model, duration_s=duration_s)
+
+    arrival = fields.sub("arrival")
+    _required(arrival, "process")
+    process = arrival.string("process", "poisson", choices=("poisson", "constant", "closed-loop"))
+    if process == "closed-loop":
+        _refuse(arrival, ["rate_rps"], "is only for poisson and constant arrivals")
+        _required(arrival, "users")
+        users = arrival.integer("users", 1, min=1)
+        think_s = arrival.range("think_s", (0.5, 2.0))
+        ramp_s = arrival.number("ramp_s", 1.0, min=0)
+    else:
+        _refuse(arrival, ["users", "think_s", "ramp_s"], "is only for closed-loop arrivals")
+        _required(arrival, "rate_rps")
+        rate_rps = arrival.number("rate_rps", 1.0, above=0)
+    arrival.done()
+    tenants = _read_tenants(fields.sub("tenants"))
+    if not fields.has("mix"):
+        raise ScenarioError(fields.where("mix"), "is required (at least one request kind)")
+    mix = _read_mix(fields.sub("mix"))
+    fields.done()
+    spec = WorkloadSpec(model=model, mix=mix, tenants=tenants)
+    if process == "closed-loop":
+        return ClosedLoopSource(
+            spec, users=users, think_s=think_s, ramp_s=ramp_s, seed=seed, duration_s=duration_s
+        )
+    return OpenLoopSource(
+        spec, process=process, rate_rps=rate_rps, seed=seed, duration_s=duration_s
+    )
