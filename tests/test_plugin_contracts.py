@@ -21,7 +21,9 @@ from prefixroute import (
     Scorer,
     default_registry,
 )
+from prefixroute.decision import Deferral
 from prefixroute.endpoint import EndpointId
+from prefixroute.plugins import AdmissionContext
 
 REGISTRY = default_registry()
 PLUGINS = {t: REGISTRY.create(t) for t in REGISTRY.types()}
@@ -156,10 +158,60 @@ def test_picker_is_deterministic_given_the_rng(type_name: str) -> None:
     assert runs[0] == runs[1]
 
 
+# Parameters that make an admission policy refuse something (its defaults may admit all).
+ADMISSION_PARAMETERS: dict[str, dict[str, object]] = {
+    "token-bucket-admission": {"requests_per_s": 1.0, "tokens_per_s": 200.0},
+    "concurrency-admission": {"max_in_flight": 2},
+}
+
+
+class _Tenants:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def in_flight(self, tenant: str) -> int:
+        return self.counts.get(tenant, 0)
+
+
+@st.composite
+def admission_contexts(draw: st.DrawFn, now: float) -> AdmissionContext:
+    n = draw(st.integers(0, 4))
+    return AdmissionContext(
+        request=Request(
+            model="m",
+            prompt="x",
+            tenant=draw(st.sampled_from(["a", "b"])),
+            priority=draw(st.integers(-2, 2)),
+            max_tokens=draw(st.none() | st.integers(0, 100)),
+        ),
+        endpoints=[draw(endpoint_states(i)) for i in range(n)],
+        now=now,
+        prompt_tokens=draw(st.integers(0, 300)),
+        load=LoadTracker(),
+        tenants=_Tenants({"a": draw(st.integers(0, 3)), "b": draw(st.integers(0, 3))}),
+    )
+
+
 @pytest.mark.parametrize("type_name", ADMISSIONS)
-def test_admission_answers_none_or_a_rejection(type_name: str) -> None:
-    verdict = PLUGINS[type_name].admit(Request(model="m", prompt="x"), [], 0.0)
-    assert verdict is None or isinstance(verdict, Rejection)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_admission_answers_none_a_deferral_or_a_complete_rejection(
+    type_name: str, data: st.DataObject
+) -> None:
+    policy = REGISTRY.create(type_name, ADMISSION_PARAMETERS.get(type_name))
+    assert isinstance(policy, AdmissionPolicy)
+    now = 0.0
+    for _ in range(data.draw(st.integers(1, 8))):
+        now += data.draw(st.floats(0.0, 2.0))
+        verdict = policy.admit(data.draw(admission_contexts(now)))
+        assert verdict is None or isinstance(verdict, Rejection | Deferral)
+        if isinstance(verdict, Rejection):
+            assert verdict.status in (429, 503) and verdict.reason
+            assert verdict.kind != "rejected"  # a specific label for metrics
+            assert verdict.retry_after_s is not None and verdict.retry_after_s >= 0
+        check = getattr(policy, "check_invariants", None)
+        if check is not None:
+            check()
 
 
 def test_every_builtin_implements_exactly_one_protocol() -> None:

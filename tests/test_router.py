@@ -25,6 +25,7 @@ from prefixroute import (
 )
 from prefixroute.endpoint import EndpointId
 from prefixroute.filters import HealthyFilter
+from prefixroute.plugins import AdmissionContext
 from prefixroute.scorers import PrefixAffinityScorer
 from tests.helpers import endpoint
 
@@ -103,9 +104,7 @@ def test_filters_that_leave_nothing_reject_with_503() -> None:
 def test_admission_rejection_is_returned_untouched() -> None:
     @attrs.frozen
     class Refuse:
-        def admit(
-            self, request: Request, endpoints: Sequence[EndpointState], now: float
-        ) -> Rejection:
+        def admit(self, ctx: AdmissionContext) -> Rejection:
             return Rejection(429, "over the tenant's rate", retry_after_s=2.0)
 
     router = Router(admission=Refuse())

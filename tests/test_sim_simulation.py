@@ -10,9 +10,8 @@ import attrs
 
 from prefixroute.decision import Rejection
 from prefixroute.endpoint import EndpointState
-from prefixroute.plugins import RouteContext
+from prefixroute.plugins import AdmissionContext, RouteContext
 from prefixroute.profile import Profile
-from prefixroute.request import Request
 from prefixroute.router import Router, default_profile
 from prefixroute.sim.compare import make_source, run_policy
 from prefixroute.sim.policy import Policy, load_policy
@@ -133,9 +132,7 @@ def test_kv_events_need_token_blocks_of_the_engine_size() -> None:
 
 @attrs.frozen
 class RejectAll:
-    def admit(
-        self, request: Request, endpoints: Sequence[EndpointState], now: float
-    ) -> Rejection | None:
+    def admit(self, ctx: AdmissionContext) -> Rejection | None:
         return Rejection(429, "over quota", retry_after_s=1.0)
 
 

@@ -6,10 +6,16 @@ usage, now)` when it ends. Drivers (gateway, Envoy ext_proc, simulator) own
 all I/O and clocks.
 """
 
-from prefixroute.admission import AdmissionChain, AlwaysAdmit
+from prefixroute.admission import (
+    AdmissionChain,
+    AlwaysAdmit,
+    ConcurrencyAdmission,
+    SheddingAdmission,
+    TokenBucketAdmission,
+)
 from prefixroute.blocks import Blocker, BlockKey, HashMode
 from prefixroute.config import ConfigError, load_config
-from prefixroute.decision import Decision, Rejection
+from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import Endpoint, EndpointId, EndpointState, Role
 from prefixroute.events import (
     AllBlocksCleared,
@@ -18,9 +24,21 @@ from prefixroute.events import (
     EndpointRemoved,
     IndexEvent,
 )
+from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.index import IndexStats, PrefixIndex, PrefixMatch, Tier
+from prefixroute.ledger import LedgerSnapshot, TenantLedger, TenantSnapshot
 from prefixroute.load import LoadTracker
-from prefixroute.plugins import AdmissionPolicy, Filter, Picker, RouteContext, Scorer
+from prefixroute.plugins import (
+    AdmissionContext,
+    AdmissionPolicy,
+    CompletionListener,
+    Deferring,
+    Filter,
+    Picker,
+    RouteContext,
+    Scorer,
+    TenantView,
+)
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.registry import PluginError, Registry, default_registry
 from prefixroute.request import Request, RequestError, Usage
@@ -30,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdmissionChain",
+    "AdmissionContext",
     "AdmissionPolicy",
     "AllBlocksCleared",
     "AlwaysAdmit",
@@ -37,16 +56,22 @@ __all__ = [
     "BlockRemoved",
     "BlockStored",
     "Blocker",
+    "CompletionListener",
+    "ConcurrencyAdmission",
     "ConfigError",
     "Decision",
+    "Deferral",
+    "Deferring",
     "Endpoint",
     "EndpointId",
     "EndpointRemoved",
     "EndpointState",
+    "FairQueueAdmission",
     "Filter",
     "HashMode",
     "IndexEvent",
     "IndexStats",
+    "LedgerSnapshot",
     "LoadTracker",
     "Picker",
     "PluginError",
@@ -62,7 +87,12 @@ __all__ = [
     "Router",
     "RouterCounters",
     "Scorer",
+    "SheddingAdmission",
+    "TenantLedger",
+    "TenantSnapshot",
+    "TenantView",
     "Tier",
+    "TokenBucketAdmission",
     "Usage",
     "WeightedScorer",
     "__version__",

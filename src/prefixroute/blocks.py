@@ -145,7 +145,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, NewType
 
 import attrs
@@ -282,7 +282,7 @@ class _Memo:
     __slots__ = ("lanes", "namespaces", "tags")
 
     def __init__(self) -> None:
-        self.namespaces: dict[tuple[str, str, str | None, str | None, str | None], int] = {}
+        self.namespaces: dict[tuple[str | None, ...], int] = {}
         self.lanes: dict[tuple[int, int], npt.NDArray[np.uint64]] = {}
         self.tags: npt.NDArray[np.uint64] = _position_tags(1024)
 
@@ -348,6 +348,20 @@ def _check_seed(_: object, __: attrs.Attribute[int], value: object) -> None:
         raise ValueError(f"seed must be an integer within [0, 2**64), got {value!r}")
 
 
+def _tenant_groups(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"tenant_groups must map tenant ids to group names, got {value!r}")
+    out: dict[str, str] = {}
+    for tenant, group in value.items():
+        if not (isinstance(tenant, str) and tenant and isinstance(group, str) and group):
+            raise ValueError(
+                f"tenant_groups must map non-empty tenant ids to non-empty group names, "
+                f"got {tenant!r}: {group!r}"
+            )
+        out[tenant] = group
+    return out
+
+
 def _check_chars_per_token(_: object, __: attrs.Attribute[float], value: object) -> None:
     if (
         isinstance(value, bool)
@@ -366,7 +380,9 @@ class Blocker:
     characters in text mode (GIE's approximate prefix plugin uses 64).
     `seed` is the deployment's 64-bit secret; `chars_per_token` estimates
     tokens from characters; `isolate_tenants` folds the tenant into the
-    namespace, so tenants never share keys even for identical prompts.
+    namespace, so tenants never share keys even for identical prompts,
+    except tenants that `tenant_groups` maps to the same group: they share
+    the group's namespace (and no other group's or tenant's).
     Invalid values raise ValueError naming the field.
     """
 
@@ -375,6 +391,9 @@ class Blocker:
     seed: int = attrs.field(default=0, validator=_check_seed, repr=False)
     chars_per_token: float = attrs.field(default=4.0, validator=_check_chars_per_token)
     isolate_tenants: bool = False
+    tenant_groups: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_tenant_groups, eq=False, hash=False
+    )
     _memo: _Memo = attrs.field(factory=_Memo, init=False, eq=False, hash=False, repr=False)
 
     # -- paths ---------------------------------------------------------------
@@ -395,14 +414,27 @@ class Blocker:
         return max(1, round(self.block_size / self.chars_per_token))
 
     def _namespace(self, request: Request, unit: _Unit) -> int:
-        tenant = request.tenant if self.isolate_tenants else None
-        memo_key = (unit.value, request.model, request.lora, request.cache_salt, tenant)
+        tenant = group = None
+        if self.isolate_tenants:
+            group = self.tenant_groups.get(request.tenant)
+            if group is None:
+                tenant = request.tenant
+        memo_key = (unit.value, request.model, request.lora, request.cache_salt, tenant, group)
         namespaces = self._memo.namespaces
         ns = namespaces.get(memo_key)
         if ns is None:
             if len(namespaces) >= _MEMO_LIMIT:
                 namespaces.clear()
-            fields = (self.mode, unit, request.model, request.lora, request.cache_salt, tenant)
+            fields: tuple[str | None, ...] = (
+                self.mode,
+                unit,
+                request.model,
+                request.lora,
+                request.cache_salt,
+                tenant,
+            )
+            if group is not None:  # a seventh field: a group never meets a tenant's namespace
+                fields += (group,)
             digest = hashlib.blake2b(
                 b"".join(_encode_field(f) for f in fields),
                 digest_size=8,

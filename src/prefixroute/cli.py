@@ -21,7 +21,7 @@ from typing import Any
 
 from prefixroute import __version__
 from prefixroute.config import ConfigError, load_config
-from prefixroute.decision import Decision
+from prefixroute.decision import Decision, Rejection
 from prefixroute.endpoint import EndpointState
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router
@@ -98,8 +98,11 @@ def run_demo(router: Router, *, quiet: bool = False, out: Any = None) -> list[De
             print(f"request demo-{i}: rejected with {exc.status}: {exc}", file=out)
             continue
         result = router.route(request, demo_fleet(now), now)
-        if not isinstance(result, Decision):
+        if isinstance(result, Rejection):
             print(f"request demo-{i}: rejected with {result.status}: {result.reason}", file=out)
+            continue
+        if not isinstance(result, Decision):  # deferred: the demo's policies never defer
+            print(f"request demo-{i}: deferred: {result.reason}", file=out)
             continue
         decisions.append(result)
         if not quiet:

@@ -4,9 +4,10 @@ The document, every key optional:
 
     seed: 0                      # seeds the picker's random tie-breaks
     hashing:  {mode: token, block_size: 16, seed: 0, chars_per_token: 4.0,
-               isolate_tenants: false}
+               isolate_tenants: false, tenant_groups: {}}
     index:    {default_capacity_blocks: 65536, tier_weights: {gpu: 1.0, cpu: 0.8, disk: 0.5}}
     router:   {speculative_ttl_s: 30.0, confirm_on_complete: true, engine_block_size: 16}
+    tenants:  {top_k: 128, pinned: [], tail_quantile: 0.5}   # the TenantLedger
     plugins:                     # instances: type, name (default: the type), parameters
       - {type: prefix-affinity-scorer, name: prefix, parameters: {length_weight: 0.2}}
     profiles:                    # plugin references; weights apply to scorers only
@@ -35,6 +36,7 @@ import yaml
 from prefixroute.admission import AdmissionChain
 from prefixroute.blocks import Blocker
 from prefixroute.index import PrefixIndex, Tier
+from prefixroute.ledger import TenantLedger
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.registry import (
@@ -50,7 +52,7 @@ __all__ = ["ConfigError", "load_config"]
 
 T = TypeVar("T")
 
-_TOP_KEYS = {"seed", "hashing", "index", "router", "plugins", "profiles", "profile"}
+_TOP_KEYS = {"seed", "hashing", "index", "router", "tenants", "plugins", "profiles", "profile"}
 # Section schemas: key -> the JSON type its value must have.
 _HASHING = {
     "mode": "str",
@@ -58,8 +60,10 @@ _HASHING = {
     "seed": "int",
     "chars_per_token": "float",
     "isolate_tenants": "bool",
+    "tenant_groups": "mapping",
 }
 _INDEX = {"default_capacity_blocks": "int", "tier_weights": "mapping"}
+_TENANTS = {"top_k": "int", "pinned": "list", "tail_quantile": "float"}
 _ROUTER = {"speculative_ttl_s": "float", "confirm_on_complete": "bool", "engine_block_size": "int"}
 
 
@@ -168,6 +172,7 @@ def load_config(
         index_kwargs["tier_weights"] = parsed
     index = _build("index", PrefixIndex, **index_kwargs)
     router_kwargs = _section(doc, "router", _ROUTER)
+    ledger = _build("tenants", TenantLedger, **_section(doc, "tenants", _TENANTS))
 
     profile, admission = _profiles(doc, registry)
     return _build(
@@ -177,6 +182,7 @@ def load_config(
         blocker=blocker,
         index=index,
         admission=admission,
+        ledger=ledger,
         rng=random.Random(seed),
         **router_kwargs,
     )

@@ -11,7 +11,7 @@ import numpy.typing as npt
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request
 
-__all__ = ["Decision", "Rejection"]
+__all__ = ["Decision", "Deferral", "Rejection"]
 
 
 @attrs.frozen(slots=True)
@@ -26,6 +26,22 @@ class Rejection:
     status: int = attrs.field(validator=attrs.validators.in_((400, 429, 503)))
     reason: str
     retry_after_s: float | None = None
+    kind: str = "rejected"
+    """A short stable label for metrics (`rate-limit`, `concurrency`, `saturated`,
+    `queue-full`, `deadline`, `no-endpoint`, `no-candidate`); `reason` is for people."""
+
+
+@attrs.frozen(slots=True)
+class Deferral:
+    """The request waits in the admission policy's queue instead of being routed now.
+
+    The driver holds the client and calls `Router.release` when capacity
+    frees (and periodically, so deadlines fire); the request comes back from
+    there as a `Decision`, or as a `Rejection` (503) once `deadline` passes.
+    """
+
+    reason: str
+    deadline: float
 
 
 @attrs.frozen(slots=True, eq=False)

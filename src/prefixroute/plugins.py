@@ -13,13 +13,23 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-from prefixroute.decision import Rejection
+from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.index import PrefixMatch
 from prefixroute.load import LoadTracker
-from prefixroute.request import Request
+from prefixroute.request import Request, Usage
 
-__all__ = ["AdmissionPolicy", "Filter", "Picker", "RouteContext", "Scorer"]
+__all__ = [
+    "AdmissionContext",
+    "AdmissionPolicy",
+    "CompletionListener",
+    "Deferring",
+    "Filter",
+    "Picker",
+    "RouteContext",
+    "Scorer",
+    "TenantView",
+]
 
 
 class RouteContext:
@@ -106,12 +116,68 @@ class Picker(Protocol):
         ...
 
 
+class TenantView(Protocol):
+    """What admission may ask about tenants (the router's `TenantLedger` implements it)."""
+
+    def in_flight(self, tenant: str) -> int:
+        """Requests of `tenant` routed and not yet completed."""
+        ...
+
+
+class AdmissionContext:
+    """Everything an admission policy may read for one request (built by the router).
+
+    `prompt_tokens` is the request's prompt length in tokens (estimated from
+    characters in text mode); `load` the router's exact in-flight accounting
+    per endpoint; `tenants` its per-tenant view. Policies must not mutate it.
+    """
+
+    __slots__ = ("endpoints", "load", "now", "prompt_tokens", "request", "tenants")
+
+    def __init__(
+        self,
+        *,
+        request: Request,
+        endpoints: Sequence[EndpointState],
+        now: float,
+        prompt_tokens: int,
+        load: LoadTracker,
+        tenants: TenantView,
+    ) -> None:
+        self.request = request
+        self.endpoints = endpoints
+        self.now = now
+        self.prompt_tokens = prompt_tokens
+        self.load = load
+        self.tenants = tenants
+
+
 @runtime_checkable
 class AdmissionPolicy(Protocol):
-    """Decides whether a request may be routed at all."""
+    """Decides whether a request may be routed now, must wait, or is refused."""
 
-    def admit(
-        self, request: Request, endpoints: Sequence[EndpointState], now: float
-    ) -> Rejection | None:
-        """None admits; a `Rejection` answers the client (429 with retry-after, 503, 400)."""
+    def admit(self, ctx: AdmissionContext) -> Rejection | Deferral | None:
+        """None admits; a `Rejection` answers the client (429/503 with retry-after);
+        a `Deferral` means the policy has queued the request (see `Deferring`)."""
+        ...
+
+
+@runtime_checkable
+class CompletionListener(Protocol):
+    """An optional capability: a plugin that learns from completed requests."""
+
+    def on_complete(self, decision: Decision, usage: Usage, now: float) -> None:
+        """`decision` finished with `usage` at `now` (called once per decision)."""
+        ...
+
+
+@runtime_checkable
+class Deferring(Protocol):
+    """An optional capability: an admission policy that queues requests it deferred."""
+
+    def release(
+        self, endpoints: Sequence[EndpointState], load: LoadTracker, now: float
+    ) -> list[tuple[Request, Rejection | None]]:
+        """Queued requests to settle now, in order: None routes it, a `Rejection` refuses
+        it (its deadline passed). Requests not returned stay queued."""
         ...

@@ -14,7 +14,13 @@ from typing import Any, Literal
 
 import attrs
 
-from prefixroute.admission import AlwaysAdmit
+from prefixroute.admission import (
+    AlwaysAdmit,
+    ConcurrencyAdmission,
+    SheddingAdmission,
+    TokenBucketAdmission,
+)
+from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.filters import (
     HealthyFilter,
     HotSpotFilter,
@@ -149,7 +155,7 @@ class Registry:
 def json_type_ok(value: object, expected: str) -> bool | None:
     """Whether a decoded JSON/YAML `value` can be of type `expected`.
 
-    `expected` is `bool`, `int`, `float` (an int is fine), `str` or `mapping`;
+    `expected` is `bool`, `int`, `float` (an int is fine), `str`, `list` or `mapping`;
     None for any other name (not checked). Booleans are not numbers here:
     YAML's `true` must not pass for 1, nor the string "false" for a boolean.
     """
@@ -169,6 +175,8 @@ def json_type_ok(value: object, expected: str) -> bool | None:
         return isinstance(value, str)
     if expected == "mapping":
         return isinstance(value, Mapping)
+    if expected == "list":
+        return isinstance(value, list)
     return None
 
 
@@ -206,6 +214,10 @@ _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (
     ("random-picker", RandomPicker),
     ("cache-aware-picker", CacheAwarePicker),
     ("always-admit", AlwaysAdmit),
+    ("token-bucket-admission", TokenBucketAdmission),
+    ("concurrency-admission", ConcurrencyAdmission),
+    ("shedding-admission", SheddingAdmission),
+    ("fair-queue-admission", FairQueueAdmission),
 )
 
 

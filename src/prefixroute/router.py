@@ -17,7 +17,7 @@ import attrs
 
 from prefixroute.admission import AlwaysAdmit
 from prefixroute.blocks import Blocker, HashMode
-from prefixroute.decision import Decision, Rejection
+from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import (
     AllBlocksCleared,
@@ -35,9 +35,16 @@ from prefixroute.filters import (
     StaleMetricsFilter,
 )
 from prefixroute.index import PrefixIndex
+from prefixroute.ledger import TenantLedger
 from prefixroute.load import LoadTracker
 from prefixroute.pickers import MaxScorePicker
-from prefixroute.plugins import AdmissionPolicy, RouteContext
+from prefixroute.plugins import (
+    AdmissionContext,
+    AdmissionPolicy,
+    CompletionListener,
+    Deferring,
+    RouteContext,
+)
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.request import Request, Usage
 from prefixroute.scorers import (
@@ -106,6 +113,7 @@ class RouterCounters:
 
     decisions: int = 0
     rejections: int = 0
+    deferrals: int = 0
     completions: int = 0
     failures: int = 0
     prompt_tokens: int = 0
@@ -125,6 +133,14 @@ class Router:
       blocks on the endpoint that served it (the engine has just computed
       them). With KV events from the engines, `observe` confirms instead.
     - `observe(event)`: applies an index event.
+    - `release(endpoints, now)`: when the admission policy defers requests
+      (`route` answered a `Deferral`), the driver calls this when capacity
+      frees and periodically; it answers each released request with a
+      `Decision`, or a `Rejection` when its deadline passed.
+
+    `ledger` (a `TenantLedger`) accounts every decision, rejection and
+    completion per tenant; admission policies read it through their
+    context (per-tenant in-flight counts).
 
     Speculative entries that are neither confirmed nor refreshed expire
     `speculative_ttl_s` after the last decision that predicted them.
@@ -142,6 +158,7 @@ class Router:
         blocker: Blocker | None = None,
         index: PrefixIndex | None = None,
         admission: AdmissionPolicy | None = None,
+        ledger: TenantLedger | None = None,
         rng: random.Random | None = None,
         speculative_ttl_s: float = DEFAULT_SPECULATIVE_TTL_S,
         confirm_on_complete: bool = True,
@@ -156,6 +173,7 @@ class Router:
         self.index = index if index is not None else PrefixIndex()
         self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
         self.load = LoadTracker()
+        self.ledger = ledger if ledger is not None else TenantLedger()
         self.rng = rng if rng is not None else random.Random(0)
         self.speculative_ttl_s = speculative_ttl_s
         self.confirm_on_complete = confirm_on_complete
@@ -180,8 +198,12 @@ class Router:
 
     def route(
         self, request: Request, endpoints: Sequence[EndpointState], now: float
-    ) -> Decision | Rejection:
+    ) -> Decision | Rejection | Deferral:
         """Choose an endpoint for `request` among `endpoints` at time `now`.
+
+        Admission first: a `Rejection` answers the client, a `Deferral` means
+        the request waits in the admission policy's queue until `release`
+        hands it back.
 
         `endpoints` must have distinct ids (ValueError otherwise: a driver
         bug). Cost: hashing the prompt once (O(tokens), vectorised), one
@@ -190,16 +212,71 @@ class Router:
         """
         self.index.expire(now)
         self._sync_capacities(endpoints)
-        rejection = self.admission.admit(request, endpoints, now)
-        if rejection is None and not endpoints:
-            rejection = Rejection(503, "no endpoints are configured", retry_after_s=1.0)
-        if rejection is not None:
-            self.counters.rejections += 1
-            return rejection
+        prompt_tokens = self.blocker.prompt_tokens(request)
+        verdict = self.admission.admit(
+            AdmissionContext(
+                request=request,
+                endpoints=endpoints,
+                now=now,
+                prompt_tokens=prompt_tokens,
+                load=self.load,
+                tenants=self.ledger,
+            )
+        )
+        if isinstance(verdict, Deferral):
+            self.counters.deferrals += 1
+            return verdict
+        if verdict is not None:
+            return self._reject(request, verdict, now)
+        return self._route_admitted(request, endpoints, now, prompt_tokens)
 
+    def release(
+        self, endpoints: Sequence[EndpointState], now: float
+    ) -> list[tuple[Request, Decision | Rejection]]:
+        """Settle deferred requests the admission policy lets go at `now`.
+
+        Each is the same `Request` object `route` deferred, paired with its
+        `Decision` (routed now, over `endpoints`) or `Rejection` (its deadline
+        passed, or no endpoint could serve it). Requests not returned stay
+        queued. Empty when the admission policy never defers.
+        """
+        admission = self.admission
+        if not isinstance(admission, Deferring):
+            return []
+        self.index.expire(now)
+        self._sync_capacities(endpoints)
+        out: list[tuple[Request, Decision | Rejection]] = []
+        for request, rejection in admission.release(endpoints, self.load, now):
+            if rejection is not None:
+                out.append((request, self._reject(request, rejection, now)))
+            else:
+                tokens = self.blocker.prompt_tokens(request)
+                out.append((request, self._route_admitted(request, endpoints, now, tokens)))
+        return out
+
+    def _reject(self, request: Request, rejection: Rejection, now: float) -> Rejection:
+        self.counters.rejections += 1
+        self.ledger.on_rejection(request.tenant, kind=rejection.kind, now=now)
+        return rejection
+
+    def _route_admitted(
+        self,
+        request: Request,
+        endpoints: Sequence[EndpointState],
+        now: float,
+        prompt_tokens: int,
+    ) -> Decision | Rejection:
+        """Filters, scorers, picker and recording, for a request admission let through."""
+        if not endpoints:
+            return self._reject(
+                request,
+                Rejection(
+                    503, "no endpoints are configured", retry_after_s=1.0, kind="no-endpoint"
+                ),
+                now,
+            )
         blocker = self.blocker
         keys = blocker.keys(request).tolist()
-        prompt_tokens = blocker.prompt_tokens(request)
         tokens_per_block = blocker.tokens_per_block(request)
         matches = self.index.match(keys)
         ctx = RouteContext(
@@ -218,11 +295,11 @@ class Router:
         for name, flt in profile.filters:
             candidates = flt.filter(ctx, candidates)
             if not candidates:
-                self.counters.rejections += 1
-                return Rejection(
-                    503,
-                    f"no endpoint can serve model {request.model!r}: {name} left no candidate",
-                    retry_after_s=1.0,
+                reason = f"no endpoint can serve model {request.model!r}: {name} left no candidate"
+                return self._reject(
+                    request,
+                    Rejection(503, reason, retry_after_s=1.0, kind="no-candidate"),
+                    now,
                 )
 
         ctx.candidates = candidates
@@ -248,6 +325,9 @@ class Router:
         counters.decisions += 1
         counters.prompt_tokens += prompt_tokens
         counters.predicted_cached_tokens += predicted
+        self.ledger.on_decision(
+            request.tenant, prompt_tokens=prompt_tokens, predicted_cached_tokens=predicted, now=now
+        )
 
         return Decision(
             endpoint=chosen.id,
@@ -329,6 +409,18 @@ class Router:
         if not usage.ok:
             counters.failures += 1
         counters.actual_cached_tokens += usage.cached_tokens
+        self.ledger.on_complete(
+            decision.request.tenant,
+            prompt_tokens=usage.prompt_tokens or decision.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            predicted_cached_tokens=decision.predicted_cached_tokens,
+            ttft_s=usage.ttft_s,
+            e2e_s=usage.e2e_s,
+            ok=usage.ok,
+            now=now,
+        )
+        if isinstance(self.admission, CompletionListener):
+            self.admission.on_complete(decision, usage, now)
         self.index.expire(now)
         if self._generations.get(decision.endpoint) != decision.epoch:
             return

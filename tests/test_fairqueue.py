@@ -1,0 +1,200 @@
+"""VTC fair queueing: deferral, release order against a reference model, deadlines, bounds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixroute.decision import Deferral, Rejection
+from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.fairqueue import FairQueueAdmission
+from prefixroute.load import LoadTracker
+from prefixroute.plugins import AdmissionContext
+from prefixroute.request import Request
+
+EPS = [EndpointState(id="e0", address="10.0.0.1:8000")]
+
+
+class NoTenants:
+    def in_flight(self, tenant: str) -> int:
+        return 0
+
+
+def ctx(tenant: str, tokens: int, now: float, load: LoadTracker) -> AdmissionContext:
+    request = Request(model="m", prompt="x" * tokens, tenant=tenant)
+    return AdmissionContext(
+        request=request,
+        endpoints=EPS,
+        now=now,
+        prompt_tokens=tokens,
+        load=load,
+        tenants=NoTenants(),
+    )
+
+
+def fill(load: LoadTracker, n: int) -> None:
+    for _ in range(n):
+        load.start(EndpointId("e0"), 1)
+
+
+class ReferenceVTC:
+    """Sheng et al. (OSDI 2024) Algorithm 2, written plainly: lists and a scan for the minimum."""
+
+    def __init__(self, weights: dict[str, float], wp: float, wq: float) -> None:
+        self.c: dict[str, float] = {}
+        self.queue: list[tuple[str, Request, int]] = []  # arrival order
+        self.last = 0.0
+        self.weights, self.wp, self.wq = weights, wp, wq
+        # ties between equal counters: whoever (re)entered the competition first
+        self.stamp: dict[str, int] = {}
+        self.clock = 0
+
+    def _enter(self, tenant: str) -> None:
+        self.clock += 1
+        self.stamp[tenant] = self.clock
+
+    def backlogged(self) -> set[str]:
+        return {t for t, _, _ in self.queue}
+
+    def arrive(self, tenant: str, request: Request, tokens: int) -> None:
+        if tenant not in self.backlogged():
+            floor = min((self.c[t] for t in self.backlogged()), default=self.last)
+            self.c[tenant] = max(self.c.get(tenant, floor), floor)
+            self._enter(tenant)
+        self.queue.append((tenant, request, tokens))
+
+    def dispatch(self) -> Request:
+        tenant = min(self.backlogged(), key=lambda t: (self.c[t], self.stamp[t]))
+        i = next(i for i, (t, _, _) in enumerate(self.queue) if t == tenant)
+        _, request, tokens = self.queue.pop(i)
+        self.c[tenant] += self.wp * tokens / self.weights.get(tenant, 1.0)
+        if tenant not in self.backlogged():
+            self.last = self.c[tenant]
+        else:
+            self._enter(tenant)
+        return request
+
+
+def test_admits_at_once_with_room_and_defers_when_full() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=2)
+    load = LoadTracker()
+    assert fq.admit(ctx("a", 10, 0.0, load)) is None
+    fill(load, 2)
+    verdict = fq.admit(ctx("a", 10, 0.0, load))
+    assert isinstance(verdict, Deferral)
+    assert verdict.deadline == 10.0
+    assert fq.queued == 1
+    # Still full: nothing to release; once a slot frees the queued request goes.
+    assert fq.release(EPS, load, 1.0) == []
+    load.finish(EndpointId("e0"), 1)
+    out = fq.release(EPS, load, 1.0)
+    assert [r is None for _, r in out] == [True]
+    assert fq.queued == 0
+
+
+def test_a_burst_does_not_starve_a_light_tenant() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1)
+    load = LoadTracker()
+    fill(load, 1)
+    burst = [ctx("heavy", 100, 0.0, load) for _ in range(20)]
+    for c in burst:
+        assert isinstance(fq.admit(c), Deferral)
+    light = ctx("light", 100, 0.1, load)
+    assert isinstance(fq.admit(light), Deferral)
+    order = []
+    for _ in range(21):
+        load.finish(EndpointId("e0"), 1)
+        (request, verdict), *rest = fq.release(EPS, load, 1.0)
+        assert verdict is None and not rest
+        order.append(request.tenant)
+        fill(load, 1)
+    assert order.index("light") <= 1  # served right after the heavy tenant's first
+
+
+def test_deadline_rejects_with_503_never_drops() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, max_wait_s=2.0)
+    load = LoadTracker()
+    fill(load, 1)
+    fq.admit(ctx("a", 1, 0.0, load))
+    fq.admit(ctx("b", 1, 1.0, load))
+    out = fq.release(EPS, load, 2.5)
+    assert len(out) == 1
+    request, verdict = out[0]
+    assert request.tenant == "a"
+    assert isinstance(verdict, Rejection)
+    assert (verdict.status, verdict.kind) == (503, "deadline")
+    assert verdict.retry_after_s is not None
+    assert fq.queued == 1
+
+
+def test_queue_is_bounded() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, max_queue=3)
+    load = LoadTracker()
+    fill(load, 1)
+    verdicts = [fq.admit(ctx("a", 1, 0.0, load)) for _ in range(4)]
+    assert all(isinstance(v, Deferral) for v in verdicts[:3])
+    last = verdicts[3]
+    assert isinstance(last, Rejection) and last.kind == "queue-full" and last.status == 503
+
+
+def test_weights_share_service() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, weights={"gold": 3.0})
+    load = LoadTracker()
+    fill(load, 1)
+    for _ in range(40):
+        fq.admit(ctx("gold", 10, 0.0, load))
+        fq.admit(ctx("basic", 10, 0.0, load))
+    served = []
+    for _ in range(40):
+        load.finish(EndpointId("e0"), 1)
+        ((request, _),) = fq.release(EPS, load, 0.5)
+        served.append(request.tenant)
+        fill(load, 1)
+    assert served.count("gold") == 30  # three times the share
+
+
+def test_bad_weights_are_refused() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        FairQueueAdmission(weights={"a": 0.0})
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abcd"), st.integers(1, 50), st.booleans()),
+        min_size=1,
+        max_size=60,
+    ),
+    st.dictionaries(st.sampled_from("abcd"), st.floats(0.5, 4.0), max_size=4),
+)
+def test_release_order_matches_the_reference(
+    script: Sequence[tuple[str, int, bool]], weights: dict[str, float]
+) -> None:
+    """Arrivals while full, interleaved with single releases: same order as Algorithm 2."""
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, weights=weights, max_queue=10_000)
+    ref = ReferenceVTC(weights, fq.input_weight, fq.output_weight)
+    load = LoadTracker()
+    fill(load, 1)
+    first = ctx("z", 1, 0.0, load)  # make the queue non-empty before anything else
+    fq.admit(first)
+    ref.arrive("z", first.request, 1)
+    for tenant, tokens, release in script:
+        c = ctx(tenant, tokens, 0.0, load)
+        assert isinstance(fq.admit(c), Deferral)
+        ref.arrive(tenant, c.request, tokens)
+        if release and ref.queue:
+            load.finish(EndpointId("e0"), 1)
+            ((got, verdict),) = fq.release(EPS, load, 0.0)
+            assert verdict is None
+            want = ref.dispatch()
+            assert got is want
+            fill(load, 1)
+    while ref.queue:
+        load.finish(EndpointId("e0"), 1)
+        ((got, _),) = fq.release(EPS, load, 0.0)
+        assert got is ref.dispatch()
+        fill(load, 1)
+    assert fq.queued == 0
