@@ -50,3 +50,30 @@ def test_every_plugin_and_parameter_is_documented() -> None:
                 assert f"({default})" in row or f"({default:g})" in row, (
                     f"{type_name}.{field.alias} default {default} not in docs"
                 )
+
+
+SCENARIO_BLOCK = re.compile(r"```yaml\n(name: .*?)```", re.S)
+
+
+def test_scenario_examples_in_the_simulator_docs_load() -> None:
+    import yaml
+
+    from prefixroute.sim.compare import make_source
+    from prefixroute.sim.scenario import load_scenario
+
+    text = (ROOT / "docs" / "simulator.md").read_text(encoding="utf-8")
+    blocks = SCENARIO_BLOCK.findall(text)
+    assert len(blocks) >= 3
+    for block in blocks:
+        scenario = load_scenario(yaml.safe_load(block))
+        if "trace" not in scenario.workload:  # the trace example names a file of the reader's
+            make_source(scenario)
+
+
+def test_simulator_docs_name_every_builtin() -> None:
+    from prefixroute.sim.policy import builtin_policies
+    from prefixroute.sim.scenario import builtin_scenarios
+
+    text = (ROOT / "docs" / "simulator.md").read_text(encoding="utf-8")
+    for name in builtin_scenarios() + builtin_policies():
+        assert f"| `{name}` |" in text, f"docs/simulator.md does not list {name}"

@@ -132,6 +132,7 @@ class _Seq:
         "epoch",
         "first_token_s",
         "generated",
+        "hashed",
         "id",
         "keys",
         "known",
@@ -160,6 +161,7 @@ class _Seq:
         self.need_step = 0  # decoding: the step number that needs the next block
         self.preemptions = 0
         self.epoch = 0  # bumped on each entry to decode: older heap entries are stale
+        self.hashed = 0  # leading blocks already offered to the cache
         self.received_s = now
         self.first_token_s = -1.0
 
@@ -433,6 +435,7 @@ class Engine:
             self._ref[b] += 1
         seq.blocks = hit_ids
         seq.computed = hit * B
+        seq.hashed = hit
         for _ in range(need):
             seq.blocks.append(self._take())
         stats = self.stats
@@ -487,12 +490,16 @@ class Engine:
         return b
 
     def _cache_blocks(self, seq: _Seq, upto: int) -> None:
-        """Hash `seq`'s blocks [0, upto) that are full and not yet cached."""
+        """Hash `seq`'s full blocks [seq.hashed, upto) that are not cached yet. O(new blocks)."""
         cached = self._cached
         hashes = self._hash
         keys = seq.keys
         blocks = seq.blocks
-        for j in range(upto):
+        start = seq.hashed
+        if upto <= start:
+            return
+        seq.hashed = upto
+        for j in range(start, upto):
             b = blocks[j]
             if hashes[b] is not None:
                 continue
@@ -523,6 +530,7 @@ class Engine:
         del self._running[seq.id]
         self._release(seq)
         seq.computed = 0
+        seq.hashed = 0
         seq.state = _WAITING
         seq.preemptions += 1
         self.stats.preemptions += 1
