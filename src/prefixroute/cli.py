@@ -194,7 +194,7 @@ def run_simulations(
     """
     from prefixroute.sim.compare import run_policy
     from prefixroute.sim.policy import load_policy
-    from prefixroute.sim.report import format_table, plot_runs
+    from prefixroute.sim.report import format_fairness, format_table, format_tenants, plot_runs
     from prefixroute.sim.scenario import load_scenario
 
     out = out if out is not None else sys.stdout
@@ -220,6 +220,11 @@ def run_simulations(
             bar.close()
     results = [r.summary for r in runs]
     print(format_table(results), file=out)
+    print(file=out)
+    if len(results) == 1:
+        print(format_tenants(results[0]), file=out)
+    else:
+        print(format_fairness(results), file=out)
     print(
         f"{results[0]['requests']:,} requests per policy; simulated in "
         + ", ".join(f"{r['wall_s']:.1f}" for r in results)

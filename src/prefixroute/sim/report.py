@@ -13,6 +13,11 @@ fairness index of the per-tenant hit rates, (sum x)^2 / (n sum x^2) (Jain,
 Chiu and Hawe, DEC-TR-301, 1984): 1 when every tenant hits equally, 1/n
 when one tenant gets all hits.
 
+`jain_ttft` is Jain's index of per-tenant TTFT slowdown (a tenant's mean
+TTFT over the mean of all tenants' means): 1 when every tenant waits
+alike. `per_tenant` lists the most active tenants, `tail` aggregates the
+tail tenants' requests.
+
 Percentiles are numpy's linear interpolation over the served requests;
 inter-token latency is weighted per token (each decode step's duration
 counts once for every sequence it advanced).
@@ -28,7 +33,16 @@ import numpy as np
 
 from prefixroute.sim.simulation import Simulation
 
-__all__ = ["format_table", "plot_runs", "summarize"]
+__all__ = [
+    "TOP_TENANTS",
+    "format_fairness",
+    "format_table",
+    "format_tenants",
+    "plot_runs",
+    "summarize",
+]
+
+TOP_TENANTS = 10  # tenants listed one by one in reports (the rest are in the tail figures)
 
 
 def _dist(values: np.ndarray) -> dict[str, float | None]:
@@ -61,32 +75,70 @@ def jain(values: Sequence[float]) -> float | None:
     return 1.0 if sq == 0 else s * s / (len(values) * sq)
 
 
-def _tenants(sim: Simulation) -> dict[str, Any]:
+def _group(
+    rows: Sequence[int], out: Any, ok: np.ndarray, ttft: np.ndarray, e2e: np.ndarray
+) -> dict[str, Any]:
+    """Figures of the requests at `rows` (indexes into the outcome columns)."""
+    idx = np.asarray(rows, dtype=np.int64)
+    served = idx[ok[idx]]
+    prompt = int(np.asarray(out.prompt_tokens)[served].sum()) if served.size else 0
+    cached = int(np.asarray(out.cached_tokens)[served].sum()) if served.size else 0
+    status = np.asarray(out.status)[idx]
+    t = ttft[served]
+    return {
+        "requests": int(idx.size),
+        "completed": int(served.size),
+        "rejected_429": int((status == 429).sum()),
+        "failed_other": int(((status != 200) & (status != 429)).sum()),
+        "hit_rate": cached / prompt if prompt else None,
+        "ttft_s": _dist(t),
+        "e2e_s": _dist(e2e[served]),
+    }
+
+
+def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
     out = sim.outcomes
-    prompt: Counter[str] = Counter()
-    cached: Counter[str] = Counter()
-    count: Counter[str] = Counter()
-    for tenant, status, p, c in zip(
-        out.tenant, out.status, out.prompt_tokens, out.cached_tokens, strict=True
-    ):
-        count[tenant] += 1
-        if status == 200:
-            prompt[tenant] += p
-            cached[tenant] += c
-    ranked = sorted(count, key=lambda t: (count[t], t))
+    status = np.asarray(out.status)
+    ok = status == 200
+    ttft = np.asarray(out.ttft_s)
+    e2e = np.asarray(out.e2e_s)
+    rows: dict[str, list[int]] = {}
+    for i, tenant in enumerate(out.tenant):
+        rows.setdefault(tenant, []).append(i)
+    ranked = sorted(rows, key=lambda t: (len(rows[t]), t))
     tail = ranked[: len(ranked) // 2]
     head = ranked[len(ranked) // 2 :]
+    prompt = np.asarray(out.prompt_tokens)
+    cached = np.asarray(out.cached_tokens)
 
     def rate(group: Sequence[str]) -> float | None:
-        p = sum(prompt[t] for t in group)
-        return sum(cached[t] for t in group) / p if p else None
+        idx = [i for t in group for i in rows[t] if ok[i]]
+        p = int(prompt[idx].sum()) if idx else 0
+        return int(cached[idx].sum()) / p if p else None
 
-    rates = [cached[t] / prompt[t] for t in ranked if prompt[t]]
+    rates = []
+    mean_ttft = []
+    for t in ranked:
+        idx = [i for i in rows[t] if ok[i]]
+        p = int(prompt[idx].sum()) if idx else 0
+        if p:
+            rates.append(int(cached[idx].sum()) / p)
+        if idx:
+            mean_ttft.append(float(ttft[idx].mean()))
+    overall = float(np.mean(mean_ttft)) if mean_ttft else 0.0
+    slowdown = [m / overall for m in mean_ttft] if overall > 0 else []
+    tail_rows = [i for t in tail for i in rows[t]]
     return {
         "count": len(ranked),
         "head_hit_rate": rate(head),
         "tail_hit_rate": rate(tail),
         "jain_hit_rate": jain(rates),
+        "jain_ttft": jain(slowdown),
+        "tail": _group(tail_rows, out, ok, ttft, e2e) if tail_rows else None,
+        "per_tenant": [
+            {"tenant": t, **_group(rows[t], out, ok, ttft, e2e)}
+            for t in sorted(rows, key=lambda t: (-len(rows[t]), t))[:top_k]
+        ],
     }
 
 
@@ -156,6 +208,54 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
             f"{_ms(r['itl_s']['p50']):>7} {_ms(r['e2e_s']['p50']):>8} "
             f"{_ms(r['e2e_s']['p99']):>7} {r['throughput_rps']:>7.1f} {r['failed']:>6} "
             f"{_pct(t['tail_hit_rate']):>8} {jain_s:>5}"
+        )
+    return "\n".join(lines)
+
+
+def format_tenants(result: dict[str, Any]) -> str:
+    """The per-tenant table of one run: the most active tenants, then the tail aggregate."""
+    t = result["tenants"]
+    head = (
+        f"{'tenant':<12} {'requests':>8} {'429':>5} {'failed':>6} {'hit':>6} "
+        f"{'ttft p50':>8} {'p99':>8} {'e2e p99':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    rows = list(t["per_tenant"])
+    if t["tail"] is not None:
+        rows.append({"tenant": f"tail ({t['count'] // 2})", **t["tail"]})
+    for r in rows:
+        lines.append(
+            f"{r['tenant']:<12} {r['requests']:>8} {r['rejected_429']:>5} {r['failed_other']:>6} "
+            f"{_pct(r['hit_rate']):>6} {_ms(r['ttft_s']['p50']):>8} {_ms(r['ttft_s']['p99']):>8} "
+            f"{_ms(r['e2e_s']['p99']):>8}"
+        )
+    jh, jt = t["jain_hit_rate"], t["jain_ttft"]
+    lines.append(
+        f"Jain's index: hit rate {'-' if jh is None else f'{jh:.2f}'}, "
+        f"TTFT slowdown {'-' if jt is None else f'{jt:.2f}'}"
+    )
+    return "\n".join(lines)
+
+
+def format_fairness(results: Sequence[dict[str, Any]]) -> str:
+    """Tenant fairness per run: head vs tail, Jain's indexes, the tail's latency, rejections."""
+    head = (
+        f"{'policy':<20} {'head hit':>8} {'tail hit':>8} {'jain hit':>8} {'jain ttft':>9} "
+        f"{'tail ttft p50':>13} {'p99':>7} {'429s':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        t = r["tenants"]
+        tail = t["tail"] or {"ttft_s": {"p50": None, "p99": None}}
+        rejected = sum(int(v) for k, v in r["failures_by_status"].items() if k == "429")
+
+        def j(x: float | None) -> str:
+            return "-" if x is None else f"{x:.2f}"
+
+        lines.append(
+            f"{r['policy']:<20} {_pct(t['head_hit_rate']):>8} {_pct(t['tail_hit_rate']):>8} "
+            f"{j(t['jain_hit_rate']):>8} {j(t['jain_ttft']):>9} "
+            f"{_ms(tail['ttft_s']['p50']):>13} {_ms(tail['ttft_s']['p99']):>7} {rejected:>6}"
         )
     return "\n".join(lines)
 

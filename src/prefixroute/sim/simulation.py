@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 
 from prefixroute.blocks import Blocker, HashMode
-from prefixroute.decision import Decision, Rejection
+from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import BlockRemoved, BlockStored
 from prefixroute.request import Usage
@@ -151,6 +151,7 @@ class Simulation:
         self._heap: list[tuple[float, int, int, object]] = []
         self._tie = itertools.count()
         self._pending: dict[int, tuple[SimRequest, Decision]] = {}
+        self._deferred: dict[int, SimRequest] = {}  # id(request) -> waiting in admission
         self._snapshots: list[EndpointState] = []
         self._refresh(0.0)
 
@@ -172,7 +173,7 @@ class Simulation:
         pop = heapq.heappop
         progress = self.progress
         t = 0.0
-        while heap and busy:
+        while heap and (busy or self._deferred):
             t, _, kind, payload = pop(heap)
             if t > limit:
                 break
@@ -196,16 +197,34 @@ class Simulation:
             else:
                 self._refresh(t)
                 self._push(t + self.metrics_interval_s, _REFRESH, None)
+                if self._deferred:  # deadlines fire even when nothing completes
+                    busy += self._release(t)
                 if progress is not None and self.events % 64 == 0:
                     progress(t)
         for sim, decision in self._pending.values():  # still unfinished: timed out
             self.router.on_complete(decision, Usage(ok=False), t)
             self.outcomes.add(sim, endpoint=self._index[decision.endpoint], status=504)
         self._pending.clear()
+        for sim in self._deferred.values():  # still waiting for admission: timed out
+            self.outcomes.add(sim, endpoint=-1, status=504)
+        self._deferred.clear()
         return self.outcomes
 
     def _arrive(self, sim: SimRequest, t: float) -> int:
         decision = self.router.route(sim.request, self._snapshots, t)
+        if isinstance(decision, Deferral):
+            self._deferred[id(sim.request)] = sim
+            return 0
+        return self._dispatch(sim, decision, t)
+
+    def _release(self, t: float) -> int:
+        """Hand deferred requests the router lets go to their engines (or their rejections)."""
+        added = 0
+        for request, outcome in self.router.release(self._snapshots, t):
+            added += self._dispatch(self._deferred.pop(id(request)), outcome, t)
+        return added
+
+    def _dispatch(self, sim: SimRequest, decision: Decision | Rejection, t: float) -> int:
         if isinstance(decision, Rejection):
             self.outcomes.add(sim, endpoint=-1, status=decision.status)
             return self._follow(sim, t, ok=False)
@@ -257,7 +276,9 @@ class Simulation:
                 sim, endpoint=i, status=200, predicted=decision.predicted_cached_tokens, done=c
             )
             added += self._follow(sim, t, ok=True)
-        if engine.has_work():
+        if done and self._deferred:
+            added += self._release(t)
+        if engine.has_work() and not engine.busy:
             added += self._begin(i, t)
         return added
 

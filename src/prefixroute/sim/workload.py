@@ -23,6 +23,9 @@ are modelled, not just open-loop arrivals.
         personas: seed             # the seed experiment's three personas:
                                    #   count must be 3; tenants finance/devops/datasci
         # system_prompt_tokens: [200, 200]   # synthetic system prompt length (not with personas)
+        # priorities: {t0003: -1}  # per-tenant request priority (default 0; < 0 is sheddable)
+        # rates:                   # per-tenant Poisson streams on top of the arrival process
+        #   t0000: {rate_rps: 60, start_s: 60, end_s: 120}   # (a burst; default the whole run)
       mix:                         # relative weights (default 1) of request kinds
         tenant: {weight: 4, seed_questions: true, max_tokens: 80}
         cold: {weight: 1, seed_questions: true, max_tokens: 50}
@@ -94,6 +97,7 @@ requests are never held at once. No source produces an arrival at or after
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import random
 from collections import deque
@@ -239,13 +243,29 @@ _LABELS: dict[type, str] = {
 
 
 @attrs.frozen
+class TenantStream:
+    """Extra Poisson arrivals of one tenant at `rate_rps` during [start_s, end_s)."""
+
+    tenant: str
+    rate_rps: float
+    start_s: float = 0.0
+    end_s: float = float("inf")
+
+
+@attrs.frozen
 class Tenants:
-    """Who sends: `count` tenants with Zipf popularity, and their system prompts."""
+    """Who sends: `count` tenants with Zipf popularity, their system prompts and priorities.
+
+    `priorities` maps tenant names to request priorities (others 0);
+    `streams` are per-tenant arrival streams added to the arrival process.
+    """
 
     count: int = 1
     zipf_exponent: float = 0.0
     seed_personas: bool = False
     system_prompt_tokens: IntRange = (200, 200)
+    priorities: tuple[tuple[str, int], ...] = ()
+    streams: tuple[TenantStream, ...] = ()
 
     def names(self) -> list[str]:
         """Tenant names in popularity rank order."""
@@ -326,6 +346,7 @@ class _Requests:
         self.tenant_cumulative = list(itertools.accumulate(spec.tenants.weights()))
         self.seed = seed
         self.tenants = spec.tenants
+        self.priority = dict(spec.tenants.priorities)
         setup = _Stream(seed, "setup")
         self.setup = setup
         self._systems: dict[int, tuple[str, TokenIds]] = {}
@@ -379,13 +400,15 @@ class _Requests:
         session: str | None = None,
         output_ids: TokenIds | None = None,
     ) -> SimRequest:
+        name = self.names[tenant]
         request = Request(
             model=self.model,
             prompt=prompt,
             token_ids=tokens,
-            tenant=self.names[tenant],
+            tenant=name,
             session=session,
             max_tokens=output,
+            priority=self.priority.get(name, 0),
         )
         return SimRequest(at, request, output, kind, user, output_ids)
 
@@ -769,8 +792,29 @@ def _read_tenants(f: Fields) -> Tenants:
             zipf_exponent=f.number("zipf_exponent", 0.0, min=0),
             system_prompt_tokens=_int_range(f, "system_prompt_tokens", (200, 200)),
         )
+    names = set(tenants.names())
+    priorities = f.sub("priorities")
+    pairs = []
+    for name in list(priorities.doc):
+        if name not in names:
+            raise ScenarioError(priorities.where(name), "is not one of the scenario's tenants")
+        pairs.append((name, priorities.integer(name, 0)))
+    priorities.done()
+    rates = f.sub("rates")
+    streams = []
+    for name in list(rates.doc):
+        if name not in names:
+            raise ScenarioError(rates.where(name), "is not one of the scenario's tenants")
+        r = rates.sub(name)
+        rates.raw(name)
+        _required(r, "rate_rps")
+        start = r.number("start_s", 0.0, min=0)
+        end = r.number("end_s", float("inf"), above=start) if r.has("end_s") else float("inf")
+        streams.append(TenantStream(name, r.number("rate_rps", 1.0, above=0), start, end))
+        r.done()
+    rates.done()
     f.done()
-    return tenants
+    return attrs.evolve(tenants, priorities=tuple(pairs), streams=tuple(streams))
 
 
 def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) -> Source:
@@ -813,10 +857,65 @@ def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) 
     mix = _read_mix(fields.sub("mix"))
     fields.done()
     spec = WorkloadSpec(model=model, mix=mix, tenants=tenants)
+    base: ClosedLoopSource | OpenLoopSource
     if process == "closed-loop":
-        return ClosedLoopSource(
+        base = ClosedLoopSource(
             spec, users=users, think_s=think_s, ramp_s=ramp_s, seed=seed, duration_s=duration_s
         )
-    return OpenLoopSource(
-        spec, process=process, rate_rps=rate_rps, seed=seed, duration_s=duration_s
-    )
+    else:
+        base = OpenLoopSource(
+            spec, process=process, rate_rps=rate_rps, seed=seed, duration_s=duration_s
+        )
+    if not tenants.streams:
+        return base
+    return StreamsSource(base, tenants.streams, seed=seed, duration_s=duration_s)
+
+
+class StreamsSource:
+    """A source plus per-tenant Poisson streams (`tenants.rates`), merged in time order.
+
+    A stream's requests draw their kind from the mix like any other (a drawn
+    `chat` becomes the mix's first other kind, or a tenant request: streams
+    model bursts, not conversations). Follow-ups go to the base source.
+    """
+
+    def __init__(
+        self,
+        base: ClosedLoopSource | OpenLoopSource,
+        streams: Sequence[TenantStream],
+        *,
+        seed: int,
+        duration_s: float,
+    ) -> None:
+        self.base = base
+        self.streams = tuple(streams)
+        self.duration_s = duration_s
+        self._seed = seed
+
+    def _stream(self, index: int, spec: TenantStream) -> Iterator[SimRequest]:
+        reqs = self.base._requests
+        stream = _Stream(self._seed, f"tenant-stream/{index}/{spec.tenant}")
+        tenant = reqs.names.index(spec.tenant)
+        fallback = next((k for k in reqs.kinds if not isinstance(k, ChatKind)), None)
+        t = spec.start_s
+        end = min(spec.end_s, self.duration_s)
+        while True:
+            t += stream.py.expovariate(spec.rate_rps)
+            if t >= end:
+                return
+            kind = reqs.kind(stream)
+            if isinstance(kind, ChatKind):
+                kind = fallback if fallback is not None else TenantKind()
+            yield reqs.simple(kind, tenant, stream, t, None)
+
+    def arrivals(self) -> Iterator[SimRequest]:
+        """The base arrivals and every stream's, merged by arrival time (lazily)."""
+        iterators = [self.base.arrivals()]
+        iterators += [self._stream(i, s) for i, s in enumerate(self.streams)]
+        return heapq.merge(*iterators, key=lambda r: r.arrival_s)
+
+    def follow_up(self, done: SimRequest, finished_s: float, ok: bool) -> SimRequest | None:
+        """Whatever the base source sends next (stream requests have no user)."""
+        if done.user is None and done.kind != "chat":
+            return None
+        return self.base.follow_up(done, finished_s, ok)
