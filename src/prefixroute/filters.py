@@ -8,6 +8,8 @@ same choice GIE makes for its saturation detector).
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 
 import attrs
@@ -22,6 +24,7 @@ __all__ = [
     "RoleFilter",
     "SaturationFilter",
     "StaleMetricsFilter",
+    "TailPoolFilter",
 ]
 
 
@@ -138,3 +141,48 @@ class HotSpotFilter:
         limit = self.ratio * sum(counts) / len(counts) + self.slack
         ok = [e for e, n in zip(candidates, counts, strict=True) if n <= limit]
         return ok or list(candidates)
+
+
+def _pool_rank(endpoint: str) -> int:
+    """A stable pseudo-random rank of an endpoint id (rendezvous hashing)."""
+    digest = hashlib.blake2b(endpoint.encode(), digest_size=8, person=b"tail-pool").digest()
+    return int.from_bytes(digest, "big")
+
+
+@attrs.frozen
+class TailPoolFilter:
+    """Reserves a share of the endpoints for the long tail of tenants. Type `tail-pool-filter`.
+
+    Tenants outside the head (the most active tenants, who send all but
+    `tail_traffic` of the requests, by the router's tenant ledger) are kept
+    on `pool_fraction` of the candidates; head tenants on the rest. The
+    reserved endpoints are those ranking highest by a fixed hash of their id,
+    so the pool is stable while endpoints come and go (only the ones leaving
+    or arriving move). Why: in a shared LRU a rarely returning tenant's
+    prefix is evicted by the churn of everybody else's misses before it
+    comes back; in a pool that only the tail uses it competes with the tail
+    alone, and the head gets caches the tail no longer churns. Needs at least
+    `min_endpoints` candidates (else it keeps all), and the router's ledger
+    (`ctx.tenants`). O(candidates).
+    """
+
+    pool_fraction: float = attrs.field(
+        default=0.25, validator=[attrs.validators.gt(0.0), attrs.validators.lt(1.0)]
+    )
+    tail_traffic: float = attrs.field(
+        default=0.2, validator=[attrs.validators.gt(0.0), attrs.validators.lt(1.0)]
+    )
+    min_endpoints: int = attrs.field(default=4, validator=attrs.validators.ge(2))
+    misses_only: bool = False
+
+    def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
+        n = len(candidates)
+        if n < self.min_endpoints or ctx.tenants is None:
+            return list(candidates)
+        if self.misses_only and ctx.best_match > 0:
+            return list(candidates)
+        k = min(n - 1, max(1, math.floor(self.pool_fraction * n + 0.5)))
+        ranked = sorted(range(n), key=lambda i: _pool_rank(candidates[i].id), reverse=True)
+        reserved = set(ranked[:k])
+        tail = not ctx.tenants.is_head(ctx.request.tenant, self.tail_traffic)
+        return [e for i, e in enumerate(candidates) if (i in reserved) == tail]

@@ -32,13 +32,27 @@ __all__ = [
 ]
 
 
+class TenantView(Protocol):
+    """What plugins may ask about tenants (the router's `TenantLedger` implements it)."""
+
+    def in_flight(self, tenant: str) -> int:
+        """Requests of `tenant` routed and not yet completed."""
+        ...
+
+    def is_head(self, tenant: str, tail_traffic: float) -> bool:
+        """Whether `tenant` is among the most active tenants, who send all but
+        `tail_traffic` of the requests."""
+        ...
+
+
 class RouteContext:
     """Everything a plugin may read while one request is being routed.
 
     Built by the router for each `route` call; plugins must not mutate it.
     `matches` holds the prefix match of every endpoint that matched at least
     one block (absent = 0). `load` is the router's own, exact, in-flight
-    accounting (fresher than scraped metrics). `candidates` holds the
+    accounting (fresher than scraped metrics); `tenants` its per-tenant view
+    (None when a plugin is driven without a router). `candidates` holds the
     endpoints left after the filters, in the order scorers and pickers see
     them (the router sets it once filtering is done).
     """
@@ -52,6 +66,7 @@ class RouteContext:
         "prompt_tokens",
         "request",
         "rng",
+        "tenants",
         "tokens_per_block",
         "total_blocks",
     )
@@ -67,8 +82,10 @@ class RouteContext:
         tokens_per_block: float,
         matches: Mapping[EndpointId, PrefixMatch],
         load: LoadTracker,
+        tenants: TenantView | None = None,
     ) -> None:
         self.request = request
+        self.tenants = tenants
         self.now = now
         self.rng = rng
         self.block_keys = block_keys
@@ -113,14 +130,6 @@ class Picker(Protocol):
         `totals[i]` is candidate i's weighted score. The result holds every
         index exactly once.
         """
-        ...
-
-
-class TenantView(Protocol):
-    """What admission may ask about tenants (the router's `TenantLedger` implements it)."""
-
-    def in_flight(self, tenant: str) -> int:
-        """Requests of `tenant` routed and not yet completed."""
         ...
 
 

@@ -28,6 +28,7 @@ from prefixroute.filters import (
     RoleFilter,
     SaturationFilter,
     StaleMetricsFilter,
+    TailPoolFilter,
 )
 from prefixroute.pickers import (
     CacheAwarePicker,
@@ -193,6 +194,7 @@ def _check_type(type_name: str, key: str, annotation: object, value: object) -> 
 _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (
     ("healthy-filter", HealthyFilter),
     ("hot-spot-filter", HotSpotFilter),
+    ("tail-pool-filter", TailPoolFilter),
     ("model-filter", ModelFilter),
     ("role-filter", RoleFilter),
     ("stale-metrics-filter", StaleMetricsFilter),

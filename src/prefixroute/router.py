@@ -288,6 +288,7 @@ class Router:
             tokens_per_block=tokens_per_block,
             matches=matches,
             load=self.load,
+            tenants=self.ledger,
         )
 
         profile = self.profile
