@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,max,rounds
 	$(BIN)/python -m benchmarks.index_memory
 	$(BIN)/python -m benchmarks.route_latency --endpoints 8,64
+	$(BIN)/python -m benchmarks.sim_speed --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
