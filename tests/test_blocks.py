@@ -251,6 +251,26 @@ def test_tenants_share_keys_unless_isolated() -> None:
     )
 
 
+def test_tenant_groups_share_within_and_only_within() -> None:
+    grouped = attrs.evolve(
+        BLOCKER, isolate_tenants=True, tenant_groups={"alice": "acme", "bob": "acme"}
+    )
+    alice = chain(grouped, tokens_request(PROMPT, tenant="alice"))
+    bob = chain(grouped, tokens_request(PROMPT, tenant="bob"))
+    carol = chain(grouped, tokens_request(PROMPT, tenant="carol"))
+    named_like_group = chain(grouped, tokens_request(PROMPT, tenant="acme"))
+    assert alice == bob
+    assert not alice & carol
+    assert not alice & named_like_group  # a tenant called "acme" is not the group "acme"
+    shared = chain(BLOCKER, tokens_request(PROMPT, tenant="alice"))
+    assert not alice & shared
+    # Without isolate_tenants the groups have no effect: everybody shares.
+    open_ = attrs.evolve(BLOCKER, tenant_groups={"alice": "acme"})
+    assert chain(open_, tokens_request(PROMPT, tenant="alice")) == shared
+    with pytest.raises(ValueError, match="tenant_groups"):
+        Blocker(tenant_groups={"alice": ""})
+
+
 def test_fields_are_delimited() -> None:
     # The same characters split differently across fields must not meet.
     a = tokens_request(PROMPT, model="ab", lora="c")

@@ -130,6 +130,16 @@ def test_deadline_rejects_with_503_never_drops() -> None:
     assert fq.queued == 1
 
 
+def test_one_tenant_cannot_fill_the_queue() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, max_queue=10, max_queue_per_tenant=2)
+    load = LoadTracker()
+    fill(load, 1)
+    verdicts = [fq.admit(ctx("burst", 1, 0.0, load)) for _ in range(3)]
+    assert isinstance(verdicts[2], Rejection)
+    assert (verdicts[2].status, verdicts[2].kind) == (429, "queue-full")
+    assert isinstance(fq.admit(ctx("other", 1, 0.0, load)), Deferral)
+
+
 def test_queue_is_bounded() -> None:
     fq = FairQueueAdmission(max_in_flight_per_endpoint=1, max_queue=3)
     load = LoadTracker()
@@ -198,3 +208,21 @@ def test_release_order_matches_the_reference(
         assert got is ref.dispatch()
         fill(load, 1)
     assert fq.queued == 0
+
+
+def test_light_use_while_there_is_room_banks_no_credit() -> None:
+    """A tenant that sent little while the fleet had room cannot then burst ahead of others."""
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=4)
+    load = LoadTracker()
+    for _ in range(50):  # "busy" is served a lot while there is room
+        assert fq.admit(ctx("busy", 100, 0.0, load)) is None
+    assert fq.admit(ctx("quiet", 100, 0.0, load)) is None  # lifted to the last served
+    assert fq.counter("quiet") == pytest.approx(fq.counter("busy") + 100)
+    fill(load, 4)
+    for _ in range(10):
+        fq.admit(ctx("quiet", 100, 1.0, load))
+    fq.admit(ctx("busy", 100, 1.0, load))
+    load.finish(EndpointId("e0"), 1)
+    load.finish(EndpointId("e0"), 1)
+    first_two = [r.tenant for r, _ in fq.release(EPS, load, 1.5)]
+    assert "busy" in first_two  # the quiet tenant's backlog does not shut it out

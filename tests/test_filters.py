@@ -11,8 +11,10 @@ from prefixroute.filters import (
     RoleFilter,
     SaturationFilter,
     StaleMetricsFilter,
+    TailPoolFilter,
 )
 from prefixroute.load import LoadTracker
+from prefixroute.plugins import RouteContext
 from tests.helpers import context, endpoint
 
 
@@ -87,3 +89,45 @@ def test_hot_spot_filter_rejects_bad_parameters() -> None:
         HotSpotFilter(ratio=0.5)
     with pytest.raises(ValueError, match="slack"):
         HotSpotFilter(slack=-1.0)
+
+
+def _tail_ctx(tenant: str, now: float) -> RouteContext:
+    return context(Request(model="m", prompt="x", tenant=tenant), now=now)
+
+
+def test_tail_pool_filter_keeps_rare_tenants_in_a_stable_pool() -> None:
+    flt = TailPoolFilter(pool_fraction=0.25, tail_tenants=0.5)
+    eps = [endpoint(i) for i in range(8)]
+    # 4 busy tenants and 40 rare ones, interleaved
+    now = 0.0
+    for i in range(2000):
+        now += 0.01
+        tenant = f"busy{i % 4}" if i % 10 else f"rare{(i // 10) % 40}"
+        flt.filter(_tail_ctx(tenant, now), eps)
+    assert not any(flt.is_tail(f"busy{i}") for i in range(4))
+    # The least active half (less the band) is tail; they are all rare tenants.
+    assert sum(flt.is_tail(f"rare{i}") for i in range(40)) >= int(0.45 * 44)
+    assert flt.is_tail("never-seen")
+    pool = ids(flt.filter(_tail_ctx("rare1", now), eps))
+    rest = ids(flt.filter(_tail_ctx("busy1", now), eps))
+    assert len(pool) == 2 and len(rest) == 6 and not set(pool) & set(rest)
+    # The pool is a property of the endpoint ids: dropping a non-pool endpoint keeps it.
+    gone = next(e for e in eps if e.id in rest)
+    fewer = [e for e in eps if e is not gone]
+    assert set(ids(flt.filter(_tail_ctx("rare1", now), fewer))) == set(pool)
+    # Too few candidates: no split.
+    assert len(flt.filter(_tail_ctx("rare1", now), eps[:3])) == 3
+
+
+def test_tail_pool_filter_memory_is_bounded() -> None:
+    flt = TailPoolFilter(max_tenants=64)
+    eps = [endpoint(i) for i in range(4)]
+    for i in range(10_000):
+        flt.filter(_tail_ctx(f"t{i}", float(i)), eps)
+    assert len(flt._s.rates) <= 64
+
+
+def test_tail_pool_filter_rejects_bad_parameters() -> None:
+    for bad in ({"pool_fraction": 1.0}, {"tail_tenants": 0.0}, {"band": 0.5}, {"min_endpoints": 1}):
+        with pytest.raises(ValueError):
+            TailPoolFilter(**bad)  # type: ignore[arg-type]

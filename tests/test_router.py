@@ -299,3 +299,34 @@ def test_duplicate_ids_are_refused_before_anything_changes() -> None:
             chat("x"), [endpoint(0, kv_capacity_blocks=100), endpoint(0, kv_capacity_blocks=1)], 0.0
         )
     assert router.index.size(EndpointId("e0")) == 50
+
+
+def test_ledger_accounts_decisions_rejections_and_completions() -> None:
+    router = Router.default()
+    d = decide(router, chat("hello", tenant="acme"), fleet(), 0.0)
+    assert router.ledger.in_flight("acme") == 1
+    router.on_complete(d, Usage(prompt_tokens=d.prompt_tokens, cached_tokens=16, ttft_s=0.02), 1.0)
+    assert router.ledger.in_flight("acme") == 0
+    bad = router.route(chat("x", tenant="acme"), [], 2.0)
+    assert isinstance(bad, Rejection) and bad.kind == "no-endpoint"
+    row = next(t for t in router.ledger.snapshot().tenants if t.tenant == "acme")
+    assert (row.requests, row.completed, row.cached_tokens) == (1, 1, 16)
+    assert row.rejections == {"no-endpoint": 1}
+
+
+def test_deferred_requests_come_back_through_release() -> None:
+    from prefixroute import Deferral, FairQueueAdmission
+
+    router = Router(admission=FairQueueAdmission(max_in_flight_per_endpoint=1))
+    eps = fleet(1)
+    first = router.route(chat("one"), eps, 0.0)
+    assert isinstance(first, Decision)
+    waiting = chat("two", tenant="other")
+    assert isinstance(router.route(waiting, eps, 0.1), Deferral)
+    assert router.counters.deferrals == 1
+    assert router.release(eps, 0.2) == []  # still full
+    router.on_complete(first, Usage(prompt_tokens=first.prompt_tokens), 0.3)
+    ((request, outcome),) = router.release(eps, 0.3)
+    assert request is waiting and isinstance(outcome, Decision)
+    # A router whose admission never defers releases nothing.
+    assert Router.default().release(eps, 0.0) == []

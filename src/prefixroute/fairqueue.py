@@ -17,7 +17,9 @@ The Virtual Token Counter (Sheng, Cao, Li, Zhu, Zheng, Gonzalez and Stoica,
 - a tenant that becomes backlogged (a request arrives and it has none
   queued) is lifted to `max(c_u, min of the backlogged tenants' counters)`,
   or, with nobody backlogged, to `max(c_u, c_last)`, the counter of the last
-  tenant that left the queue, so time spent idle banks no credit;
+  tenant that left the queue (a request admitted at once counts as queued
+  and leaving), so neither time spent idle nor light use while the fleet had
+  room banks credit to spend later in a burst;
 - whenever there is capacity, the backlogged tenant with the smallest counter
   sends its oldest request.
 
@@ -25,9 +27,12 @@ Capacity: the fleet is saturated when the router's own in-flight requests
 reach `max_in_flight_per_endpoint` x the number of endpoints (exact and
 fresh, unlike scraped queues). With capacity and an empty queue a request is
 admitted at once (still charged), so fair queueing costs nothing until the
-fleet is full. Queues are bounded (`max_queue`: a full queue answers 503
-`queue-full`), and a request deferred longer than `max_wait_s` is refused
-with 503 `deadline` by the next `release`: never dropped silently.
+fleet is full. Queues are bounded: a tenant with `max_queue_per_tenant`
+requests waiting gets 429 `queue-full` (its own excess; without this bound
+one burster could fill the shared queue and lock everybody else out), and a
+full shared queue (`max_queue`) answers 503 `queue-full`. A request
+deferred longer than `max_wait_s` is refused with 503 `deadline` by the
+next `release`: never dropped silently.
 
 State is bounded: counters of tenants that are neither queued nor above the
 lifting floor are forgotten, since a returning tenant would be lifted to the
@@ -100,6 +105,7 @@ class FairQueueAdmission(_Queues):
 
     max_in_flight_per_endpoint: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     max_queue: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
+    max_queue_per_tenant: int = attrs.field(default=128, validator=attrs.validators.ge(1))
     max_wait_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0.0))
     input_weight: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
     output_weight: float = attrs.field(default=2.0, validator=attrs.validators.ge(0.0))
@@ -125,8 +131,10 @@ class FairQueueAdmission(_Queues):
         request = ctx.request
         tenant = request.tenant
         if not self._s.backlog and self._has_room(ctx.endpoints, ctx.load, 0):
+            # Queued and dispatched at once: it becomes the last tenant to leave the queue.
             self._lift(tenant)
             self._charge(tenant, self.input_weight * ctx.prompt_tokens)
+            self._s.last = self._s.counters[tenant]
             return None
         if self._s.queued >= self.max_queue:
             return Rejection(
@@ -136,6 +144,13 @@ class FairQueueAdmission(_Queues):
                 kind="queue-full",
             )
         queue = self._s.backlog.get(tenant)
+        if queue is not None and len(queue) >= self.max_queue_per_tenant:
+            return Rejection(
+                429,
+                f"tenant {tenant!r} already has {len(queue)} requests waiting for a fair turn",
+                retry_after_s=1.0,
+                kind="queue-full",
+            )
         if queue is None:
             self._lift(tenant)
             queue = self._s.backlog[tenant] = deque()

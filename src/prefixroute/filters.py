@@ -143,46 +143,126 @@ class HotSpotFilter:
         return ok or list(candidates)
 
 
+_REFRESH = 256  # requests between re-rankings of the tenants
+_LN2 = math.log(2.0)
+
+
 def _pool_rank(endpoint: str) -> int:
-    """A stable pseudo-random rank of an endpoint id (rendezvous hashing)."""
+    """A fixed pseudo-random rank of an endpoint id (rendezvous hashing)."""
     digest = hashlib.blake2b(endpoint.encode(), digest_size=8, person=b"tail-pool").digest()
     return int.from_bytes(digest, "big")
 
 
-@attrs.frozen
-class TailPoolFilter:
+class _RateState:
+    """`rates`: tenant -> [decayed request count, time of last update, 1.0 if tail]."""
+
+    __slots__ = ("rates", "seen")
+
+    def __init__(self) -> None:
+        self.rates: dict[str, list[float]] = {}
+        self.seen = 0
+
+
+class _TenantRates:
+    """TailPoolFilter's state, in a slot of its own (its attrs fields are its parameters)."""
+
+    __slots__ = ("_s",)
+
+    def _reset_rates(self) -> None:
+        self._s = _RateState()
+
+
+@attrs.define
+class TailPoolFilter(_TenantRates):
     """Reserves a share of the endpoints for the long tail of tenants. Type `tail-pool-filter`.
 
-    Tenants outside the head (the most active tenants, who send all but
-    `tail_traffic` of the requests, by the router's tenant ledger) are kept
-    on `pool_fraction` of the candidates; head tenants on the rest. The
-    reserved endpoints are those ranking highest by a fixed hash of their id,
-    so the pool is stable while endpoints come and go (only the ones leaving
-    or arriving move). Why: in a shared LRU a rarely returning tenant's
-    prefix is evicted by the churn of everybody else's misses before it
-    comes back; in a pool that only the tail uses it competes with the tail
-    alone, and the head gets caches the tail no longer churns. Needs at least
-    `min_endpoints` candidates (else it keeps all), and the router's ledger
-    (`ctx.tenants`). O(candidates).
+    The filter counts every request per tenant, decayed with `half_life_s`,
+    and calls *tail* the least active `tail_tenants` share of the tenants it
+    has seen. Tail tenants are kept on the reserved
+    `pool_fraction` of the candidates (the endpoints ranking highest by a
+    fixed hash of their id, so the pool is stable while endpoints come and
+    go); everyone else on the rest.
+
+    Why: behind LRU engines a rarely returning tenant's prefix is evicted by
+    the churn of busier tenants' misses before it comes back. In a pool
+    where only the tail inserts, tail prefixes live longer; the busier
+    tenants lose little, because the tail's misses no longer churn their
+    caches. Measured on the `longtail` scenario (docs/tenants.md). The
+    classification must be stable, or a tenant's prefix keeps moving
+    between pools: every 256 requests the tenants are ranked by rate, and a
+    tenant changes class only when its rank is more than `band` away from
+    the `tail_tenants` cut; unknown tenants start in the tail (new and rare
+    tenants look alike). Memory: at most `max_tenants`
+    counters (the least active half is dropped when full: they are tail
+    anyway). O(candidates) per request, plus O(T log T) every 256 requests
+    for T tracked tenants. Keeps all candidates below `min_endpoints`.
     """
 
     pool_fraction: float = attrs.field(
         default=0.25, validator=[attrs.validators.gt(0.0), attrs.validators.lt(1.0)]
     )
-    tail_traffic: float = attrs.field(
-        default=0.2, validator=[attrs.validators.gt(0.0), attrs.validators.lt(1.0)]
+    tail_tenants: float = attrs.field(
+        default=0.5, validator=[attrs.validators.gt(0.0), attrs.validators.lt(1.0)]
+    )
+    half_life_s: float = attrs.field(default=600.0, validator=attrs.validators.gt(0.0))
+    band: float = attrs.field(
+        default=0.05, validator=[attrs.validators.ge(0.0), attrs.validators.lt(0.5)]
     )
     min_endpoints: int = attrs.field(default=4, validator=attrs.validators.ge(2))
-    misses_only: bool = False
+    max_tenants: int = attrs.field(default=65_536, validator=attrs.validators.ge(16))
+
+    def __attrs_post_init__(self) -> None:
+        self._reset_rates()
+
+    def is_tail(self, tenant: str) -> bool:
+        """Whether `tenant` is currently in the tail (unknown tenants are)."""
+        entry = self._s.rates.get(tenant)
+        return entry is None or entry[2] > 0
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
+        tail = self._observe(ctx.request.tenant, ctx.now)
         n = len(candidates)
-        if n < self.min_endpoints or ctx.tenants is None:
-            return list(candidates)
-        if self.misses_only and ctx.best_match > 0:
+        if n < self.min_endpoints:
             return list(candidates)
         k = min(n - 1, max(1, math.floor(self.pool_fraction * n + 0.5)))
         ranked = sorted(range(n), key=lambda i: _pool_rank(candidates[i].id), reverse=True)
         reserved = set(ranked[:k])
-        tail = not ctx.tenants.is_head(ctx.request.tenant, self.tail_traffic)
         return [e for i, e in enumerate(candidates) if (i in reserved) == tail]
+
+    def _decayed(self, entry: list[float], now: float) -> float:
+        return entry[0] * math.exp(-_LN2 * max(0.0, now - entry[1]) / self.half_life_s)
+
+    def _observe(self, tenant: str, now: float) -> bool:
+        """Count one request of `tenant` at `now`; whether it is a tail tenant."""
+        rates = self._s.rates
+        entry = rates.get(tenant)
+        if entry is None:
+            if len(rates) >= self.max_tenants:
+                self._shrink(now)
+            entry = rates[tenant] = [0.0, now, 1.0]
+        entry[0] = self._decayed(entry, now) + 1.0
+        entry[1] = now
+        self._s.seen += 1
+        if self._s.seen % _REFRESH == 0:
+            self._reclassify(now)
+        if self._s.seen < _REFRESH:
+            return False  # not enough traffic seen to tell the tail apart
+        return entry[2] > 0
+
+    def _reclassify(self, now: float) -> None:
+        """Rank the tenants by rate; the bottom `tail_tenants` share is the tail (with a band)."""
+        ranked = sorted(self._s.rates.values(), key=lambda e: self._decayed(e, now))
+        n = len(ranked)
+        low, high = self.tail_tenants - self.band, self.tail_tenants + self.band
+        for i, entry in enumerate(ranked):
+            position = i / n
+            if position < low:
+                entry[2] = 1.0
+            elif position >= high:
+                entry[2] = 0.0
+
+    def _shrink(self, now: float) -> None:
+        """Drop the least active half of the counters (tail tenants: the default for unknowns)."""
+        ranked = sorted(self._s.rates, key=lambda t: self._decayed(self._s.rates[t], now))
+        for tenant in ranked[: len(ranked) // 2]:
+            del self._s.rates[tenant]

@@ -55,8 +55,6 @@ from types import MappingProxyType
 
 import attrs
 
-_HEAD_REFRESH = 256  # decisions between recomputations of the head set
-
 __all__ = [
     "DEFAULT_TOP_K",
     "MAX_REJECTION_KINDS",
@@ -485,8 +483,6 @@ class TenantLedger:
 
     __slots__ = (
         "_evictions",
-        "_head",
-        "_head_key",
         "_heap",
         "_in_flight",
         "_in_flight_total",
@@ -528,8 +524,6 @@ class TenantLedger:
         self._total = _Account()  # its histograms are scratch, rebuilt by `snapshot`
         self._in_flight: dict[str, int] = {}
         self._in_flight_total = 0
-        self._head: frozenset[str] = frozenset()
-        self._head_key: tuple[float, int] = (-1.0, -1)
 
     @property
     def top_k(self) -> int:
@@ -671,40 +665,6 @@ class TenantLedger:
             row.ttft._add(_bucket(ttft_s), ttft_s)
         if e2e_s is not None and 0.0 <= e2e_s < _INF:
             row.e2e._add(_bucket(e2e_s), e2e_s)
-
-    def is_head(self, tenant: str, tail_traffic: float) -> bool:
-        """Whether `tenant` is among the most active tenants, who send all but `tail_traffic`
-        of the requests.
-
-        The head is the smallest set of tracked tenants, by their guaranteed
-        request counts (Space-Saving count minus error), that sent at least
-        `1 - tail_traffic` of all requests; everyone else, untracked tenants
-        and newcomers included, is the tail. Recomputed every 256 decisions
-        (O(top_k log top_k)); until 256 decisions have been seen every
-        tenant counts as head. O(1) otherwise.
-        """
-        total = self._total.count
-        if total < _HEAD_REFRESH:
-            return True
-        key = (tail_traffic, total // _HEAD_REFRESH)
-        if key != self._head_key:
-            self._head = self._compute_head(tail_traffic, total)
-            self._head_key = key
-        return tenant in self._head
-
-    def _compute_head(self, tail_traffic: float, total: int) -> frozenset[str]:
-        goal = (1.0 - tail_traffic) * total
-        ranked = sorted(
-            ((row.count - row.error, name) for name, row in self._table.items()), reverse=True
-        )
-        head: list[str] = []
-        acc = 0
-        for sure, name in ranked:
-            if acc >= goal or sure <= 0:
-                break
-            head.append(name)
-            acc += sure
-        return frozenset(head)
 
     def in_flight(self, tenant: str) -> int:
         """Requests of `tenant` routed and not yet completed: exact for every tenant. O(1)."""

@@ -39,11 +39,6 @@ class TenantView(Protocol):
         """Requests of `tenant` routed and not yet completed."""
         ...
 
-    def is_head(self, tenant: str, tail_traffic: float) -> bool:
-        """Whether `tenant` is among the most active tenants, who send all but
-        `tail_traffic` of the requests."""
-        ...
-
 
 class RouteContext:
     """Everything a plugin may read while one request is being routed.

@@ -13,6 +13,10 @@ fairness index of the per-tenant hit rates, (sum x)^2 / (n sum x^2) (Jain,
 Chiu and Hawe, DEC-TR-301, 1984): 1 when every tenant hits equally, 1/n
 when one tenant gets all hits.
 
+`prediction_bias` and `prediction_mae` come from the router's own
+`TenantLedger`: (predicted - actual cached tokens) / prompt tokens, signed
+and absolute, i.e. how well the router's index foresaw the engines' hits.
+
 `jain_ttft` is Jain's index of per-tenant TTFT slowdown (a tenant's mean
 TTFT over the mean of all tenants' means): 1 when every tenant waits
 alike. `per_tenant` lists the most active tenants, `tail` aggregates the
@@ -142,6 +146,15 @@ def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
     }
 
 
+def _ledger(sim: Simulation) -> dict[str, Any]:
+    """What the router's own tenant ledger says (the figures an exporter would read)."""
+    fairness = sim.router.ledger.snapshot().fairness
+    return {
+        "prediction_bias": fairness.prediction_bias,
+        "prediction_mae": fairness.prediction_mae,
+    }
+
+
 def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> dict[str, Any]:
     """The figures of one finished run (the `--json` record)."""
     out = sim.outcomes
@@ -175,7 +188,7 @@ def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> 
         "e2e_s": _dist(e2e),
         "throughput_rps": float(ok.sum()) / makespan if makespan else 0.0,
         "output_tokens_per_s": outputs / makespan if makespan else 0.0,
-        "tenants": _tenants(sim),
+        "tenants": {**_tenants(sim), **_ledger(sim)},
         "endpoint_requests": [split.get(i, 0) for i in range(len(engines))],
         "preemptions": sum(e.stats.preemptions for e in engines),
         "events": sim.events,

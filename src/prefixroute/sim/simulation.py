@@ -61,6 +61,7 @@ class Outcomes:
     ttft_s: list[float] = attrs.Factory(list)
     e2e_s: list[float] = attrs.Factory(list)
     finished_s: list[float] = attrs.Factory(list)
+    retry_after_s: list[float] = attrs.Factory(list)
 
     def add(
         self,
@@ -70,8 +71,10 @@ class Outcomes:
         status: int,
         predicted: int = 0,
         done: Completion | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
-        """Append one request's outcome."""
+        """Append one request's outcome (`retry_after_s`: a rejection's hint, else NaN)."""
+        self.retry_after_s.append(float("nan") if retry_after_s is None else retry_after_s)
         self.arrival_s.append(sim.arrival_s)
         self.tenant.append(sim.request.tenant)
         self.kind.append(sim.kind)
@@ -226,7 +229,9 @@ class Simulation:
 
     def _dispatch(self, sim: SimRequest, decision: Decision | Rejection, t: float) -> int:
         if isinstance(decision, Rejection):
-            self.outcomes.add(sim, endpoint=-1, status=decision.status)
+            self.outcomes.add(
+                sim, endpoint=-1, status=decision.status, retry_after_s=decision.retry_after_s
+            )
             return self._follow(sim, t, ok=False)
         i = self._index[decision.endpoint]
         if not self.engines[i].fits(sim):
