@@ -22,7 +22,7 @@ from prefixroute.admission import (
     TokenBucketAdmission,
 )
 from prefixroute.decision import Decision, Deferral
-from prefixroute.plugins import AdmissionContext, CompletionListener, Deferring
+from prefixroute.plugins import AdmissionContext, CompletionListener, Deferring, TenantView
 from prefixroute.registry import default_registry
 from tests.helpers import endpoint
 
@@ -136,15 +136,15 @@ def test_both_limits_retry_after_the_later_of_the_two() -> None:
     assert ask(p, 4.0, tokens=50) is None
 
 
-def test_a_request_larger_than_the_burst_is_refused_with_the_full_refill_time() -> None:
+def test_a_request_larger_than_the_burst_is_refused_for_good() -> None:
     p = TokenBucketAdmission(tokens_per_s=100.0, token_burst=500.0, default_output_tokens=0)
     r = ask(p, 0.0, tokens=501)  # a full bucket, yet too small
-    assert r is not None and r.status == 429 and r.kind == "rate-limit"
-    assert r.retry_after_s == pytest.approx(5.0)
+    assert r is not None and r.status == 400 and r.kind == "too-large"
+    assert r.retry_after_s is None  # retrying cannot help
     assert "501 tokens" in r.reason and "never" in r.reason
     assert ask(p, 0.0, tokens=500) is None  # the refusal charged nothing
     r = ask(p, 1.0, tokens=10_000)
-    assert r is not None and r.retry_after_s == pytest.approx(5.0)
+    assert r is not None and r.status == 400
 
 
 def test_default_bursts_are_one_second_of_the_rate() -> None:
@@ -406,6 +406,9 @@ class TokenBucketMachine(RuleBasedStateMachine):
         expected = self.reference.admit(tenant, self.now, cost)
         if expected == 0.0:
             assert verdict is None
+        elif cost > 100.0:  # above the burst: refused for good, no retry-after
+            assert verdict is not None and verdict.status == 400 and verdict.kind == "too-large"
+            assert verdict.retry_after_s is None
         else:
             assert verdict is not None and verdict.retry_after_s is not None
             assert verdict.retry_after_s == pytest.approx(expected, rel=1e-9, abs=1e-9)
@@ -516,7 +519,11 @@ class Listening(Recording):
 
 class Queueing(Recording):
     def release(
-        self, endpoints: Sequence[EndpointState], load: LoadTracker, now: float
+        self,
+        endpoints: Sequence[EndpointState],
+        load: LoadTracker,
+        tenants: TenantView,
+        now: float,
     ) -> list[tuple[Request, Rejection | None]]:
         return [(req(self.name), None)]
 
@@ -529,8 +536,11 @@ def test_chain_asks_in_order_and_the_first_answer_wins() -> None:
     assert log == ["a", "b"]
     wait = Deferral("queued", deadline=5.0)
     log.clear()
-    chain = AdmissionChain([Recording(wait, log, "a"), Recording(no, log, "b")])
+    chain = AdmissionChain([Queueing(wait, log, "a"), Recording(no, log, "b")])
     assert chain.admit(actx()) is wait and log == ["a"]
+    # A member that defers but cannot release would lose the request: refused loudly.
+    with pytest.raises(TypeError, match="cannot release"):
+        AdmissionChain([Recording(wait, [], "c")]).admit(actx())
     assert AdmissionChain([]).admit(actx()) is None
     assert AdmissionChain([AlwaysAdmit(), AlwaysAdmit()]).admit(actx()) is None
 
@@ -543,14 +553,14 @@ def test_chain_forwards_completions_and_releases() -> None:
     assert isinstance(chain, CompletionListener) and isinstance(chain, Deferring)
     chain.on_complete(cast(Decision, object()), Usage(), 2.0)
     assert log == ["l.on_complete@2"]
-    released = chain.release([], LoadTracker(), 3.0)
+    released = chain.release([], LoadTracker(), Tenants(), 3.0)
     assert [(r.tenant, verdict) for r, verdict in released] == [("q", None)]
-    assert AdmissionChain([AlwaysAdmit()]).release([], LoadTracker(), 0.0) == []
+    assert AdmissionChain([AlwaysAdmit()]).release([], LoadTracker(), Tenants(), 0.0) == []
 
 
 def test_chain_of_two_deferring_members_concatenates_in_member_order() -> None:
     chain = AdmissionChain([Queueing(None, [], "x"), Queueing(None, [], "y")])
-    assert [r.tenant for r, _ in chain.release([], LoadTracker(), 0.0)] == ["x", "y"]
+    assert [r.tenant for r, _ in chain.release([], LoadTracker(), Tenants(), 0.0)] == ["x", "y"]
 
 
 def test_chain_refuses_what_is_not_an_admission_policy() -> None:

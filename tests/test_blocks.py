@@ -264,9 +264,9 @@ def test_tenant_groups_share_within_and_only_within() -> None:
     assert not alice & named_like_group  # a tenant called "acme" is not the group "acme"
     shared = chain(BLOCKER, tokens_request(PROMPT, tenant="alice"))
     assert not alice & shared
-    # Without isolate_tenants the groups have no effect: everybody shares.
-    open_ = attrs.evolve(BLOCKER, tenant_groups={"alice": "acme"})
-    assert chain(open_, tokens_request(PROMPT, tenant="alice")) == shared
+    # Groups without isolation would be silently ignored: refused instead.
+    with pytest.raises(ValueError, match="isolate_tenants"):
+        attrs.evolve(BLOCKER, tenant_groups={"alice": "acme"})
     with pytest.raises(ValueError, match="tenant_groups"):
         Blocker(tenant_groups={"alice": ""})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -13,7 +14,7 @@ from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.load import LoadTracker
 from prefixroute.plugins import AdmissionContext
-from prefixroute.request import Request
+from prefixroute.request import Request, Usage
 
 EPS = [EndpointState(id="e0", address="10.0.0.1:8000")]
 
@@ -21,6 +22,9 @@ EPS = [EndpointState(id="e0", address="10.0.0.1:8000")]
 class NoTenants:
     def in_flight(self, tenant: str) -> int:
         return 0
+
+
+NO_TENANTS = NoTenants()
 
 
 def ctx(tenant: str, tokens: int, now: float, load: LoadTracker) -> AdmissionContext:
@@ -88,9 +92,9 @@ def test_admits_at_once_with_room_and_defers_when_full() -> None:
     assert verdict.deadline == 10.0
     assert fq.queued == 1
     # Still full: nothing to release; once a slot frees the queued request goes.
-    assert fq.release(EPS, load, 1.0) == []
+    assert fq.release(EPS, load, NO_TENANTS, 1.0) == []
     load.finish(EndpointId("e0"), 1)
-    out = fq.release(EPS, load, 1.0)
+    out = fq.release(EPS, load, NO_TENANTS, 1.0)
     assert [r is None for _, r in out] == [True]
     assert fq.queued == 0
 
@@ -107,7 +111,7 @@ def test_a_burst_does_not_starve_a_light_tenant() -> None:
     order = []
     for _ in range(21):
         load.finish(EndpointId("e0"), 1)
-        (request, verdict), *rest = fq.release(EPS, load, 1.0)
+        (request, verdict), *rest = fq.release(EPS, load, NO_TENANTS, 1.0)
         assert verdict is None and not rest
         order.append(request.tenant)
         fill(load, 1)
@@ -120,7 +124,7 @@ def test_deadline_rejects_with_503_never_drops() -> None:
     fill(load, 1)
     fq.admit(ctx("a", 1, 0.0, load))
     fq.admit(ctx("b", 1, 1.0, load))
-    out = fq.release(EPS, load, 2.5)
+    out = fq.release(EPS, load, NO_TENANTS, 2.5)
     assert len(out) == 1
     request, verdict = out[0]
     assert request.tenant == "a"
@@ -160,7 +164,7 @@ def test_weights_share_service() -> None:
     served = []
     for _ in range(40):
         load.finish(EndpointId("e0"), 1)
-        ((request, _),) = fq.release(EPS, load, 0.5)
+        ((request, _),) = fq.release(EPS, load, NO_TENANTS, 0.5)
         served.append(request.tenant)
         fill(load, 1)
     assert served.count("gold") == 30  # three times the share
@@ -197,14 +201,14 @@ def test_release_order_matches_the_reference(
         ref.arrive(tenant, c.request, tokens)
         if release and ref.queue:
             load.finish(EndpointId("e0"), 1)
-            ((got, verdict),) = fq.release(EPS, load, 0.0)
+            ((got, verdict),) = fq.release(EPS, load, NO_TENANTS, 0.0)
             assert verdict is None
             want = ref.dispatch()
             assert got is want
             fill(load, 1)
     while ref.queue:
         load.finish(EndpointId("e0"), 1)
-        ((got, _),) = fq.release(EPS, load, 0.0)
+        ((got, _),) = fq.release(EPS, load, NO_TENANTS, 0.0)
         assert got is ref.dispatch()
         fill(load, 1)
     assert fq.queued == 0
@@ -224,5 +228,101 @@ def test_light_use_while_there_is_room_banks_no_credit() -> None:
     fq.admit(ctx("busy", 100, 1.0, load))
     load.finish(EndpointId("e0"), 1)
     load.finish(EndpointId("e0"), 1)
-    first_two = [r.tenant for r, _ in fq.release(EPS, load, 1.5)]
+    first_two = [r.tenant for r, _ in fq.release(EPS, load, NO_TENANTS, 1.5)]
     assert "busy" in first_two  # the quiet tenant's backlog does not shut it out
+
+
+class InFlight:
+    """A stub `TenantView` with settable in-flight counts."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def in_flight(self, tenant: str) -> int:
+        return self.counts.get(tenant, 0)
+
+
+def test_per_tenant_cap_applies_at_release() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=8, max_in_flight_per_tenant=2)
+    load = LoadTracker()
+    fill(load, 8)
+    for _ in range(6):
+        fq.admit(ctx("a", 10, 0.0, load))
+    fq.admit(ctx("b", 10, 0.0, load))
+    tenants = InFlight()
+    tenants.counts["a"] = 1
+    for _ in range(8):
+        load.finish(EndpointId("e0"), 1)  # plenty of room now
+    out = fq.release(EPS, load, tenants, 0.5)
+    assert sorted(r.tenant for r, _ in out) == ["a", "b"]  # a: one more up to its cap of 2
+    assert fq.queued == 5
+    fq.check_invariants()
+    tenants.counts["a"] = 0
+    out = fq.release(EPS, load, tenants, 0.6)
+    assert [r.tenant for r, _ in out] == ["a", "a"]
+    fq.check_invariants()
+
+
+def test_zero_charges_do_not_duplicate_heap_entries() -> None:
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=1, input_weight=0.0, output_weight=0.0)
+    load = LoadTracker()
+    fill(load, 1)
+    for t in ("a", "a", "a", "a", "b", "b", "b", "b"):
+        fq.admit(ctx(t, 10, 0.0, load))
+    order = []
+    for _ in range(8):
+        load.finish(EndpointId("e0"), 1)
+        ((request, _),) = fq.release(EPS, load, NO_TENANTS, 0.1)
+        order.append(request.tenant)
+        fill(load, 1)
+        fq.check_invariants()
+    assert order.count("a") == order.count("b") == 4
+
+
+def test_infinite_parameters_are_refused() -> None:
+    for bad in ({"max_wait_s": math.inf}, {"input_weight": math.inf}, {"weights": {"a": math.inf}}):
+        with pytest.raises(ValueError):
+            FairQueueAdmission(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weights"):
+        FairQueueAdmission(weights=[1])  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["arrive", "release", "complete", "tick"]),
+            st.sampled_from("abc"),
+            st.integers(0, 40),
+        ),
+        max_size=80,
+    )
+)
+def test_bookkeeping_holds_under_any_sequence(script: Sequence[tuple[str, str, int]]) -> None:
+    """Arrivals, releases, completions and deadlines in any order: invariants hold, nothing is
+    lost (every request is queued, released or expired exactly once)."""
+    fq = FairQueueAdmission(max_in_flight_per_endpoint=2, max_wait_s=1.0, max_queue=20)
+    load = LoadTracker()
+    now = 0.0
+    admitted = answered = deferred = 0
+    for op, tenant, n in script:
+        if op == "arrive":
+            verdict = fq.admit(ctx(tenant, n, now, load))
+            if verdict is None:
+                admitted += 1
+                load.start(EndpointId("e0"), 1)
+            elif isinstance(verdict, Deferral):
+                deferred += 1
+        elif op == "release":
+            for _, rejection in fq.release(EPS, load, NO_TENANTS, now):
+                answered += 1
+                if rejection is None:
+                    load.start(EndpointId("e0"), 1)
+        elif op == "complete" and load.in_flight():
+            load.finish(EndpointId("e0"), 1)
+            decision = type("D", (), {"request": Request(model="m", prompt="x", tenant=tenant)})
+            fq.on_complete(decision, Usage(completion_tokens=n), now)  # type: ignore[arg-type]
+        else:
+            now += 0.4
+        fq.check_invariants()
+    assert deferred == answered + fq.queued

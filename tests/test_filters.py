@@ -131,3 +131,21 @@ def test_tail_pool_filter_rejects_bad_parameters() -> None:
     for bad in ({"pool_fraction": 1.0}, {"tail_tenants": 0.0}, {"band": 0.5}, {"min_endpoints": 1}):
         with pytest.raises(ValueError):
             TailPoolFilter(**bad)  # type: ignore[arg-type]
+
+
+def test_tail_pool_is_drawn_from_every_endpoint_not_the_survivors() -> None:
+    flt = TailPoolFilter(pool_fraction=0.3)
+    fleet = [endpoint(i) for i in range(10)]
+    for i in range(600):  # past the warm-up: one busy tenant among rare ones
+        tenant = "busy" if i % 3 else f"rare{i}"
+        flt.filter(_tail_ctx(tenant, float(i) / 10), fleet)
+    ctx = _tail_ctx("someone-new", 60.0)
+    ctx.endpoints = fleet
+    pool = set(ids(flt.filter(ctx, fleet)))
+    assert len(pool) == 3
+    busy = _tail_ctx("busy", 60.0)
+    busy.endpoints = fleet
+    for dropped in fleet:  # an earlier filter drops any one endpoint: the pool stays put
+        survivors = [e for e in fleet if e is not dropped]
+        assert set(ids(flt.filter(ctx, survivors))) == pool - {dropped.id}
+        assert not set(ids(flt.filter(busy, survivors))) & pool

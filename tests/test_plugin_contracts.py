@@ -206,9 +206,12 @@ def test_admission_answers_none_a_deferral_or_a_complete_rejection(
         verdict = policy.admit(data.draw(admission_contexts(now)))
         assert verdict is None or isinstance(verdict, Rejection | Deferral)
         if isinstance(verdict, Rejection):
-            assert verdict.status in (429, 503) and verdict.reason
+            assert verdict.status in (400, 429, 503) and verdict.reason
             assert verdict.kind != "rejected"  # a specific label for metrics
-            assert verdict.retry_after_s is not None and verdict.retry_after_s >= 0
+            if verdict.status == 400:  # the request itself can never pass: no point retrying
+                assert verdict.retry_after_s is None
+            else:
+                assert verdict.retry_after_s is not None and verdict.retry_after_s >= 0
         check = getattr(policy, "check_invariants", None)
         if check is not None:
             check()

@@ -330,3 +330,30 @@ def test_deferred_requests_come_back_through_release() -> None:
     assert request is waiting and isinstance(outcome, Decision)
     # A router whose admission never defers releases nothing.
     assert Router.default().release(eps, 0.0) == []
+
+
+def test_a_released_request_that_fails_to_route_is_answered_not_lost() -> None:
+    from prefixroute import Deferral, FairQueueAdmission
+    from prefixroute.profile import Profile, WeightedScorer
+
+    @attrs.frozen
+    class Fragile:
+        def score(self, ctx: object, candidates: Sequence[EndpointState]) -> list[float]:
+            if ctx.request.tenant == "bad":  # type: ignore[attr-defined]
+                raise RuntimeError("scorer bug")
+            return [0.5] * len(candidates)
+
+    profile = Profile(name="fragile", scorers=(WeightedScorer("f", Fragile(), 1.0),))
+    router = Router(profile, admission=FairQueueAdmission(max_in_flight_per_endpoint=1))
+    eps = fleet(1)
+    first = router.route(chat("x", tenant="a"), eps, 0.0)
+    assert isinstance(first, Decision)
+    waiting = [chat("y", tenant=t) for t in ("bad", "c")]
+    assert all(isinstance(router.route(r, eps, 0.1), Deferral) for r in waiting)
+    router.on_complete(first, Usage(prompt_tokens=first.prompt_tokens), 0.2)
+    released = router.release(eps, 0.2)  # room for one: "bad" is first in line
+    assert [r.tenant for r, _ in released] == ["bad"]
+    outcome = released[0][1]
+    assert isinstance(outcome, Rejection) and (outcome.status, outcome.kind) == (503, "internal")
+    ((request, decision),) = router.release(eps, 0.3)  # the slot is still free: "c" goes
+    assert request.tenant == "c" and isinstance(decision, Decision)

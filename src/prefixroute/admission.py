@@ -34,7 +34,13 @@ import attrs
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointState
 from prefixroute.load import LoadTracker
-from prefixroute.plugins import AdmissionContext, AdmissionPolicy, CompletionListener, Deferring
+from prefixroute.plugins import (
+    AdmissionContext,
+    AdmissionPolicy,
+    CompletionListener,
+    Deferring,
+    TenantView,
+)
 from prefixroute.request import Request, Usage
 
 __all__ = [
@@ -85,7 +91,9 @@ class AdmissionChain:
     member that is a `CompletionListener`, `release` to every member that is
     `Deferring` (their answers concatenated, in member order). At most one
     deferring member is expected, and it should be the last: a request it
-    releases later is routed without asking the members after it again.
+    releases later is routed without asking any member again, so per-tenant
+    concurrency caps belong in the queue (`fair-queue-admission`'s
+    `max_in_flight_per_tenant`), which applies them at release.
     The chain has both methods whatever its members, so with no deferring
     member `release` returns an empty list. O(members) per call.
     """
@@ -96,6 +104,11 @@ class AdmissionChain:
         for policy in self.policies:
             verdict = policy.admit(ctx)
             if verdict is not None:
+                if isinstance(verdict, Deferral) and not isinstance(policy, Deferring):
+                    raise TypeError(
+                        f"{type(policy).__name__} deferred a request but cannot release it "
+                        "(it does not implement Deferring.release)"
+                    )
                 return verdict
         return None
 
@@ -106,13 +119,17 @@ class AdmissionChain:
                 policy.on_complete(decision, usage, now)
 
     def release(
-        self, endpoints: Sequence[EndpointState], load: LoadTracker, now: float
+        self,
+        endpoints: Sequence[EndpointState],
+        load: LoadTracker,
+        tenants: TenantView,
+        now: float,
     ) -> list[tuple[Request, Rejection | None]]:
         """Every deferring member's released requests, member by member."""
         out: list[tuple[Request, Rejection | None]] = []
         for policy in self.policies:
             if isinstance(policy, Deferring):
-                out.extend(policy.release(endpoints, load, now))
+                out.extend(policy.release(endpoints, load, tenants, now))
         return out
 
 
@@ -291,9 +308,11 @@ class TokenBucketAdmission(_Buckets):
     both buckets hold its cost; otherwise it is refused with 429 (`kind`
     `rate-limit`), a reason naming the tenant and the limit, and
     `retry_after_s` = the time until both buckets hold enough (assuming the
-    tenant sends nothing else meanwhile). A request costing more than a
-    burst can never be admitted; it is refused with the full-refill time,
-    burst / rate, as its retry-after and a reason saying it is too large.
+    tenant sends nothing else meanwhile). A request costing more than the
+    token burst can never be admitted: it is refused with 400 (`kind`
+    `too-large`) and no retry-after, and the reason tells the client its
+    prompt plus `max_tokens` exceed the tenant's burst (retrying would
+    never help).
 
     Limits: None (YAML `null`) means unlimited, the default for both rates;
     0 is refused (there is no "block everything" rate: cap the tenant at 0
@@ -370,6 +389,9 @@ class TokenBucketAdmission(_Buckets):
             if limits.token_rate is not None:
                 bucket.tokens -= cost
             return None
+        if limits.token_rate is not None and cost > limits.token_burst:
+            # Retrying cannot help: the client must ask for less (a smaller max_tokens).
+            return Rejection(400, _refusal(tenant, limits, cost, wait_r, wait_t), kind="too-large")
         return Rejection(
             429,
             _refusal(tenant, limits, cost, wait_r, wait_t),

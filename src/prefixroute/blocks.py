@@ -146,6 +146,7 @@ import enum
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Final, NewType
 
 import attrs
@@ -348,7 +349,7 @@ def _check_seed(_: object, __: attrs.Attribute[int], value: object) -> None:
         raise ValueError(f"seed must be an integer within [0, 2**64), got {value!r}")
 
 
-def _tenant_groups(value: object) -> dict[str, str]:
+def _tenant_groups(value: object) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise ValueError(f"tenant_groups must map tenant ids to group names, got {value!r}")
     out: dict[str, str] = {}
@@ -359,7 +360,7 @@ def _tenant_groups(value: object) -> dict[str, str]:
                 f"got {tenant!r}: {group!r}"
             )
         out[tenant] = group
-    return out
+    return MappingProxyType(out)
 
 
 def _check_chars_per_token(_: object, __: attrs.Attribute[float], value: object) -> None:
@@ -392,8 +393,13 @@ class Blocker:
     chars_per_token: float = attrs.field(default=4.0, validator=_check_chars_per_token)
     isolate_tenants: bool = False
     tenant_groups: Mapping[str, str] = attrs.field(
-        factory=dict, converter=_tenant_groups, eq=False, hash=False
+        factory=dict, converter=_tenant_groups, hash=False
     )
+
+    def __attrs_post_init__(self) -> None:
+        if self.tenant_groups and not self.isolate_tenants:
+            raise ValueError("tenant_groups needs isolate_tenants: without it every tenant shares")
+
     _memo: _Memo = attrs.field(factory=_Memo, init=False, eq=False, hash=False, repr=False)
 
     # -- paths ---------------------------------------------------------------

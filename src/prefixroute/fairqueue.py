@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 
@@ -52,34 +53,58 @@ import attrs
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointState
 from prefixroute.load import LoadTracker
-from prefixroute.plugins import AdmissionContext
+from prefixroute.plugins import AdmissionContext, TenantView
 from prefixroute.request import Request, Usage
 
 __all__ = ["FairQueueAdmission"]
 
 
-def _weights(value: Mapping[str, float] | None) -> dict[str, float]:
-    out = dict(value or {})
-    for tenant, w in out.items():
+def _weights(value: object) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"weights must map tenant names to numbers, got {value!r}")
+    out: dict[str, float] = {}
+    for tenant, w in value.items():
         if not isinstance(tenant, str) or isinstance(w, bool) or not isinstance(w, int | float):
             raise ValueError(f"weights must map tenant names to numbers, got {tenant!r}: {w!r}")
-        if not w > 0:
-            raise ValueError(f"weights[{tenant!r}] must be > 0, got {w!r}")
+        if not (0 < w < math.inf):
+            raise ValueError(f"weights[{tenant!r}] must be finite and > 0, got {w!r}")
+        out[tenant] = float(w)
     return out
+
+
+def _finite(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{attr.name} must be finite, got {value!r}")
+
+
+class _Item:
+    """One queued request."""
+
+    __slots__ = ("deadline", "request", "tenant", "tokens")
+
+    def __init__(self, request: Request, tokens: int, deadline: float) -> None:
+        self.request = request
+        self.tenant = request.tenant
+        self.tokens = tokens
+        self.deadline = deadline
 
 
 class _State:
     """FairQueueAdmission's mutable state (its attrs fields are its parameters)."""
 
-    __slots__ = ("backlog", "counters", "heap", "last", "queued", "seq")
+    __slots__ = ("backlog", "counters", "heap", "last", "live", "queued", "seq", "waiting")
 
     def __init__(self) -> None:
         self.counters: dict[str, float] = {}
-        # tenant -> its queued (request, prompt_tokens, deadline), oldest first
-        self.backlog: dict[str, deque[tuple[Request, int, float]]] = {}
-        # (counter, seq, tenant) for backlogged tenants; stale when the counter moved
+        self.backlog: dict[str, deque[_Item]] = {}  # tenant -> its queued requests, oldest first
+        # (counter, seq, tenant); an entry is live while live[tenant] == seq
         self.heap: list[tuple[float, int, str]] = []
+        self.live: dict[str, int] = {}
         self.seq = itertools.count()
+        # every queued request in arrival order: deadlines come due in this order
+        self.waiting: deque[_Item] = deque()
         self.queued = 0
         self.last = 0.0  # counter of the last tenant that left the queue
 
@@ -98,17 +123,26 @@ class FairQueueAdmission(_Queues):
     """Defers requests when the fleet is full and releases them in VTC order.
 
     Type `fair-queue-admission`. See the module docstring for the algorithm.
-    `weights` gives tenants shares (default 1: equal). Costs: `admit`
-    O(log tenants queued); `release` O(log) per released request plus
-    O(expired); memory O(queued requests + recently served tenants).
+    `weights` gives tenants shares (default 1: equal). With
+    `max_in_flight_per_tenant`, a tenant at that many requests in flight is
+    passed over at release (its requests keep waiting): the place for a
+    per-tenant concurrency cap, since policies before the queue see a
+    request only when it arrives. Costs: `admit` O(log tenants queued);
+    `release` O(log) per released request plus O(expired), and O(tenants
+    passed over) when a concurrency cap skips some; memory O(queued
+    requests + recently served tenants). `check_invariants()` checks the
+    bookkeeping.
     """
 
     max_in_flight_per_endpoint: int = attrs.field(default=32, validator=attrs.validators.ge(1))
+    max_in_flight_per_tenant: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
     max_queue: int = attrs.field(default=1024, validator=attrs.validators.ge(1))
     max_queue_per_tenant: int = attrs.field(default=128, validator=attrs.validators.ge(1))
-    max_wait_s: float = attrs.field(default=10.0, validator=attrs.validators.gt(0.0))
-    input_weight: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
-    output_weight: float = attrs.field(default=2.0, validator=attrs.validators.ge(0.0))
+    max_wait_s: float = attrs.field(default=10.0, validator=[attrs.validators.gt(0.0), _finite])
+    input_weight: float = attrs.field(default=1.0, validator=[attrs.validators.ge(0.0), _finite])
+    output_weight: float = attrs.field(default=2.0, validator=[attrs.validators.ge(0.0), _finite])
     weights: dict[str, float] = attrs.field(factory=dict, converter=_weights)
 
     def __attrs_post_init__(self) -> None:
@@ -130,20 +164,21 @@ class FairQueueAdmission(_Queues):
     def admit(self, ctx: AdmissionContext) -> Rejection | Deferral | None:
         request = ctx.request
         tenant = request.tenant
-        if not self._s.backlog and self._has_room(ctx.endpoints, ctx.load, 0):
+        st = self._s
+        if not st.backlog and self._has_room(ctx.endpoints, ctx.load, 0):
             # Queued and dispatched at once: it becomes the last tenant to leave the queue.
             self._lift(tenant)
             self._charge(tenant, self.input_weight * ctx.prompt_tokens)
-            self._s.last = self._s.counters[tenant]
+            st.last = st.counters[tenant]
             return None
-        if self._s.queued >= self.max_queue:
+        if st.queued >= self.max_queue:
             return Rejection(
                 503,
                 f"the fair queue is full ({self.max_queue} requests waiting)",
                 retry_after_s=1.0,
                 kind="queue-full",
             )
-        queue = self._s.backlog.get(tenant)
+        queue = st.backlog.get(tenant)
         if queue is not None and len(queue) >= self.max_queue_per_tenant:
             return Rejection(
                 429,
@@ -153,52 +188,69 @@ class FairQueueAdmission(_Queues):
             )
         if queue is None:
             self._lift(tenant)
-            queue = self._s.backlog[tenant] = deque()
-            heapq.heappush(self._s.heap, (self._s.counters[tenant], next(self._s.seq), tenant))
-        deadline = ctx.now + self.max_wait_s
-        queue.append((request, ctx.prompt_tokens, deadline))
-        self._s.queued += 1
-        return Deferral(reason="the fleet is saturated: waiting for a fair turn", deadline=deadline)
+            queue = st.backlog[tenant] = deque()
+            self._push(tenant)
+        item = _Item(request, ctx.prompt_tokens, ctx.now + self.max_wait_s)
+        queue.append(item)
+        st.waiting.append(item)
+        st.queued += 1
+        return Deferral(
+            reason="the fleet is saturated: waiting for a fair turn", deadline=item.deadline
+        )
 
     def release(
-        self, endpoints: Sequence[EndpointState], load: LoadTracker, now: float
+        self,
+        endpoints: Sequence[EndpointState],
+        load: LoadTracker,
+        tenants: TenantView,
+        now: float,
     ) -> list[tuple[Request, Rejection | None]]:
         """Expired requests (503 `deadline`), then requests in VTC order while there is room."""
         out: list[tuple[Request, Rejection | None]] = []
-        if not self._s.queued:
-            return out
-        for tenant in list(self._s.backlog):
-            queue = self._s.backlog[tenant]
-            while queue and queue[0][2] <= now:
-                request, _, _ = queue.popleft()
-                self._s.queued -= 1
-                waited = self.max_wait_s
-                out.append(
-                    (
-                        request,
-                        Rejection(
-                            503,
-                            f"deferred for {waited:g} s without a free slot",
-                            retry_after_s=1.0,
-                            kind="deadline",
-                        ),
-                    )
-                )
+        st = self._s
+        waiting = st.waiting
+        while waiting and waiting[0].deadline <= now:
+            item = waiting.popleft()
+            queue = st.backlog.get(item.tenant)
+            if not queue or queue[0] is not item:
+                continue  # released already
+            queue.popleft()
+            st.queued -= 1
             if not queue:
-                self._leave(tenant)
+                self._leave(item.tenant)
+            rejection = Rejection(
+                503,
+                f"deferred for {self.max_wait_s:g} s without a free slot",
+                retry_after_s=1.0,
+                kind="deadline",
+            )
+            out.append((item.request, rejection))
         released = 0
-        while self._s.backlog and self._has_room(endpoints, load, released):
+        cap = self.max_in_flight_per_tenant
+        batch: dict[str, int] = {}
+        skipped: list[str] = []
+        while st.backlog and self._has_room(endpoints, load, released):
             tenant = self._next_tenant()
-            queue = self._s.backlog[tenant]
-            request, prompt_tokens, _ = queue.popleft()
-            self._s.queued -= 1
+            if tenant is None:
+                break
+            if cap is not None and tenants.in_flight(tenant) + batch.get(tenant, 0) >= cap:
+                skipped.append(tenant)  # at its cap: it waits, others go
+                continue
+            queue = st.backlog[tenant]
+            item = queue.popleft()
+            st.queued -= 1
             released += 1
-            self._charge(tenant, self.input_weight * prompt_tokens)
+            batch[tenant] = batch.get(tenant, 0) + 1
+            self._charge(tenant, self.input_weight * item.tokens)
             if queue:
-                heapq.heappush(self._s.heap, (self._s.counters[tenant], next(self._s.seq), tenant))
+                self._push(tenant)
             else:
                 self._leave(tenant)
-            out.append((request, None))
+            out.append((item.request, None))
+        for tenant in skipped:
+            self._push(tenant)
+        if not st.queued:
+            waiting.clear()
         return out
 
     def on_complete(self, decision: Decision, usage: Usage, now: float) -> None:
@@ -207,8 +259,21 @@ class FairQueueAdmission(_Queues):
         if usage.completion_tokens and self.output_weight:
             self._charge(tenant, self.output_weight * usage.completion_tokens)
             if tenant in self._s.backlog:  # its heap entry is stale now: push the new counter
-                heapq.heappush(self._s.heap, (self._s.counters[tenant], next(self._s.seq), tenant))
+                self._push(tenant)
         self._prune()
+
+    def check_invariants(self) -> None:
+        """Queue counts agree, every backlogged tenant has one live heap entry. O(queued)."""
+        st = self._s
+        assert st.queued == sum(len(q) for q in st.backlog.values())
+        assert all(q for q in st.backlog.values()), "an empty queue is kept"
+        live = {t for c, seq, t in st.heap if st.live.get(t) == seq}
+        assert live == set(st.backlog), "backlogged tenants and live heap entries differ"
+        for c, seq, t in st.heap:
+            if st.live.get(t) == seq:
+                assert c == st.counters[t], f"live entry of {t!r} has a stale counter"
+        queued = {id(i) for q in st.backlog.values() for i in q}
+        assert queued <= {id(i) for i in st.waiting}, "a queued request has no deadline entry"
 
     # -- internals ----------------------------------------------------------------
 
@@ -217,43 +282,61 @@ class FairQueueAdmission(_Queues):
             return True  # the router answers 503 itself
         return load.in_flight() + extra < self.max_in_flight_per_endpoint * len(endpoints)
 
+    def _push(self, tenant: str) -> None:
+        """Make `tenant`'s heap entry the one with its current counter (older ones go stale)."""
+        seq = next(self._s.seq)
+        self._s.live[tenant] = seq
+        heapq.heappush(self._s.heap, (self._s.counters[tenant], seq, tenant))
+
+    def _top(self) -> tuple[float, int, str] | None:
+        """The live heap entry with the smallest counter, stale ones dropped on the way."""
+        st = self._s
+        heap = st.heap
+        while heap and st.live.get(heap[0][2]) != heap[0][1]:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
     def _floor(self) -> float:
         """What a tenant becoming backlogged is lifted to (VTC's lifting rule)."""
-        heap = self._s.heap
-        while heap and (
-            heap[0][2] not in self._s.backlog or heap[0][0] != self._s.counters.get(heap[0][2])
-        ):
-            heapq.heappop(heap)
-        return heap[0][0] if heap else self._s.last
+        top = self._top()
+        return top[0] if top is not None else self._s.last
 
     def _lift(self, tenant: str) -> None:
         floor = self._floor()
-        if self._s.counters.get(tenant, floor) < floor:
-            self._s.counters[tenant] = floor
+        counters = self._s.counters
+        if counters.get(tenant, floor) < floor:
+            counters[tenant] = floor
         else:
-            self._s.counters.setdefault(tenant, floor)
+            counters.setdefault(tenant, floor)
 
     def _charge(self, tenant: str, cost: float) -> None:
-        base = self._s.counters.get(tenant)
+        counters = self._s.counters
+        base = counters.get(tenant)
         if base is None:  # forgotten while idle: it was at or below the floor
             base = self._floor()
-        self._s.counters[tenant] = base + cost / self.weights.get(tenant, 1.0)
+        counters[tenant] = base + cost / self.weights.get(tenant, 1.0)
 
-    def _next_tenant(self) -> str:
-        """The backlogged tenant with the smallest counter (oldest entry on ties)."""
-        self._floor()  # drops stale heap entries from the top
-        _, _, tenant = heapq.heappop(self._s.heap)
-        return tenant
+    def _next_tenant(self) -> str | None:
+        """Pop the backlogged tenant with the smallest counter (oldest entry on ties)."""
+        top = self._top()
+        if top is None:
+            return None
+        heapq.heappop(self._s.heap)
+        del self._s.live[top[2]]
+        return top[2]
 
     def _leave(self, tenant: str) -> None:
-        del self._s.backlog[tenant]
-        self._s.last = self._s.counters[tenant]
+        st = self._s
+        del st.backlog[tenant]
+        st.live.pop(tenant, None)
+        st.last = st.counters[tenant]
 
     def _prune(self) -> None:
         """Forget idle tenants at or below the floor (they would be lifted to it anyway)."""
-        if len(self._s.counters) <= 2 * len(self._s.backlog) + 1024:
+        st = self._s
+        if len(st.counters) <= 2 * len(st.backlog) + 1024:
             return
         floor = self._floor()
-        for tenant in [t for t, c in self._s.counters.items() if c <= floor]:
-            if tenant not in self._s.backlog:
-                del self._s.counters[tenant]
+        for tenant in [t for t, c in st.counters.items() if c <= floor]:
+            if tenant not in st.backlog:
+                del st.counters[tenant]

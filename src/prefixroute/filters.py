@@ -156,11 +156,12 @@ def _pool_rank(endpoint: str) -> int:
 class _RateState:
     """`rates`: tenant -> [decayed request count, time of last update, 1.0 if tail]."""
 
-    __slots__ = ("rates", "seen")
+    __slots__ = ("ranks", "rates", "seen")
 
     def __init__(self) -> None:
         self.rates: dict[str, list[float]] = {}
         self.seen = 0
+        self.ranks: dict[str, int] = {}  # endpoint id -> its pool rank (memoised hash)
 
 
 class _TenantRates:
@@ -178,10 +179,11 @@ class TailPoolFilter(_TenantRates):
 
     The filter counts every request per tenant, decayed with `half_life_s`,
     and calls *tail* the least active `tail_tenants` share of the tenants it
-    has seen. Tail tenants are kept on the reserved
-    `pool_fraction` of the candidates (the endpoints ranking highest by a
-    fixed hash of their id, so the pool is stable while endpoints come and
-    go); everyone else on the rest.
+    has seen. Tail tenants are kept on the reserved `pool_fraction` of all
+    the endpoints passed to the router (those ranking highest by a fixed
+    hash of their id, so the pool stays put while endpoints come and go or
+    earlier filters drop some); everyone else on the rest. When that leaves
+    no candidate, all candidates are kept.
 
     Why: behind LRU engines a rarely returning tenant's prefix is evicted by
     the churn of busier tenants' misses before it comes back. In a pool
@@ -192,7 +194,8 @@ class TailPoolFilter(_TenantRates):
     between pools: every 256 requests the tenants are ranked by rate, and a
     tenant changes class only when its rank is more than `band` away from
     the `tail_tenants` cut; unknown tenants start in the tail (new and rare
-    tenants look alike). Memory: at most `max_tenants`
+    tenants look alike). During the first 256 requests nobody is sent to the
+    pool (there is no ranking yet). Memory: at most `max_tenants`
     counters (the least active half is dropped when full: they are tail
     anyway). O(candidates) per request, plus O(T log T) every 256 requests
     for T tracked tenants. Keeps all candidates below `min_endpoints`.
@@ -221,13 +224,20 @@ class TailPoolFilter(_TenantRates):
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         tail = self._observe(ctx.request.tenant, ctx.now)
-        n = len(candidates)
+        fleet = ctx.endpoints or candidates  # the pool is drawn from every endpoint
+        n = len(fleet)
         if n < self.min_endpoints:
             return list(candidates)
         k = min(n - 1, max(1, math.floor(self.pool_fraction * n + 0.5)))
-        ranked = sorted(range(n), key=lambda i: _pool_rank(candidates[i].id), reverse=True)
-        reserved = set(ranked[:k])
-        return [e for i, e in enumerate(candidates) if (i in reserved) == tail]
+        ranks = self._s.ranks
+        if len(ranks) > 4 * n + 1024:
+            ranks.clear()
+        for e in fleet:
+            if e.id not in ranks:
+                ranks[e.id] = _pool_rank(e.id)
+        pool = set(sorted((e.id for e in fleet), key=ranks.__getitem__, reverse=True)[:k])
+        kept = [e for e in candidates if (e.id in pool) == tail]
+        return kept or list(candidates)
 
     def _decayed(self, entry: list[float], now: float) -> float:
         return entry[0] * math.exp(-_LN2 * max(0.0, now - entry[1]) / self.half_life_s)

@@ -507,7 +507,11 @@ class TenantLedger:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         if not 0.0 <= tail_quantile <= 1.0:
             raise ValueError(f"tail_quantile must be within [0, 1], got {tail_quantile!r}")
-        pinned_set = frozenset(pinned)
+        pinned_list = list(pinned)
+        for tenant in pinned_list:
+            if not isinstance(tenant, str) or not tenant:
+                raise ValueError(f"pinned tenants must be non-empty strings, got {tenant!r}")
+        pinned_set = frozenset(pinned_list)
         for tenant in pinned_set:
             if not isinstance(tenant, str) or not tenant:
                 raise ValueError(f"pinned tenants must be non-empty strings, got {tenant!r}")

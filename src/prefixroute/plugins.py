@@ -47,7 +47,8 @@ class RouteContext:
     `matches` holds the prefix match of every endpoint that matched at least
     one block (absent = 0). `load` is the router's own, exact, in-flight
     accounting (fresher than scraped metrics); `tenants` its per-tenant view
-    (None when a plugin is driven without a router). `candidates` holds the
+    (None when a plugin is driven without a router). `endpoints` holds every
+    endpoint passed to `route`, before any filter. `candidates` holds the
     endpoints left after the filters, in the order scorers and pickers see
     them (the router sets it once filtering is done).
     """
@@ -55,6 +56,7 @@ class RouteContext:
     __slots__ = (
         "block_keys",
         "candidates",
+        "endpoints",
         "load",
         "matches",
         "now",
@@ -90,6 +92,7 @@ class RouteContext:
         self.matches = matches
         self.load = load
         self.candidates: Sequence[EndpointState] = ()
+        self.endpoints: Sequence[EndpointState] = ()
 
     @property
     def best_match(self) -> int:
@@ -180,7 +183,11 @@ class Deferring(Protocol):
     """An optional capability: an admission policy that queues requests it deferred."""
 
     def release(
-        self, endpoints: Sequence[EndpointState], load: LoadTracker, now: float
+        self,
+        endpoints: Sequence[EndpointState],
+        load: LoadTracker,
+        tenants: TenantView,
+        now: float,
     ) -> list[tuple[Request, Rejection | None]]:
         """Queued requests to settle now, in order: None routes it, a `Rejection` refuses
         it (its deadline passed). Requests not returned stay queued."""

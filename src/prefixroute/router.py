@@ -172,6 +172,9 @@ class Router:
         self.blocker = blocker if blocker is not None else Blocker()
         self.index = index if index is not None else PrefixIndex()
         self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
+        # runtime-checkable isinstance costs microseconds: decide once
+        self._deferring = isinstance(self.admission, Deferring)
+        self._listening = isinstance(self.admission, CompletionListener)
         self.load = LoadTracker()
         self.ledger = ledger if ledger is not None else TenantLedger()
         self.rng = rng if rng is not None else random.Random(0)
@@ -237,21 +240,31 @@ class Router:
 
         Each is the same `Request` object `route` deferred, paired with its
         `Decision` (routed now, over `endpoints`) or `Rejection` (its deadline
-        passed, or no endpoint could serve it). Requests not returned stay
-        queued. Empty when the admission policy never defers.
+        passed, no endpoint could serve it, or a plugin raised while routing
+        it: 503 `internal`, so a released request is always answered).
+        Requests not returned stay queued. Empty when the admission policy
+        never defers.
         """
         admission = self.admission
-        if not isinstance(admission, Deferring):
+        if not self._deferring:
             return []
+        assert isinstance(admission, Deferring)
         self.index.expire(now)
         self._sync_capacities(endpoints)
         out: list[tuple[Request, Decision | Rejection]] = []
-        for request, rejection in admission.release(endpoints, self.load, now):
+        for request, rejection in admission.release(endpoints, self.load, self.ledger, now):
             if rejection is not None:
                 out.append((request, self._reject(request, rejection, now)))
-            else:
+                continue
+            try:
                 tokens = self.blocker.prompt_tokens(request)
-                out.append((request, self._route_admitted(request, endpoints, now, tokens)))
+                outcome = self._route_admitted(request, endpoints, now, tokens)
+            except Exception as exc:  # the request is out of the queue: answer it anyway
+                failed = Rejection(
+                    503, f"routing failed: {exc!r}", retry_after_s=1.0, kind="internal"
+                )
+                outcome = self._reject(request, failed, now)
+            out.append((request, outcome))
         return out
 
     def _reject(self, request: Request, rejection: Rejection, now: float) -> Rejection:
@@ -290,6 +303,7 @@ class Router:
             load=self.load,
             tenants=self.ledger,
         )
+        ctx.endpoints = endpoints
 
         profile = self.profile
         candidates = list(endpoints)
@@ -420,8 +434,8 @@ class Router:
             ok=usage.ok,
             now=now,
         )
-        if isinstance(self.admission, CompletionListener):
-            self.admission.on_complete(decision, usage, now)
+        if self._listening:
+            self.admission.on_complete(decision, usage, now)  # type: ignore[attr-defined]
         self.index.expire(now)
         if self._generations.get(decision.endpoint) != decision.epoch:
             return

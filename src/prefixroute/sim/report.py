@@ -17,6 +17,9 @@ when one tenant gets all hits.
 `TenantLedger`: (predicted - actual cached tokens) / prompt tokens, signed
 and absolute, i.e. how well the router's index foresaw the engines' hits.
 
+`starved` counts tenants none of whose requests was served (they are
+absent from both Jain indexes, which only rate tenants that got service).
+
 `jain_ttft` is Jain's index of per-tenant TTFT slowdown (a tenant's mean
 TTFT over the mean of all tenants' means): 1 when every tenant waits
 alike. `per_tenant` lists the most active tenants, `tail` aggregates the
@@ -132,8 +135,10 @@ def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
     overall = float(np.mean(mean_ttft)) if mean_ttft else 0.0
     slowdown = [m / overall for m in mean_ttft] if overall > 0 else []
     tail_rows = [i for t in tail for i in rows[t]]
+    starved = sum(1 for t in ranked if not any(ok[i] for i in rows[t]))
     return {
         "count": len(ranked),
+        "starved": starved,
         "head_hit_rate": rate(head),
         "tail_hit_rate": rate(tail),
         "jain_hit_rate": jain(rates),

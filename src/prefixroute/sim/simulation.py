@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -208,7 +209,17 @@ class Simulation:
             self.router.on_complete(decision, Usage(ok=False), t)
             self.outcomes.add(sim, endpoint=self._index[decision.endpoint], status=504)
         self._pending.clear()
-        for sim in self._deferred.values():  # still waiting for admission: timed out
+        if self._deferred:  # still waiting for admission: let every deadline pass
+            for request, outcome in self.router.release(self._snapshots, math.inf):
+                sim = self._deferred.pop(id(request))
+                if isinstance(outcome, Rejection):
+                    self.outcomes.add(
+                        sim, endpoint=-1, status=outcome.status, retry_after_s=outcome.retry_after_s
+                    )
+                else:  # routed at the very end: it can no longer run
+                    self.router.on_complete(outcome, Usage(ok=False), t)
+                    self.outcomes.add(sim, endpoint=self._index[outcome.endpoint], status=504)
+        for sim in self._deferred.values():  # never answered by the policy
             self.outcomes.add(sim, endpoint=-1, status=504)
         self._deferred.clear()
         return self.outcomes

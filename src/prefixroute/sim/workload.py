@@ -810,11 +810,15 @@ def _read_tenants(f: Fields) -> Tenants:
         _required(r, "rate_rps")
         start = r.number("start_s", 0.0, min=0)
         end = r.number("end_s", float("inf"), above=start) if r.has("end_s") else float("inf")
-        streams.append(TenantStream(name, r.number("rate_rps", 1.0, above=0), start, end))
+        rate = r.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
+        streams.append(TenantStream(name, rate, start, end))
         r.done()
     rates.done()
     f.done()
     return attrs.evolve(tenants, priorities=tuple(pairs), streams=tuple(streams))
+
+
+MAX_RATE_RPS = 1e6  # beyond this, arrival times stop advancing in floating point
 
 
 def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) -> Source:
@@ -849,7 +853,7 @@ def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) 
     else:
         _refuse(arrival, ["users", "think_s", "ramp_s"], "is only for closed-loop arrivals")
         _required(arrival, "rate_rps")
-        rate_rps = arrival.number("rate_rps", 1.0, above=0)
+        rate_rps = arrival.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
     arrival.done()
     tenants = _read_tenants(fields.sub("tenants"))
     if not fields.has("mix"):
