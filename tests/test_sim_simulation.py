@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import attrs
+import pytest
 
 from prefixroute.decision import Rejection
 from prefixroute.endpoint import EndpointState
@@ -153,3 +154,73 @@ def test_rejections_and_oversized_requests_are_counted_not_lost() -> None:
     statuses = set(run.simulation.outcomes.status)
     assert 400 in statuses  # prompts that can never fit get vLLM's 400
     assert run.summary["failures_by_status"]["400"] == run.summary["failed"]
+
+
+def _pair_of_prompts(tenants: tuple[str, str], shared: int, total: int) -> Any:
+    """A source of two requests sharing their first `shared` tokens, one second apart."""
+    import numpy as np
+
+    from prefixroute.request import Request
+    from prefixroute.sim.workload import SimRequest
+
+    class Pair:
+        def arrivals(self) -> Any:
+            for i, tenant in enumerate(tenants):
+                tokens = np.concatenate(
+                    [
+                        np.arange(shared),
+                        np.arange(10_000 * (i + 1), 10_000 * (i + 1) + total - shared),
+                    ]
+                ).astype(np.uint32)
+                request = Request(model="m", token_ids=tokens, tenant=tenant, max_tokens=1)
+                yield SimRequest(float(i), request, 1, "test")
+
+        def follow_up(self, done: Any, finished_s: float, ok: bool) -> None:
+            return None
+
+    return Pair()
+
+
+def test_engine_blocks_follow_the_scenario_block_size_whatever_the_policy() -> None:
+    from prefixroute.sim.cost import PROFILES
+    from prefixroute.sim.engine import EngineConfig
+
+    for policy in ("gie-default", "prefixroute"):
+        sim = Simulation(
+            load_policy(policy).build(0),
+            _pair_of_prompts(("a", "a"), shared=32, total=96),
+            endpoints=1,
+            engine=EngineConfig(kv_capacity_tokens=32 * 64, block_size=32),
+            cost=PROFILES["llama3-8b-h100"],
+            duration_s=5.0,
+        )
+        out = sim.run()
+        assert out.cached_tokens == [0, 32], policy  # one shared 32-token block, not 64
+
+
+def test_router_isolation_does_not_change_what_the_engine_shares() -> None:
+    from prefixroute.sim.cost import PROFILES
+    from prefixroute.sim.engine import EngineConfig
+    from prefixroute.sim.simulation import PolicyMismatch
+
+    isolated = Policy(name="iso", document={"hashing": {"isolate_tenants": True}})
+    sim = Simulation(
+        isolated.build(0),
+        _pair_of_prompts(("a", "b"), shared=200, total=200),
+        endpoints=1,
+        engine=EngineConfig(kv_capacity_tokens=16 * 64),
+        cost=PROFILES["llama3-8b-h100"],
+        duration_s=5.0,
+    )
+    out = sim.run()
+    assert out.cached_tokens == [0, 192]  # vLLM shares unless cache_salt differs
+    with pytest.raises(PolicyMismatch, match="isolation"):
+        Simulation(
+            isolated.build(0),
+            _pair_of_prompts(("a", "b"), shared=200, total=200),
+            endpoints=1,
+            engine=EngineConfig(kv_capacity_tokens=16 * 64),
+            cost=PROFILES["llama3-8b-h100"],
+            duration_s=5.0,
+            kv_events=True,
+        )

@@ -225,8 +225,10 @@ def run_simulations(
         print(format_tenants(results[0]), file=out)
     else:
         print(format_fairness(results), file=out)
+    counts = sorted({r["requests"] for r in results})
+    requests = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}-{counts[-1]:,}"
     print(
-        f"{results[0]['requests']:,} requests per policy; simulated in "
+        f"{requests} requests per policy; simulated in "
         + ", ".join(f"{r['wall_s']:.1f}" for r in results)
         + " s",
         file=out,
@@ -290,12 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _simulate_command(args: argparse.Namespace) -> int:
     from prefixroute.sim.schema import ScenarioError
+    from prefixroute.sim.simulation import PolicyMismatch
 
     try:
         if args.command == "demo":
-            run_simulations(
-                DEMO_SCENARIO, DEMO_POLICIES, duration_s=args.duration or DEMO_DURATION_S
-            )
+            duration = DEMO_DURATION_S if args.duration is None else args.duration
+            run_simulations(DEMO_SCENARIO, DEMO_POLICIES, duration_s=duration)
             return 0
         names = [args.policy] if args.command == "simulate" else args.policies.split(",")
         names = [n.strip() for n in names if n.strip()]
@@ -318,7 +320,7 @@ def _simulate_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"prefixroute: invalid policy: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # a policy that cannot run this scenario (e.g. KV events)
+    except PolicyMismatch as exc:  # a policy that cannot drive these engines (KV events)
         print(f"prefixroute: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:

@@ -32,9 +32,11 @@ What is modelled (vLLM v1: `vllm/v1/core/block_pool.py`, `kv_cache_manager.py`,
 Simplifications, each small for routing: decodes go first (vLLM v1 walks
 `running` in order, so a long prefill chunk ahead of decodes can take the
 budget; vLLM v0's chunked prefill and Sarathi-Serve put decodes first); the
-blocks of generated tokens are hashed when the request finishes, not as they
-fill; two requests prefilling the same new block concurrently both compute
-it, and only the first is cached.
+blocks of generated tokens are hashed only when the request brings its
+output token ids (a chat reply the next turn resends), and then when it
+finishes, not as they fill, so a request preempted mid-decode recomputes its
+generated tokens without hits on them; two requests prefilling the same
+new block concurrently both compute it, and only the first is cached.
 
 Performance: a decode step costs O(1) plus O(log n) per finishing request or
 new block, however many sequences decode. Decoding sequences are not
@@ -79,9 +81,10 @@ class EngineConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < self.block_size:
+        if self.max_num_batched_tokens < max(self.block_size, self.max_num_seqs):
             raise ValueError(
-                f"max_num_batched_tokens must be >= block_size, got {self.max_num_batched_tokens}"
+                "max_num_batched_tokens must be >= block_size and >= max_num_seqs (every "
+                f"running sequence may need a token per step), got {self.max_num_batched_tokens}"
             )
 
     @property

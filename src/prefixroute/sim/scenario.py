@@ -61,8 +61,10 @@ class Scenario:
         """A copy with the command line's overrides applied (ScenarioError if invalid)."""
         if endpoints is not None and endpoints < 1:
             raise ScenarioError("endpoints.count", f"must be >= 1, got {endpoints}")
-        if duration_s is not None and not duration_s > 0:
-            raise ScenarioError("duration_s", f"must be > 0, got {duration_s}")
+        if duration_s is not None and not 0 < duration_s < float("inf"):
+            raise ScenarioError("duration_s", f"must be finite and > 0, got {duration_s}")
+        if seed is not None and seed < 0:
+            raise ScenarioError("seed", f"must be >= 0, got {seed}")
         return attrs.evolve(
             self,
             endpoints=self.endpoints if endpoints is None else endpoints,

@@ -34,7 +34,12 @@ from prefixroute.sim.cost import CostModel
 from prefixroute.sim.engine import Completion, Engine, EngineConfig
 from prefixroute.sim.workload import SimRequest, Source
 
-__all__ = ["Outcomes", "Simulation"]
+__all__ = ["Outcomes", "PolicyMismatch", "Simulation"]
+
+
+class PolicyMismatch(ValueError):
+    """A policy that cannot drive this scenario's engines (e.g. KV events it cannot read)."""
+
 
 _ARRIVE, _DELIVER, _STEP_END, _REFRESH = range(4)
 _LOAD_SAMPLES = 600  # per-endpoint load samples kept for plots
@@ -134,16 +139,20 @@ class Simulation:
         self.drain_s = drain_s if drain_s is not None else max(60.0, duration_s)
         self.progress = progress
         blocker = router.blocker
+        # The engine hashes like vLLM: token blocks of its size, tenants sharing
+        # (no cache_salt). The router's keys are reused only when they are exactly that.
         self._shared_keys = (
-            blocker.mode is HashMode.TOKEN and blocker.block_size == engine.block_size
+            blocker.mode is HashMode.TOKEN
+            and blocker.block_size == engine.block_size
+            and not blocker.isolate_tenants
         )
         if kv_events and not self._shared_keys:
-            raise ValueError(
+            raise PolicyMismatch(
                 "kv_events need the router to hash tokens in blocks of the engine's "
-                f"block size ({engine.block_size}); this policy hashes "
+                f"block size ({engine.block_size}) without tenant isolation; this policy hashes "
                 f"{blocker.mode.value} blocks of {blocker.block_size}"
             )
-        self._blocker = blocker if self._shared_keys else Blocker()
+        self._blocker = blocker if self._shared_keys else Blocker(block_size=engine.block_size)
         self.kv_events = kv_events
         self.ids = [EndpointId(f"e{i}") for i in range(endpoints)]
         self._index = {eid: i for i, eid in enumerate(self.ids)}
