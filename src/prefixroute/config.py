@@ -48,7 +48,7 @@ from prefixroute.registry import (
 )
 from prefixroute.router import Router, default_profile
 
-__all__ = ["ConfigError", "load_config"]
+__all__ = ["ConfigError", "load_config", "read_document"]
 
 T = TypeVar("T")
 
@@ -125,7 +125,8 @@ def _number(value: object, path: str) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def _read(source: str | os.PathLike[str]) -> Mapping[str, Any]:
+def read_document(source: str | os.PathLike[str]) -> Mapping[str, Any]:
+    """The mapping in a YAML/JSON file (empty for an empty file); ConfigError otherwise."""
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
@@ -148,7 +149,7 @@ def load_config(
     Raises `ConfigError` naming the field for anything invalid; nothing is
     half-built.
     """
-    doc = _read(source) if isinstance(source, str | os.PathLike) else _mapping(source, "")
+    doc = read_document(source) if isinstance(source, str | os.PathLike) else _mapping(source, "")
     _only(doc, _TOP_KEYS, "")
     registry = registry if registry is not None else default_registry()
 

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
-from prefixroute.config import ConfigError, load_config
+from prefixroute.config import ConfigError, load_config, read_document
 from prefixroute.router import Router
 
 __all__ = ["Policy", "builtin_policies", "load_policy"]
@@ -62,16 +61,7 @@ def load_policy(source: str | Path) -> Policy:
         if not path.exists():
             known = ", ".join(builtin_policies())
             raise ConfigError("", f"unknown policy {str(source)!r} (built-in: {known})")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError("", f"cannot read policy file {path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML/JSON: {exc}") from exc
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise ConfigError("", f"{path} must hold a mapping")
+    doc = dict(read_document(path))
     sim = doc.pop("simulator", None) or {}
     if not isinstance(sim, dict):
         raise ConfigError("simulator", "must be a mapping")
