@@ -7,12 +7,16 @@ prefixroute compare --scenario S --policies a,b,c
 prefixroute explain [--config FILE] [--quiet]
                                              route a built-in request set, explain each decision
 prefixroute check-config FILE                validate a config document
+prefixroute serve --config FILE              run the OpenAI-compatible gateway
+prefixroute fake-engine [--port P]           run a stand-in vLLM server (the simulator's model)
+prefixroute demo --live                      fake engines + gateway + load, live in the terminal
 prefixroute version
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -252,6 +256,34 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
+# Commands served by adapters, which need the `gateway` extra: their modules are
+# imported only when the command runs, so the simulator's commands start fast.
+_ADAPTER_COMMANDS = {
+    "serve": ("prefixroute.adapters.gateway", "run the OpenAI-compatible gateway"),
+    "fake-engine": ("prefixroute.adapters.fake_engine", "run a stand-in vLLM server"),
+}
+
+
+def _adapter_parser(
+    sub: Any, name: str, module: str, text: str, *, load: bool
+) -> argparse.ArgumentParser:
+    """The sub-parser of an adapter command; its arguments only when `load` (it will run)."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+    p.set_defaults(adapter_main=None, adapter_error="")
+    if not load:
+        return p
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        hint = "pip install 'prefixroute[gateway]'"
+        p.set_defaults(adapter_error=f"{name} needs the gateway extra: {hint} ({exc})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return p
+    mod.cli_arguments(p)
+    p.set_defaults(adapter_main=mod.cli_main)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prefixroute` command."""
     parser = argparse.ArgumentParser(prog="prefixroute", description=__doc__.splitlines()[0])
@@ -270,11 +302,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a router config document")
     check.add_argument("path")
     sub.add_parser("version", help="print the version")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name, (module, text) in _ADAPTER_COMMANDS.items():
+        _adapter_parser(sub, name, module, text, load=name in argv[:1])
     args = parser.parse_args(argv)
 
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command in _ADAPTER_COMMANDS:
+        if args.adapter_main is None:
+            print(f"prefixroute: {args.adapter_error}", file=sys.stderr)
+            return 2
+        return int(args.adapter_main(args))
     if args.command in ("demo", "simulate", "compare"):
         return _simulate_command(args)
     try:

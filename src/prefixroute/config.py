@@ -48,7 +48,7 @@ from prefixroute.registry import (
 )
 from prefixroute.router import Router, default_profile
 
-__all__ = ["ConfigError", "load_config", "read_document"]
+__all__ = ["ConfigError", "load_config", "read_document", "read_section"]
 
 T = TypeVar("T")
 
@@ -103,7 +103,7 @@ def _build(path: str, make: Callable[..., T], **kwargs: Any) -> T:
         raise ConfigError(f"{path}.{named[0]}" if named else path, msg) from exc
 
 
-def _section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> dict[str, Any]:
+def read_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> dict[str, Any]:
     """The mapping at `doc[name]`, with only `schema`'s keys, each of its JSON type."""
     section = _mapping(doc.get(name), name)
     _only(section, set(schema), name)
@@ -157,9 +157,9 @@ def load_config(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError("seed", f"must be an integer, got {seed!r}")
 
-    blocker = _build("hashing", Blocker, **_section(doc, "hashing", _HASHING))
+    blocker = _build("hashing", Blocker, **read_section(doc, "hashing", _HASHING))
 
-    index_kwargs = _section(doc, "index", _INDEX)
+    index_kwargs = read_section(doc, "index", _INDEX)
     if "tier_weights" in index_kwargs:
         weights = _mapping(index_kwargs["tier_weights"], "index.tier_weights")
         tiers = {t.name.lower(): t for t in Tier}
@@ -172,8 +172,8 @@ def load_config(
             parsed[tiers[name]] = _number(value, f"index.tier_weights.{name}")
         index_kwargs["tier_weights"] = parsed
     index = _build("index", PrefixIndex, **index_kwargs)
-    router_kwargs = _section(doc, "router", _ROUTER)
-    ledger = _build("tenants", TenantLedger, **_section(doc, "tenants", _TENANTS))
+    router_kwargs = read_section(doc, "router", _ROUTER)
+    ledger = _build("tenants", TenantLedger, **read_section(doc, "tenants", _TENANTS))
 
     profile, admission = _profiles(doc, registry)
     return _build(

@@ -57,7 +57,7 @@ import attrs
 from prefixroute.sim.cost import CostModel
 from prefixroute.sim.workload import SimRequest
 
-__all__ = ["Completion", "Engine", "EngineConfig", "EngineStats"]
+__all__ = ["Completion", "Engine", "EngineConfig", "EngineStats", "SeqHandle"]
 
 _WAITING, _PREFILL, _DECODE, _DONE = range(4)
 
@@ -169,6 +169,11 @@ class _Seq:
         self.first_token_s = -1.0
 
 
+SeqHandle = _Seq
+"""A request inside an `Engine`, as `Engine.add` returns it: opaque to drivers, which read
+it only through `Engine.emitted`, `finished`, `first_token_s` and `cached_tokens`."""
+
+
 class Engine:
     """One modelled vLLM engine; the simulator drives it step by step.
 
@@ -176,7 +181,9 @@ class Engine:
     to start a step when the engine is idle (it returns the step's duration,
     or None with nothing to do), and `end_step` when that duration has
     passed, which returns the requests that finished. `waiting`, `running`
-    and `kv_usage` are what vLLM's metrics report. With `record_events`,
+    and `kv_usage` are what vLLM's metrics report. A driver that streams
+    follows one request through the handle `add` returns (`emitted`,
+    `finished`, `first_token_s`, `cached_tokens`, `abort`). With `record_events`,
     `drain_events` returns the (stored, removed) block hashes since the
     last call, as vLLM's KV-event publisher would.
     """
@@ -261,6 +268,75 @@ class Engine:
             n += 1
         return n
 
+    # -- following one request -----------------------------------------------------
+    #
+    # O(1) reads of a handle from `add`, for drivers that stream tokens as they
+    # are generated; they cost the step loop nothing (a decoding sequence's
+    # progress is derived from the step counter, see the module docstring).
+
+    def emitted(self, handle: SeqHandle) -> int:
+        """Tokens generated so far for `handle`'s request (all of them once it finished). O(1).
+
+        Counts the steps completed by `end_step`, never the one in progress.
+        A preempted request keeps the tokens it generated; its recompute
+        prefill then generates the next one.
+        """
+        if handle.state == _DECODE:
+            return self._step_no - handle.base - handle.prompt
+        return handle.generated
+
+    def finished(self, handle: SeqHandle) -> bool:
+        """Whether `handle`'s request has generated all its tokens and left the engine. O(1)."""
+        return handle.state == _DONE
+
+    def first_token_s(self, handle: SeqHandle) -> float | None:
+        """The `now` of the `end_step` that generated its first token, None before. O(1)."""
+        return handle.first_token_s if handle.first_token_s >= 0 else None
+
+    def cached_tokens(self, handle: SeqHandle) -> int | None:
+        """Its prefix-cache hit in tokens at first scheduling, None while never scheduled. O(1)."""
+        return handle.cached if handle.cached >= 0 else None
+
+    def abort(self, handle: SeqHandle) -> bool:
+        """Drop `handle`'s request (its client went away), as vLLM aborts a request.
+
+        Its blocks are freed (full prompt blocks already cached stay cached);
+        it produces no `Completion`. False when it had already finished.
+        Only between steps (RuntimeError during one): a driver that learns of
+        a disconnect mid-step applies it after `end_step`. O(blocks), plus
+        O(waiting) for a request still queued.
+        """
+        if self._busy:
+            raise RuntimeError("abort during a step")
+        seq = handle
+        if seq.state == _DONE:
+            return False
+        if seq.state == _WAITING:
+            self._waiting.remove(seq)
+        else:
+            if seq.state == _DECODE:
+                self._leave_decode(seq)  # its heap entries go stale with the state
+            else:
+                self._prefilling.remove(seq)
+            del self._running[seq.id]
+            self._release(seq)
+        seq.state = _DONE
+        return True
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block hash, as vLLM's `reset_prefix_cache` and sglang's
+        `flush_cache` do; only when no request is queued or running (False otherwise,
+        as they refuse too). O(blocks)."""
+        if self._busy or self._running or self._waiting:
+            return False
+        for b, h in enumerate(self._hash):
+            if h is not None:
+                self._hash[b] = None
+                if self._record:
+                    self._removed.append(h)
+        self._cached.clear()
+        return True
+
     # -- driving --------------------------------------------------------------
 
     def fits(self, sim: SimRequest) -> bool:
@@ -268,11 +344,15 @@ class Engine:
         tokens = len(sim.request.token_ids) + sim.output_tokens  # type: ignore[arg-type]
         return -(-tokens // self._B) <= self.config.num_blocks
 
-    def add(self, sim: SimRequest, keys: Sequence[int], now: float) -> None:
+    def add(self, sim: SimRequest, keys: Sequence[int], now: float) -> SeqHandle:
         """Queue `sim`; `keys` are the block hashes of its known full blocks (prompt, + output).
 
-        ValueError for a request without tokens, with no output, or that can
-        never fit (`fits`): the driver answers those as vLLM does (400).
+        Returns a handle that `emitted`, `finished`, `first_token_s` and
+        `cached_tokens` read, for a driver that follows one request as it
+        runs (the fake engine streams its tokens); drivers that only need
+        completions ignore it. ValueError for a request without tokens, with
+        no output, or that can never fit (`fits`): the driver answers those
+        as vLLM does (400).
         """
         if sim.request.token_ids is None or len(sim.request.token_ids) == 0:
             raise ValueError("a simulated request needs token_ids")
@@ -280,7 +360,9 @@ class Engine:
             raise ValueError("a simulated request must generate at least one token")
         if not self.fits(sim):
             raise ValueError("prompt and output exceed the engine's KV capacity")
-        self._waiting.append(_Seq(sim, next(self._ids), keys, now))
+        seq = _Seq(sim, next(self._ids), keys, now)
+        self._waiting.append(seq)
+        return seq
 
     def begin_step(self, now: float) -> float | None:
         """Schedule one step at `now`; its duration in seconds, or None when idle."""

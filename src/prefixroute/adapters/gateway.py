@@ -1,0 +1,1140 @@
+"""`prefixroute serve`: an OpenAI-compatible HTTP gateway that routes with the core `Router`.
+
+One asyncio event loop (uvicorn) owns everything: the `Router` (called
+synchronously, never from another thread), the `EndpointPool` (scraping and
+health checks), one shared `httpx.AsyncClient` for forwarding, and the
+`GatewayMetrics` exporter. Per completion request:
+
+1. read the body (at most `body_limit_bytes`: 413), decode JSON (400), resolve
+   identity (400/401, `prefixroute.adapters.identity`), parse it with
+   `prefixroute.openai.parse_openai` (400/413 naming the field);
+2. with `hashing.isolate_tenants`, replace `cache_salt` with a salt keyed by
+   the hashing seed over the tenant (or its group) and the client's salt, in
+   both the routed `Request` and the forwarded body, so tenants never share
+   the engines' prefix caches either;
+3. `Router.route`: a `Rejection` is answered at once (429 with
+   `Retry-After`, 503), a `Deferral` waits for `Router.release` (called after
+   every completion and every `release_interval_s`), a `Decision` is forwarded;
+4. forward to the chosen endpoint, falling back through `Decision.fallbacks`
+   on connection failures and on 5xx answers that arrive before any body
+   byte; stream SSE through event by event (asking the engine for
+   `stream_options.include_usage` and hiding the usage-only chunk from a
+   client that did not ask for it);
+5. `Router.on_complete` exactly once per `Decision`, with the engine's usage
+   (real cached tokens), also for failures and client disconnects (ok=False).
+
+The failure table, the config sections and the choices made where the issue
+was silent are in docs/gateway.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import httpx
+import uvicorn
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from prefixroute.adapters.errors import error_body, error_response
+from prefixroute.adapters.identity import IdentityConfig
+from prefixroute.adapters.metrics import GatewayMetrics
+from prefixroute.adapters.pool import EndpointPool, EndpointSpec, ScrapeConfig, read_endpoints
+from prefixroute.blocks import Blocker
+from prefixroute.config import ConfigError, load_config, read_document, read_section
+from prefixroute.decision import Decision, Deferral, Rejection
+from prefixroute.endpoint import EndpointId
+from prefixroute.events import EndpointRemoved
+from prefixroute.openai import parse_openai
+from prefixroute.plugins import Deferring
+from prefixroute.request import Request, RequestError, Usage
+from prefixroute.router import Router
+
+__all__ = [
+    "DECISION_HEADER",
+    "Gateway",
+    "GatewayConfig",
+    "MetricsConfig",
+    "ServerConfig",
+    "cli_arguments",
+    "cli_main",
+    "create_app",
+    "isolation_salt",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+DECISION_HEADER = "x-prefixroute-decision"
+CLIENT_CLOSED = 499  # nginx's "client closed request": for metrics only, never sent
+
+_SERVER_KEYS = {
+    "host": "str",
+    "port": "int",
+    "body_limit_bytes": "int",
+    "upstream_connect_timeout_s": "float",
+    "upstream_timeout_s": "float",
+    "drain_timeout_s": "float",
+    "release_interval_s": "float",
+    "explain_header": "bool",
+}
+_METRICS_KEYS = {"max_tenants": "int", "pool_name": "str"}
+_GATEWAY_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Not forwarded upstream: the engine's own credentials are not the client's, and
+# the gateway parses SSE, so it asks for an uncompressed body.
+_NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "accept-encoding"}
+_NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """The `server` section: where to listen and how patient to be.
+
+    `upstream_timeout_s` is the longest wait for the next bytes from an
+    engine (httpx's read timeout): before the first byte it is a 504, later
+    an error event in the stream. `drain_timeout_s` bounds the graceful
+    shutdown. `explain_header` adds `x-prefixroute-decision` to responses
+    (it reveals cache state: keep it off where tenants must not learn it).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(
+        default=8080, validator=[attrs.validators.ge(1), attrs.validators.le(65535)]
+    )
+    body_limit_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=attrs.validators.ge(1))
+    upstream_connect_timeout_s: float = attrs.field(default=2.0, validator=_positive)
+    upstream_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    release_interval_s: float = attrs.field(default=0.05, validator=_positive)
+    explain_header: bool = False
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The `metrics` section: tenant label cap and the pool's `name` label."""
+
+    max_tenants: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    pool_name: str = "default"
+
+
+def _config_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:
+    section = read_section(doc, name, schema)
+    try:
+        return cls(**section)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0].strip("'")
+        raise ConfigError(f"{name}.{field}" if field in section else name, str(exc)) from exc
+
+
+@attrs.frozen
+class GatewayConfig:
+    """A gateway config: a router config document plus the gateway's own sections.
+
+    `router_document` is what `prefixroute.config.load_config` accepts (seed,
+    hashing, index, router, tenants, plugins, profiles, profile); `server`,
+    `endpoints`, `scrape`, `identity` and `metrics` are the gateway's. Read
+    one with `from_file` or `from_document`; every error is a `ConfigError`
+    naming the field.
+    """
+
+    router_document: Mapping[str, Any] = attrs.field(factory=dict)
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    endpoints: tuple[EndpointSpec, ...] = ()
+    endpoint_files: tuple[Path, ...] = ()
+    scrape: ScrapeConfig = attrs.field(factory=ScrapeConfig)
+    identity: IdentityConfig = attrs.field(factory=IdentityConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> GatewayConfig:
+        """Read a YAML/JSON config file; relative paths in it are relative to its directory."""
+        return cls.from_document(read_document(path), base_dir=Path(path).parent)
+
+    @classmethod
+    def from_document(
+        cls, doc: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = "."
+    ) -> GatewayConfig:
+        """Validate a whole document (the router part by building a `Router` once)."""
+        if not isinstance(doc, Mapping):
+            raise ConfigError("", "a config document must be a mapping")
+        router_document = {k: v for k, v in doc.items() if k not in _GATEWAY_SECTIONS}
+        load_config(router_document)  # validate now: a bad router config fails at startup
+        specs, files = read_endpoints(doc.get("endpoints"), base_dir=base_dir)
+        return cls(
+            router_document=router_document,
+            server=_config_section(doc, "server", _SERVER_KEYS, ServerConfig),
+            endpoints=specs,
+            endpoint_files=files,
+            scrape=ScrapeConfig.from_document(doc),
+            identity=IdentityConfig.from_document(doc, base_dir=base_dir),
+            metrics=_config_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
+        )
+
+    def build_router(self) -> Router:
+        """A fresh `Router` from `router_document`."""
+        return load_config(self.router_document)
+
+
+# -- isolation -------------------------------------------------------------------------
+
+
+def isolation_salt(blocker: Blocker, tenant: str, client_salt: str | None) -> str:
+    """The `cache_salt` that keeps `tenant`'s engine cache apart from every other tenant's.
+
+    BLAKE2b keyed by the hashing seed over the tenant (or its group, when
+    `tenant_groups` maps it: a group shares one cache) and the client's own
+    salt, each field tagged and length-prefixed. Tenants cannot compute each
+    other's salts without the seed, and a client salt still partitions
+    within the tenant. O(1).
+    """
+    group = blocker.tenant_groups.get(tenant)
+    fields = (b"group", group) if group is not None else (b"tenant", tenant)
+    data = bytearray()
+    for field in (fields[0].decode(), fields[1], client_salt):
+        if field is None:
+            data += b"\0"
+        else:
+            raw = field.encode("utf-8", "surrogatepass")
+            data += b"\1" + len(raw).to_bytes(8, "little") + raw
+    digest = hashlib.blake2b(
+        bytes(data),
+        digest_size=16,
+        key=blocker.seed.to_bytes(8, "little"),
+        person=b"prefixroute-salt",
+    )
+    return "pr-" + digest.hexdigest()
+
+
+# -- one request ------------------------------------------------------------------------
+
+
+class _Exchange:
+    """One client request's metrics: `request_started` once, `observe_request` once."""
+
+    __slots__ = ("begun", "ended", "metrics", "model", "request_bytes", "started", "tenant")
+
+    def __init__(self, metrics: GatewayMetrics, started: float) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.model = "unknown"
+        self.tenant = "unknown"
+        self.request_bytes = 0
+        self.begun = False
+        self.ended = False
+
+    def begin(self) -> None:
+        if not self.begun:
+            self.begun = True
+            self.metrics.request_started(self.model, self.tenant)
+
+    def end(
+        self,
+        status: int,
+        *,
+        now: float,
+        code: str | None = None,
+        endpoint: str | None = None,
+        ttft_s: float | None = None,
+        usage: Usage | None = None,
+        response_bytes: int = 0,
+    ) -> None:
+        if self.ended:
+            return
+        self.begin()
+        self.ended = True
+        self.metrics.observe_request(
+            model=self.model,
+            tenant=self.tenant,
+            endpoint=endpoint,
+            status=status,
+            code=code,
+            duration_s=now - self.started,
+            ttft_s=ttft_s,
+            usage=usage,
+            request_bytes=self.request_bytes,
+            response_bytes=response_bytes,
+        )
+
+
+class _Flight:
+    """One `Decision` in flight: settled with the router exactly once."""
+
+    __slots__ = ("decision", "gateway", "settled")
+
+    def __init__(self, gateway: Gateway, decision: Decision) -> None:
+        self.gateway = gateway
+        self.decision = decision
+        self.settled = False
+
+    def settle(self, usage: Usage, served_by: EndpointId | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        gw = self.gateway
+        gw.router.on_complete(self.decision, usage, gw.clock(), served_by=served_by)
+        gw.release_deferred()
+
+
+class _Sse:
+    """Splits an SSE byte stream into events; reads usage and the first token; drops usage-only
+    chunks the client did not ask for. O(bytes) plus one JSON decode per event."""
+
+    __slots__ = ("buffer", "done", "first_token_at", "keep_usage", "usage")
+
+    def __init__(self, keep_usage: bool) -> None:
+        self.keep_usage = keep_usage
+        self.buffer = b""
+        self.usage: Mapping[str, Any] | None = None
+        self.first_token_at: float | None = None
+        self.done = False
+
+    def feed(self, data: bytes, now: float) -> bytes:
+        """The bytes of the complete events in `buffer + data` to pass on."""
+        buffer = self.buffer + data
+        out = bytearray()
+        start = 0
+        for m in _EVENT_END.finditer(buffer):
+            event = buffer[start : m.end()]
+            start = m.end()
+            if self._keep(event, now):
+                out += event
+        self.buffer = buffer[start:]
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        tail, self.buffer = self.buffer, b""
+        return tail
+
+    def _keep(self, event: bytes, now: float) -> bool:
+        payload = b"\n".join(
+            line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+        )
+        if not payload:
+            return True
+        if payload == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        choices = chunk.get("choices")
+        if self.first_token_at is None and isinstance(choices, list) and _has_token(choices):
+            self.first_token_at = now
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+            if not choices and not self.keep_usage:
+                return False  # the usage-only chunk the gateway asked for
+        return True
+
+
+def _has_token(choices: list[Any]) -> bool:
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(
+            delta.get(k) for k in ("content", "reasoning_content", "tool_calls", "refusal")
+        ):
+            return True
+    return False
+
+
+def _usage(raw: object, *, ok: bool, ttft_s: float | None, e2e_s: float) -> Usage:
+    """The router's `Usage` from an OpenAI `usage` object (zeros when absent or malformed)."""
+
+    def count(value: object) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    prompt = cached = completion = 0
+    if isinstance(raw, Mapping):
+        prompt = count(raw.get("prompt_tokens"))
+        completion = count(raw.get("completion_tokens"))
+        details = raw.get("prompt_tokens_details")
+        if isinstance(details, Mapping):
+            cached = min(count(details.get("cached_tokens")), prompt) if prompt else 0
+    return Usage(
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        completion_tokens=completion,
+        ttft_s=ttft_s,
+        e2e_s=e2e_s,
+        ok=ok,
+    )
+
+
+class _Outcome:
+    """How a relayed stream ended (for metrics): disconnected until told otherwise."""
+
+    __slots__ = ("code", "ok", "sent", "status")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.ok = False
+        self.status = CLIENT_CLOSED
+        self.code: str | None = "client-disconnect"
+
+    def ended(self, status: int, code: str | None) -> None:
+        self.status = status
+        self.code = code
+        self.ok = code is None
+
+
+class _RelayResponse(StreamingResponse):
+    """A streaming response that runs `on_close` however it ends, even if the body never
+    started (a client gone before the first byte), so the decision is always settled."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        on_close: Callable[[], Awaitable[None]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+# -- the gateway ----------------------------------------------------------------------------
+
+
+class Gateway:
+    """The gateway's state and request handlers (see the module docstring).
+
+    `router` defaults to one built from the config; `registry` is the
+    Prometheus `CollectorRegistry` the metrics live in (a fresh one by
+    default, so several gateways in one process do not collide). `clock` is
+    the monotonic clock every `now` passed to the router comes from.
+    `start()`/`stop()` run the pool, the HTTP client and the release ticker.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        router: Router | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.router = router if router is not None else config.build_router()
+        self.clock = clock
+        self.pool = EndpointPool(
+            config.endpoints,
+            files=config.endpoint_files,
+            scrape=config.scrape,
+            clock=clock,
+            on_removed=self._endpoint_removed,
+        )
+        self.metrics = GatewayMetrics(
+            registry if registry is not None else CollectorRegistry(),
+            self.router,
+            self.pool.states,
+            max_tenants=config.metrics.max_tenants,
+            pool_name=config.metrics.pool_name,
+            stale_after_s=config.scrape.stale_after_s,
+            clock=clock,
+        )
+        self.identity = config.identity
+        self.draining = False
+        self._client: httpx.AsyncClient | None = None
+        self._deferring = isinstance(self.router.admission, Deferring)
+        # id(request) -> (request, future); the request is held so its id stays unique
+        self._waiters: dict[int, tuple[Request, asyncio.Future[Decision | Rejection]]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the forwarding client, start the pool and the release ticker."""
+        server = self.config.server
+        self._client = httpx.AsyncClient(
+            trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        self._timeout = httpx.Timeout(
+            server.upstream_timeout_s,
+            connect=server.upstream_connect_timeout_s,
+            pool=server.upstream_connect_timeout_s,
+        )
+        await self.pool.start()
+        if self._deferring:
+            self._ticker = asyncio.create_task(self._tick(server.release_interval_s))
+
+    async def stop(self) -> None:
+        """Stop the ticker and the pool; answer any request still deferred with 503."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        for _request, future in self._waiters.values():
+            if not future.done():
+                future.set_result(
+                    Rejection(
+                        503, "the gateway is shutting down", retry_after_s=1.0, kind="draining"
+                    )
+                )
+        await self.pool.stop()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.release_deferred()
+            except Exception:  # never let the ticker die: deadlines depend on it
+                log.exception("releasing deferred requests failed")
+
+    def _endpoint_removed(self, endpoint: EndpointId) -> None:
+        self.router.observe(EndpointRemoved(endpoint=endpoint))
+
+    # -- deferral -------------------------------------------------------------------------
+
+    def release_deferred(self) -> None:
+        """Hand released requests to their waiting handlers.
+
+        A released `Decision` whose client has gone is settled at once
+        (ok=False), which may free a slot for the next: hence the loop,
+        bounded so a pathological policy cannot spin the event loop.
+        """
+        if not self._deferring:
+            return
+        for _ in range(64):
+            released = self.router.release(self.pool.states(), self.clock())
+            abandoned = False
+            for request, outcome in released:
+                waiter = self._waiters.pop(id(request), None)
+                if waiter is not None and waiter[0] is request and not waiter[1].done():
+                    waiter[1].set_result(outcome)
+                elif isinstance(outcome, Decision):
+                    self.router.on_complete(outcome, Usage(ok=False), self.clock())
+                    abandoned = True
+            if not abandoned:
+                return
+
+    async def _wait(
+        self, http: HttpRequest, request: Request, deferral: Deferral
+    ) -> Decision | Rejection | None:
+        """Wait for the deferred `request` to be released; None if the client went away."""
+        future: asyncio.Future[Decision | Rejection] = asyncio.get_running_loop().create_future()
+        self._waiters[id(request)] = (request, future)
+        disconnect = asyncio.ensure_future(_disconnected(http))
+        # the ticker fires the deadline; this timeout is only a safety net
+        patience = max(0.0, deferral.deadline - self.clock()) + 1.0
+        try:
+            waits: list[asyncio.Future[Any]] = [future, disconnect]
+            await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if future.done():
+            return future.result()
+        future.cancel()  # if it is released later, release_deferred settles it as failed
+        if disconnect.done() and not disconnect.cancelled():
+            return None
+        return Rejection(503, "deferred past its deadline", retry_after_s=1.0, kind="deadline")
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def completions(self, http: HttpRequest) -> Response:
+        """POST /v1/chat/completions and /v1/completions."""
+        ex = _Exchange(self.metrics, self.clock())
+        try:
+            return await self._complete(http, ex)
+        except ClientDisconnect:
+            ex.end(CLIENT_CLOSED, now=self.clock(), code="client-disconnect")
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception:
+            log.exception("request failed inside the gateway")
+            return self._fail(ex, 500, "internal gateway error", code="internal")
+
+    def _fail(
+        self,
+        ex: _Exchange,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        endpoint: str | None = None,
+    ) -> Response:
+        response = error_response(
+            status, message, code=code, param=param, retry_after_s=retry_after_s
+        )
+        ex.end(
+            status,
+            now=self.clock(),
+            code=code,
+            endpoint=endpoint,
+            response_bytes=len(response.body),
+        )
+        return response
+
+    async def _complete(self, http: HttpRequest, ex: _Exchange) -> Response:
+        server = self.config.server
+        if self.draining:
+            return self._fail(
+                ex, 503, "the gateway is shutting down", code="draining", retry_after_s=1.0
+            )
+        body = await _read_body(http, server.body_limit_bytes)
+        if body is None:
+            return self._fail(
+                ex,
+                413,
+                f"the request body is larger than {server.body_limit_bytes} bytes",
+                code="body-too-large",
+            )
+        ex.request_bytes = len(body)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return self._fail(ex, 400, "the request body is not valid JSON", code="invalid-json")
+        if not isinstance(doc, dict):
+            return self._fail(
+                ex, 400, "the request body must be a JSON object", code="invalid-json"
+            )
+        model = doc.get("model")
+        if isinstance(model, str) and model:
+            ex.model = model
+        try:
+            identity = self.identity.resolve(http.headers, doc)
+            ex.tenant = identity.tenant
+            parsed = parse_openai(
+                doc,
+                http.headers,
+                tenant_header=None,
+                session_header=None,
+                priority_header=None,
+                request_id_header="x-request-id",
+                tenant_from_user=False,
+            )
+            request = attrs.evolve(
+                parsed,
+                tenant=identity.tenant,
+                session=identity.session,
+                priority=identity.priority,
+            )
+        except RequestError as exc:
+            code = "unauthorized" if exc.status == 401 else "invalid-request"
+            return self._fail(ex, exc.status, str(exc), code=code, param=exc.field)
+
+        forwarded: dict[str, Any] | None = None
+        blocker = self.router.blocker
+        if blocker.isolate_tenants:
+            salt = isolation_salt(blocker, request.tenant, request.cache_salt)
+            request = attrs.evolve(request, cache_salt=salt)
+            forwarded = dict(doc, cache_salt=salt)
+        client_usage = False
+        if request.stream:
+            options = doc.get("stream_options")
+            client_usage = isinstance(options, dict) and options.get("include_usage") is True
+            if not client_usage:
+                forwarded = dict(forwarded or doc)
+                forwarded["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+        payload = body if forwarded is None else json.dumps(forwarded).encode()
+
+        ex.begin()
+        now = self.clock()
+        t0 = time.perf_counter()
+        outcome = self.router.route(request, self.pool.states(), now)
+        elapsed = time.perf_counter() - t0
+        if isinstance(outcome, Decision):
+            self.metrics.observe_decision(elapsed, "decision", decision=outcome)
+        else:
+            kind = "deferral" if isinstance(outcome, Deferral) else "rejection"
+            self.metrics.observe_decision(elapsed, kind)
+        if isinstance(outcome, Deferral):
+            released = await self._wait(http, request, outcome)
+            if released is None:
+                ex.end(CLIENT_CLOSED, now=self.clock(), code="client-disconnect")
+                return Response(status_code=CLIENT_CLOSED)
+            outcome = released
+        if isinstance(outcome, Rejection):
+            return self._fail(
+                ex,
+                outcome.status,
+                outcome.reason,
+                code=outcome.kind,
+                retry_after_s=outcome.retry_after_s,
+            )
+        return await self._forward(http, ex, outcome, payload, client_usage)
+
+    async def _forward(
+        self,
+        http: HttpRequest,
+        ex: _Exchange,
+        decision: Decision,
+        payload: bytes,
+        client_usage: bool,
+    ) -> Response:
+        """Send to the decision's endpoint, then its fallbacks; settle the decision once."""
+        assert self._client is not None, "the gateway is not started"
+        client = self._client
+        flight = _Flight(self, decision)
+        handed_off = False
+        try:
+            headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _NOT_UPSTREAM]
+            saw_5xx = False
+            for endpoint in (decision.endpoint, *decision.fallbacks):
+                address = self.pool.address(endpoint)
+                if address is None:
+                    continue  # removed from the pool since the decision
+                upstream = client.build_request(
+                    "POST",
+                    f"http://{address}{http.url.path}",
+                    content=payload,
+                    headers=headers,
+                    timeout=self._timeout,
+                )
+                try:
+                    response = await client.send(upstream, stream=True)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    self.pool.mark_failed(endpoint)
+                    self._retry(endpoint, "connect", exc)
+                    continue
+                except (httpx.ReadTimeout, httpx.WriteTimeout):
+                    return self._timed_out(ex, flight, endpoint)
+                except httpx.TransportError as exc:  # dropped before the headers
+                    self._retry(endpoint, "disconnect", exc)
+                    continue
+                if response.status_code >= 500:
+                    await response.aclose()
+                    saw_5xx = True
+                    self._retry(endpoint, "status-5xx", response.status_code)
+                    continue
+                streaming = request_streams(decision, response)
+                chunks = response.aiter_bytes()
+                try:
+                    first = await anext(chunks, b"") if streaming else await response.aread()
+                except (httpx.ReadTimeout, httpx.WriteTimeout):
+                    await response.aclose()
+                    return self._timed_out(ex, flight, endpoint)
+                except httpx.TransportError as exc:
+                    await response.aclose()
+                    self._retry(endpoint, "disconnect", exc)
+                    continue
+                if not streaming:
+                    await response.aclose()
+                    return self._answer(ex, flight, endpoint, response, first)
+                handed_off = True
+                return self._relay(ex, flight, endpoint, response, chunks, first, client_usage)
+            if saw_5xx:
+                return self._fail(
+                    ex,
+                    502,
+                    "every endpoint tried answered with a server error",
+                    code="upstream-error",
+                )
+            return self._fail(
+                ex,
+                503,
+                "no endpoint could be reached",
+                code="upstream-unavailable",
+                retry_after_s=1.0,
+            )
+        finally:
+            if not handed_off:
+                flight.settle(Usage(ok=False), None)
+
+    def _retry(self, endpoint: EndpointId, reason: str, detail: object) -> None:
+        log.info("endpoint %s failed (%s: %r): trying the next", endpoint, reason, detail)
+        self.metrics.observe_retry(endpoint, reason)
+
+    def _timed_out(self, ex: _Exchange, flight: _Flight, endpoint: EndpointId) -> Response:
+        flight.settle(Usage(ok=False, e2e_s=self.clock() - ex.started), endpoint)
+        return self._fail(
+            ex,
+            504,
+            f"the endpoint sent nothing for {self.config.server.upstream_timeout_s:g} s",
+            code="upstream-timeout",
+            endpoint=endpoint,
+        )
+
+    def _headers(
+        self, upstream: httpx.Headers, decision: Decision, served_by: EndpointId
+    ) -> dict[str, str]:
+        out = {k: v for k, v in upstream.items() if k.lower() not in _NOT_DOWNSTREAM}
+        if self.config.server.explain_header:
+            out[DECISION_HEADER] = explain_header(decision, served_by)
+        return out
+
+    def _answer(
+        self,
+        ex: _Exchange,
+        flight: _Flight,
+        endpoint: EndpointId,
+        response: httpx.Response,
+        content: bytes,
+    ) -> Response:
+        """A whole (non-streaming) upstream answer, passed through unchanged."""
+        now = self.clock()
+        ok = response.is_success
+        raw_usage = None
+        if ok:
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(content)
+                raw_usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        usage = _usage(raw_usage, ok=ok, ttft_s=None, e2e_s=now - ex.started)
+        flight.settle(usage, endpoint)
+        ex.end(
+            response.status_code,
+            now=now,
+            code=None if ok else "upstream-status",
+            endpoint=endpoint,
+            usage=usage if ok else None,
+            response_bytes=len(content),
+        )
+        return Response(
+            content,
+            status_code=response.status_code,
+            headers=self._headers(response.headers, flight.decision, endpoint),
+        )
+
+    def _relay(
+        self,
+        ex: _Exchange,
+        flight: _Flight,
+        endpoint: EndpointId,
+        response: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        first: bytes,
+        client_usage: bool,
+    ) -> Response:
+        """Stream the SSE answer through; settle when it ends, however it ends."""
+        sse = _Sse(keep_usage=client_usage)
+        # how it ended, for metrics; stays "client-disconnect" if the body is cut short
+        outcome = _Outcome()
+
+        def finish() -> None:
+            now = self.clock()
+            ttft = None if sse.first_token_at is None else sse.first_token_at - ex.started
+            usage = _usage(sse.usage, ok=outcome.ok, ttft_s=ttft, e2e_s=now - ex.started)
+            flight.settle(usage, endpoint)
+            ex.end(
+                outcome.status,
+                now=now,
+                code=outcome.code,
+                endpoint=endpoint,
+                ttft_s=ttft,
+                usage=usage,
+                response_bytes=outcome.sent,
+            )
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                data = first
+                while True:
+                    out = sse.feed(data, self.clock()) if data else b""
+                    if out:
+                        outcome.sent += len(out)
+                        yield out
+                    try:
+                        data = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                tail = sse.flush()
+                if tail:
+                    yield tail
+                outcome.ended(response.status_code, None)
+            except httpx.HTTPError as exc:
+                timeout = isinstance(exc, httpx.TimeoutException)
+                code = "upstream-timeout" if timeout else "upstream-error"
+                outcome.ended(response.status_code, code)
+                message = f"the upstream stream broke off: {type(exc).__name__}"
+                error = error_body(504 if timeout else 502, message, code=code)
+                yield b"data: " + json.dumps(error).encode() + b"\n\n"
+            finally:
+                finish()  # synchronous first: a cancelled task may not get past an await
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+        async def on_close() -> None:
+            finish()  # a no-op when the body ran; settles a body that never started
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+        return _RelayResponse(
+            body(),
+            on_close,
+            status_code=response.status_code,
+            headers=self._headers(response.headers, flight.decision, endpoint),
+        )
+
+    async def models(self, http: HttpRequest) -> Response:
+        """GET /v1/models: the configured models, else a healthy endpoint's list."""
+        states = self.pool.states()
+        names = sorted({m for s in states for m in s.models})
+        if names:
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "prefixroute"} for m in names
+            ]
+            return JSONResponse({"object": "list", "data": data})
+        assert self._client is not None
+        for state in states:
+            if not state.healthy:
+                continue
+            try:
+                answer = await self._client.get(
+                    f"http://{state.address}/v1/models", timeout=self._timeout
+                )
+            except httpx.HTTPError:
+                continue
+            if answer.is_success:
+                return Response(answer.content, headers={"content-type": "application/json"})
+        return error_response(
+            503, "no healthy endpoint to list models", code="no-endpoint", retry_after_s=1.0
+        )
+
+    async def health(self, http: HttpRequest) -> Response:
+        """GET /health: 200 with at least one healthy endpoint, 503 otherwise or while draining."""
+        states = self.pool.states()
+        healthy = sum(1 for s in states if s.healthy)
+        status = "draining" if self.draining else ("ok" if healthy else "unavailable")
+        body = {"status": status, "healthy_endpoints": healthy, "endpoints": len(states)}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    async def prometheus(self, http: HttpRequest) -> Response:
+        """GET /metrics: the Prometheus exposition."""
+        body, content_type = self.metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
+
+def request_streams(decision: Decision, response: httpx.Response) -> bool:
+    """Whether to relay `response` as a stream: the client asked and the engine streams SSE."""
+    return (
+        decision.request.stream
+        and response.is_success
+        and response.headers.get("content-type", "").startswith("text/event-stream")
+    )
+
+
+def explain_header(decision: Decision, served_by: EndpointId) -> str:
+    """The `x-prefixroute-decision` value: the choice, the match, the fallbacks (ASCII)."""
+    parts = [
+        f"endpoint={decision.endpoint}",
+        f"served_by={served_by}",
+        f"matched_blocks={decision.matched_blocks}",
+        f"total_blocks={decision.total_blocks}",
+        f"predicted_cached_tokens={decision.predicted_cached_tokens}",
+        f"fallbacks={','.join(decision.fallbacks)}",
+    ]
+    return "; ".join(parts).encode("ascii", "replace").decode("ascii")
+
+
+async def _read_body(http: HttpRequest, limit: int) -> bytes | None:
+    """The body, or None when it is over `limit` (read no further than needed to know)."""
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    data = bytearray()
+    async for chunk in http.stream():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
+
+
+async def _disconnected(http: HttpRequest) -> None:
+    """Returns when the client disconnects (the body has been read already)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- the app -------------------------------------------------------------------------------
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    router: Router | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """The gateway as a Starlette ASGI app; `app.state.gateway` is its `Gateway`.
+
+    The app's lifespan starts and stops the pool, the client and the
+    release ticker. `registry` is the Prometheus registry for its metrics.
+    """
+    gateway = Gateway(config, router=router, registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    async def http_error(http: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        return error_response(
+            exc.status_code,
+            f"{message}: {http.method} {http.url.path}",
+            code=None,
+            headers=exc.headers,
+        )
+
+    async def server_error(http: HttpRequest, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return error_response(500, "internal gateway error", code="internal")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", gateway.completions, methods=["POST"]),
+            Route("/v1/completions", gateway.completions, methods=["POST"]),
+            Route("/v1/models", gateway.models, methods=["GET"]),
+            Route("/health", gateway.health, methods=["GET"]),
+            Route("/metrics", gateway.prometheus, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the gateway when a drain starts (so /health says 503),
+    and exiting with status 0 once the drain is done."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.gateway.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutting down, so the process would
+        # die by SIGTERM; a completed drain is a clean exit (status 0) instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def serve(config: GatewayConfig, *, log_level: str = "info") -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
+    app = create_app(config)
+    server = config.server
+    uv = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, math.ceil(server.drain_timeout_s)),
+        access_log=log_level == "debug",
+    )
+    _Server(uv, app.state.gateway).run()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prefixroute serve` arguments."""
+    parser.add_argument("--config", required=True, metavar="FILE", help="gateway config (YAML)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default: info)",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run `prefixroute serve`; 2 with a one-line message for a bad config."""
+    try:
+        config = GatewayConfig.from_file(args.config)
+        overrides: dict[str, Any] = {}
+        if args.host is not None:
+            overrides["host"] = args.host
+        if args.port is not None:
+            overrides["port"] = args.port
+        if overrides:
+            try:
+                config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
+            except ValueError as exc:
+                raise ConfigError("--port", str(exc)) from exc
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        serve(config, log_level=args.log_level)
+    except ConfigError as exc:
+        print(f"prefixroute serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prefixroute serve", description=__doc__.splitlines()[0])
+    cli_arguments(parser)
+    return cli_main(parser.parse_args(None if argv is None else list(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

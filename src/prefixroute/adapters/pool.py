@@ -1,0 +1,560 @@
+"""The endpoints a gateway routes over, and what it last scraped from each.
+
+`EndpointPool` holds the configured endpoints (a static list and/or YAML
+files reloaded when their modification time changes) and keeps, per endpoint,
+the load its engine last reported and whether it is healthy. `states()` turns
+that into the `EndpointState` snapshots `Router.route` takes, once per change:
+the list is cached, so the per-request call is O(1) while nothing changed.
+
+Scraping. Every `interval_s` (default 50 ms, the Gateway API Inference
+Extension's `--refresh-metrics-interval`, GIE `pkg/epp/server/runserver.go`
+`DefaultRefreshMetricsInterval`) each endpoint's Prometheus `/metrics` is
+fetched (one request in flight per endpoint: a slow engine delays only its
+own scrape) and parsed with `prometheus_client`'s text parser. Read:
+
+- `vllm:num_requests_waiting`, `vllm:num_requests_running` (summed over the
+  samples, e.g. several `engine` label values of one data-parallel server);
+- `vllm:kv_cache_usage_perc` (vLLM v1), else the older
+  `vllm:gpu_cache_usage_perc` (both fractions in [0, 1]; averaged over samples);
+- `vllm:cache_config_info` labels `num_gpu_blocks` (summed over distinct
+  `engine` values) -> `kv_capacity_blocks`, and `block_size`;
+- SGLang's `sglang:num_queue_reqs`, `sglang:num_running_reqs`,
+  `sglang:token_usage` when vLLM's are absent.
+
+Only lines of these families reach the parser (GIE's data layer filters
+families the same way before parsing), so a large `/metrics` page costs a
+line scan. `observed_at` is the gateway's monotonic time of the last good
+scrape. A failed scrape changes nothing: the endpoint keeps its last values
+and their old `observed_at`, and the router's `stale-metrics-filter` decides
+what stale means (GIE's default metrics staleness threshold is 2 s,
+`DefaultMetricsStalenessThreshold`; `stale_after_s` here is for exporters).
+
+Health. Every `health_interval_s`, `GET health_path`; `unhealthy_after`
+consecutive failures (connection error, timeout, non-2xx) mark the endpoint
+unhealthy, one success marks it healthy again. Passive: `mark_failed` (the
+gateway's connection failures) marks it unhealthy at once, until the next
+good health check. A new endpoint starts healthy.
+
+For tests and other drivers the timers are optional: `scrape_once()`,
+`check_health_once()` and `reload_if_changed()` do one round each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefixroute.config import ConfigError, read_section
+from prefixroute.endpoint import EndpointId, EndpointState
+
+__all__ = [
+    "EndpointPool",
+    "EndpointSpec",
+    "EngineMetrics",
+    "ScrapeConfig",
+    "load_endpoint_file",
+    "parse_metrics",
+    "read_endpoints",
+]
+
+log = logging.getLogger(__name__)
+
+_WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+_RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+_CACHE_INFO = "vllm:cache_config_info"
+_WANTED = frozenset((*_WAITING, *_RUNNING, *_KV_USAGE, _CACHE_INFO))
+
+_SCRAPE_KEYS = {
+    "interval_s": "float",
+    "timeout_s": "float",
+    "stale_after_s": "float",
+    "metrics_path": "str",
+    "health_path": "str",
+    "health_interval_s": "float",
+    "unhealthy_after": "int",
+}
+
+
+# -- values -----------------------------------------------------------------------
+
+
+def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
+
+
+def _url_path(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"{attr.name} must start with '/', got {value!r}")
+
+
+@attrs.frozen
+class ScrapeConfig:
+    """How often and how patiently endpoints are scraped and health-checked.
+
+    Defaults: `interval_s` 0.05 (GIE's refresh-metrics interval), `timeout_s`
+    1.0 per scrape or check, `stale_after_s` 2.0 (GIE's staleness threshold;
+    read by exporters, the router's filter has its own `max_age_s`),
+    `metrics_path` "/metrics", `health_path` "/health", `health_interval_s`
+    1.0, `unhealthy_after` 3 consecutive failures.
+    """
+
+    interval_s: float = attrs.field(default=0.05, validator=_positive)
+    timeout_s: float = attrs.field(default=1.0, validator=_positive)
+    stale_after_s: float = attrs.field(default=2.0, validator=_positive)
+    metrics_path: str = attrs.field(default="/metrics", validator=_url_path)
+    health_path: str = attrs.field(default="/health", validator=_url_path)
+    health_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    unhealthy_after: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> ScrapeConfig:
+        """Read the config document's `scrape` section; ConfigError naming the field."""
+        section = read_section(doc, "scrape", _SCRAPE_KEYS)
+        try:
+            return cls(**section)
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0].strip("'")
+            raise ConfigError(
+                f"scrape.{field}" if field in section else "scrape", str(exc)
+            ) from exc
+
+
+@attrs.frozen
+class EndpointSpec:
+    """One configured endpoint: its id (default: the address), `host:port`, models served.
+
+    An empty `models` means any model (the router's `model-filter` lets it
+    serve every request).
+    """
+
+    address: str
+    id: EndpointId = attrs.field(
+        default=attrs.Factory(lambda self: EndpointId(self.address), takes_self=True)
+    )
+    models: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+
+    def __attrs_post_init__(self) -> None:
+        EndpointState(id=self.id, address=self.address)  # the core's address and id checks
+
+    @classmethod
+    def from_document(cls, doc: object, path: str) -> EndpointSpec:
+        """Read `{address, id?, models?}`; ConfigError naming the field."""
+        if not isinstance(doc, Mapping):
+            raise ConfigError(path, "must be a mapping {address, id?, models?} or {file}")
+        for key in doc:
+            if key not in ("address", "id", "models"):
+                raise ConfigError(f"{path}.{key}", "unknown key (allowed: address, id, models)")
+        address = doc.get("address")
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"{path}.address", "must be host:port")
+        eid = doc.get("id", address)
+        if not isinstance(eid, str) or not eid:
+            raise ConfigError(f"{path}.id", "must be a non-empty string")
+        models = doc.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"{path}.models", "must be a list of model names")
+        try:
+            return cls(address=address, id=EndpointId(eid), models=frozenset(models))
+        except ValueError as exc:
+            raise ConfigError(f"{path}.address", str(exc)) from exc
+
+
+def read_endpoints(
+    value: object, *, base_dir: str | os.PathLike[str] = "."
+) -> tuple[tuple[EndpointSpec, ...], tuple[Path, ...]]:
+    """The config's `endpoints` list: static specs, and endpoint files (relative to `base_dir`).
+
+    Each file is read once here, so a missing or malformed file is a
+    ConfigError at startup; later changes are the pool's to reload. Ids must
+    be distinct across all of them.
+    """
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise ConfigError("endpoints", "must be a list of {address, id?, models?} or {file}")
+    specs: list[EndpointSpec] = []
+    files: list[Path] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        path = f"endpoints[{i}]"
+        if isinstance(item, Mapping) and "file" in item:
+            if set(item) != {"file"}:
+                raise ConfigError(path, "a file entry holds only `file`")
+            if not isinstance(item["file"], str) or not item["file"]:
+                raise ConfigError(f"{path}.file", "must be a path")
+            file = Path(base_dir, item["file"])
+            found = load_endpoint_file(file)
+            files.append(file)
+        else:
+            found = [EndpointSpec.from_document(item, path)]
+            specs.extend(found)
+        for spec in found:
+            if spec.id in seen:
+                raise ConfigError(path, f"duplicate endpoint id {spec.id!r}")
+            seen.add(spec.id)
+    return tuple(specs), tuple(files)
+
+
+def load_endpoint_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
+    """The endpoints in a YAML file: a list of `{address, id?, models?}` or `{endpoints: [..]}`."""
+    try:
+        doc: object = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read endpoint file: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"not valid YAML: {exc}") from exc
+    if doc is None:
+        doc = []
+    if isinstance(doc, Mapping):
+        if set(doc) - {"endpoints"}:
+            raise ConfigError(str(path), "an endpoint file holds a list (or {endpoints: [...]})")
+        doc = doc.get("endpoints") or []
+    if not isinstance(doc, list):
+        raise ConfigError(str(path), "an endpoint file holds a list of {address, id?, models?}")
+    specs = [EndpointSpec.from_document(item, f"{path}[{i}]") for i, item in enumerate(doc)]
+    if len({s.id for s in specs}) != len(specs):
+        raise ConfigError(str(path), "duplicate endpoint ids")
+    return specs
+
+
+@attrs.frozen
+class EngineMetrics:
+    """What one scrape of an engine's `/metrics` said (None: the engine did not say)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float | None = None
+    kv_capacity_blocks: int | None = None
+    block_size: int | None = None
+
+
+def parse_metrics(text: str) -> EngineMetrics:
+    """Parse vLLM (or SGLang) Prometheus text into `EngineMetrics` (see the module docstring).
+
+    O(lines) for the family filter plus the parser over the kept lines.
+    ValueError on text the Prometheus parser refuses, or without any of the
+    families read (not an engine we understand: better stale than zeros).
+    """
+    kept = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[2] in _WANTED:
+                kept.append(line)
+        elif line.split("{", 1)[0].split(" ", 1)[0] in _WANTED:
+            kept.append(line)
+    if not kept:
+        raise ValueError("no vLLM or SGLang load metrics on the page")
+    samples: dict[str, list[tuple[Mapping[str, str], float]]] = {}
+    for family in text_string_to_metric_families("\n".join(kept) + "\n"):
+        for s in family.samples:
+            if s.name in _WANTED and math.isfinite(s.value):
+                samples.setdefault(s.name, []).append((s.labels, float(s.value)))
+
+    def first(names: Sequence[str]) -> list[float] | None:
+        for name in names:
+            if name in samples:
+                return [v for _, v in samples[name]]
+        return None
+
+    waiting = first(_WAITING) or [0.0]
+    running = first(_RUNNING) or [0.0]
+    usage = first(_KV_USAGE)
+    kv_usage = None if usage is None else min(1.0, max(0.0, sum(usage) / len(usage)))
+    capacity: int | None = None
+    block_size: int | None = None
+    blocks_by_engine: dict[str, int] = {}
+    for labels, _ in samples.get(_CACHE_INFO, []):
+        with contextlib.suppress(KeyError, ValueError):
+            blocks_by_engine[labels.get("engine", "")] = int(labels["num_gpu_blocks"])
+        with contextlib.suppress(KeyError, ValueError):
+            block_size = block_size or int(labels["block_size"])
+    if blocks_by_engine and sum(blocks_by_engine.values()) > 0:
+        capacity = sum(blocks_by_engine.values())
+    return EngineMetrics(
+        waiting=max(0, round(sum(waiting))),
+        running=max(0, round(sum(running))),
+        kv_usage=kv_usage,
+        kv_capacity_blocks=capacity,
+        block_size=block_size,
+    )
+
+
+# -- the pool ---------------------------------------------------------------------
+
+
+class _Slot:
+    """One endpoint's mutable state (internal)."""
+
+    __slots__ = ("failures", "observed_at", "passive", "scraped", "source", "spec")
+
+    def __init__(self, spec: EndpointSpec, source: Path | None) -> None:
+        self.spec = spec
+        self.source = source  # the file it came from; None for a static endpoint
+        self.scraped = EngineMetrics()
+        self.observed_at: float | None = None
+        self.failures = 0  # consecutive failed health checks
+        self.passive = False  # marked failed by the gateway since the last good check
+
+    def healthy(self, unhealthy_after: int) -> bool:
+        return not self.passive and self.failures < unhealthy_after
+
+
+class EndpointPool:
+    """The endpoints, their scraped load and health; `states()` for the router.
+
+    Single event loop: every method runs on the loop that called `start()`
+    (or, without `start()`, the caller's). `on_removed(id)` is called for
+    each endpoint that a reloaded file no longer lists (the gateway tells the
+    router `EndpointRemoved`). Cost: `states()` O(1) while nothing changed,
+    O(endpoints) to rebuild after a change; one scrape parses one page.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[EndpointSpec] = (),
+        *,
+        files: Iterable[str | os.PathLike[str]] = (),
+        scrape: ScrapeConfig | None = None,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_removed: Callable[[EndpointId], None] | None = None,
+    ) -> None:
+        self.scrape = scrape if scrape is not None else ScrapeConfig()
+        self._client = client
+        self._owns_client = client is None
+        self._clock = clock
+        self._on_removed = on_removed
+        self._slots: dict[EndpointId, _Slot] = {}
+        self._files: dict[Path, tuple[int, int] | None] = {Path(f): None for f in files}
+        self._states: list[EndpointState] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        for spec in endpoints:
+            self._add(spec, None)
+        for file in self._files:
+            self._reload_file(file, strict=True)
+
+    # -- reading --------------------------------------------------------------------
+
+    def states(self) -> list[EndpointState]:
+        """Snapshots of every endpoint for `Router.route` (a cached list: do not mutate)."""
+        states = self._states
+        if states is None:
+            after = self.scrape.unhealthy_after
+            states = self._states = [
+                EndpointState(
+                    id=s.spec.id,
+                    address=s.spec.address,
+                    models=s.spec.models,  # type: ignore[arg-type]  # generic converter
+                    waiting=s.scraped.waiting,
+                    running=s.scraped.running,
+                    kv_usage=s.scraped.kv_usage or 0.0,
+                    kv_capacity_blocks=s.scraped.kv_capacity_blocks,
+                    healthy=s.healthy(after),
+                    observed_at=s.observed_at,
+                )
+                for s in self._slots.values()
+            ]
+        return states
+
+    def address(self, endpoint: EndpointId) -> str | None:
+        """The `host:port` of `endpoint`, None if it is not (or no longer) in the pool."""
+        slot = self._slots.get(endpoint)
+        return slot.spec.address if slot is not None else None
+
+    def is_stale(self, state: EndpointState, now: float) -> bool:
+        """Whether `state`'s metrics are older than `stale_after_s` (or were never scraped)."""
+        return state.observed_at is None or now - state.observed_at > self.scrape.stale_after_s
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    # -- passive health ---------------------------------------------------------------
+
+    def mark_failed(self, endpoint: EndpointId) -> None:
+        """A request to `endpoint` failed to connect: unhealthy until a health check passes."""
+        slot = self._slots.get(endpoint)
+        if slot is not None and not slot.passive:
+            slot.passive = True
+            self._states = None
+            log.warning("endpoint %s marked unhealthy after a failed connection", endpoint)
+
+    # -- one round of each job ------------------------------------------------------
+
+    async def scrape_once(self) -> None:
+        """Scrape every endpoint's metrics once, concurrently."""
+        await asyncio.gather(*(self._scrape(s) for s in list(self._slots.values())))
+
+    async def check_health_once(self) -> None:
+        """Health-check every endpoint once, concurrently."""
+        await asyncio.gather(*(self._check(s) for s in list(self._slots.values())))
+
+    def reload_if_changed(self) -> bool:
+        """Re-read every endpoint file whose mtime or size changed; True if the pool changed.
+
+        A file that cannot be read or parsed is logged and its endpoints are
+        kept as they were. O(files) `stat` calls when nothing changed.
+        """
+        changed = False
+        for file in self._files:
+            changed |= self._reload_file(file, strict=False)
+        return changed
+
+    # -- timers ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """One scrape and health round, then background loops for both."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(trust_env=False)
+        await asyncio.gather(self.scrape_once(), self.check_health_once())
+        self._tasks = [
+            asyncio.create_task(self._loop(self.scrape.interval_s, self._scrape, reload=True)),
+            asyncio.create_task(self._loop(self.scrape.health_interval_s, self._check)),
+        ]
+
+    async def stop(self) -> None:
+        """Cancel the loops (and close the HTTP client if the pool made it)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _loop(
+        self,
+        period: float,
+        job: Callable[[_Slot], Coroutine[Any, Any, None]],
+        *,
+        reload: bool = False,
+    ) -> None:
+        """Every `period`, start `job` for each endpoint whose previous one has finished."""
+        busy: dict[EndpointId, asyncio.Task[None]] = {}
+        try:
+            while True:
+                if reload:
+                    self.reload_if_changed()
+                for eid, slot in list(self._slots.items()):
+                    task = busy.get(eid)
+                    if task is None or task.done():
+                        busy[eid] = asyncio.create_task(job(slot))
+                for eid in [e for e in busy if e not in self._slots]:
+                    busy.pop(eid).cancel()
+                await asyncio.sleep(period)
+        finally:
+            for task in busy.values():
+                task.cancel()
+            await asyncio.gather(*busy.values(), return_exceptions=True)
+
+    # -- the jobs -------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:  # rounds run without start(): make the client lazily
+            self._client = httpx.AsyncClient(trust_env=False)
+        return self._client
+
+    async def _scrape(self, slot: _Slot) -> None:
+        url = f"http://{slot.spec.address}{self.scrape.metrics_path}"
+        try:
+            response = await self._http().get(url, timeout=self.scrape.timeout_s)
+            response.raise_for_status()
+            metrics = parse_metrics(response.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.debug("scraping %s failed: %r", url, exc)
+            return
+        slot.scraped = metrics
+        slot.observed_at = self._clock()
+        if self._slots.get(slot.spec.id) is slot:
+            self._states = None
+
+    async def _check(self, slot: _Slot) -> None:
+        url = f"http://{slot.spec.address}{self.scrape.health_path}"
+        after = self.scrape.unhealthy_after
+        was = slot.healthy(after)
+        try:
+            response = await self._http().get(url, timeout=self.scrape.timeout_s)
+            ok = response.is_success
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            slot.failures = 0
+            slot.passive = False
+        else:
+            slot.failures += 1
+        now = slot.healthy(after)
+        if now != was and self._slots.get(slot.spec.id) is slot:
+            self._states = None
+            log.warning("endpoint %s is %s", slot.spec.id, "healthy" if now else "unhealthy")
+
+    # -- membership -----------------------------------------------------------------
+
+    def _add(self, spec: EndpointSpec, source: Path | None) -> None:
+        self._slots[spec.id] = _Slot(spec, source)
+        self._states = None
+
+    def _remove(self, endpoint: EndpointId) -> None:
+        del self._slots[endpoint]
+        self._states = None
+        if self._on_removed is not None:
+            self._on_removed(endpoint)
+
+    def _reload_file(self, file: Path, *, strict: bool) -> bool:
+        try:
+            st = file.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except OSError as exc:
+            if strict:
+                raise ConfigError(str(file), f"cannot read endpoint file: {exc}") from exc
+            stamp = None
+        if stamp is not None and stamp == self._files[file]:
+            return False
+        self._files[file] = stamp
+        try:
+            specs = load_endpoint_file(file)
+        except (ConfigError, OSError) as exc:
+            if strict:
+                raise ConfigError(str(file), str(exc)) from exc
+            log.warning("endpoint file %s not reloaded, keeping its endpoints: %s", file, exc)
+            return False
+        return self._apply(file, specs)
+
+    def _apply(self, file: Path, specs: list[EndpointSpec]) -> bool:
+        """Make the endpoints that came from `file` exactly `specs`."""
+        wanted = {s.id: s for s in specs}
+        changed = False
+        for eid, slot in list(self._slots.items()):
+            if slot.source != file:
+                continue
+            new = wanted.get(eid)
+            if new is None or new.address != slot.spec.address:
+                self._remove(eid)  # gone, or a different pod under the same id
+                changed = True
+            elif new != slot.spec:
+                slot.spec = new
+                self._states = None
+                changed = True
+        for eid, spec in wanted.items():
+            current = self._slots.get(eid)
+            if current is None:
+                self._add(spec, file)
+                changed = True
+            elif current.source != file:
+                log.warning("endpoint file %s repeats endpoint id %s: ignored", file, eid)
+        if changed:
+            log.info("endpoint file %s reloaded: %d endpoints in the pool", file, len(self._slots))
+        return changed

@@ -1,0 +1,88 @@
+"""Real servers on loopback for the adapter tests: in-process threads and subprocesses.
+
+Everything binds 127.0.0.1 on an ephemeral port and is torn down by the
+context manager, so no test leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import uvicorn
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
+    """Run an ASGI `app` with uvicorn in a thread; yields its base URL `http://127.0.0.1:P`."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def wait_http(
+    url: str, *, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll `url` until it answers (any status); RuntimeError on timeout or if `proc` died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            httpx.get(url, timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+@contextlib.contextmanager
+def run_process(
+    args: Sequence[str], *, ready_url: str | None = None, timeout_s: float = 15.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start `python -m ...`-style `args` (sys.executable is prepended), wait for `ready_url`.
+
+    The process is terminated (then killed) on exit. Its stdout is discarded;
+    its stderr goes to the test's own (pytest shows it when a test fails).
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL)
+    try:
+        if ready_url is not None:
+            wait_http(ready_url, timeout_s=timeout_s, proc=proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
