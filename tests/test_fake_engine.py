@@ -389,3 +389,45 @@ def test_flush_cache_forgets_the_prefix_cache() -> None:
         cold = post(url, "/v1/chat/completions", chat_body()).json()["usage"]
         assert cold["prompt_tokens_details"]["cached_tokens"] == 0
         assert httpx.post(url + "/reset_prefix_cache", timeout=10).status_code == 200
+
+
+def test_a_stream_cut_mid_way_does_not_stop_the_engine() -> None:
+    """A disconnected stream is aborted; later and concurrent requests still complete."""
+    fake_config = FakeEngineConfig(engine_id="cut", time_scale=0.2)
+    app = create_app(fake_config)
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        body = {
+            "model": "qwen3-0.6b",
+            "max_tokens": 200,
+            "stream": True,
+            "messages": [{"role": "user", "content": "cut me off"}],
+        }
+        for _ in range(3):
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                for _ in range(4):
+                    next(lines)
+            # leaving the block closes the connection mid-stream
+        plain = {
+            "model": "qwen3-0.6b",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "still there?"}],
+        }
+        r = client.post("/v1/chat/completions", json=plain)
+        assert r.status_code == 200
+        assert r.json()["usage"]["completion_tokens"] == 4
+        assert client.get("/health").status_code == 200
+        engine = app.state.fake_engine.engine
+        deadline = time.monotonic() + 5
+        while engine.running or engine.waiting:  # the aborts land between steps
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        engine.check_invariants()
+
+
+def test_a_lone_surrogate_is_a_400() -> None:
+    raw = b'{"model":"qwen3-0.6b","max_tokens":2,"messages":[{"role":"user","content":"\\ud800x"}]}'
+    with serve_in_thread(create_app(FakeEngineConfig())) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=10)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"

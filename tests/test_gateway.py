@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from prefixroute import Router
 from prefixroute.adapters.fake_engine import FakeEngineConfig
 from prefixroute.adapters.fake_engine import create_app as engine_app
 from prefixroute.adapters.gateway import (
@@ -523,7 +524,8 @@ def test_an_endpoint_removed_from_the_file_stops_getting_traffic(
 def test_the_example_config_loads() -> None:
     config = GatewayConfig.from_file(ROOT / "examples" / "gateway.yaml")
     assert config.endpoints and config.server.port == 8080
-    config.build_router()
+    router = config.build_router()
+    assert router.profile.scorer_names == Router.default().profile.scorer_names
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,7 @@ def test_reload_adds_and_removes_endpoints(tmp_path: Path) -> None:
         "- {address: '127.0.0.1:9002', id: b, models: [m]}\n- {address: '127.0.0.1:9003', id: c}\n"
     )
     os.utime(file, ns=(1, 1))  # a distinct mtime even on coarse file systems
+    assert not pool.reload_if_changed()  # maybe half-written: wait until it holds still
     assert pool.reload_if_changed()
     states = {s.id: s for s in pool.states()}
     assert sorted(states) == ["b", "c", "static"]
@@ -188,12 +189,20 @@ def test_reload_adds_and_removes_endpoints(tmp_path: Path) -> None:
     file.write_text("- {address: nonsense}\n")  # a broken file keeps the endpoints
     os.utime(file, ns=(2, 2))
     assert not pool.reload_if_changed()
+    assert not pool.reload_if_changed()
     assert sorted(s.id for s in pool.states()) == ["b", "c", "static"]
 
     file.write_text("- {address: '127.0.0.1:9009', id: b}\n")  # same id, another pod
     os.utime(file, ns=(3, 3))
+    assert not pool.reload_if_changed()
     assert pool.reload_if_changed()
     assert removed == ["a", "b", "c"]
+    assert pool.address(EndpointId("b")) == "127.0.0.1:9009"
+
+    file.write_text("")  # truncated (a writer caught mid-way): keep the endpoints
+    os.utime(file, ns=(4, 4))
+    assert not pool.reload_if_changed()
+    assert not pool.reload_if_changed()
     assert pool.address(EndpointId("b")) == "127.0.0.1:9009"
 
 

@@ -264,6 +264,14 @@ _ADAPTER_COMMANDS = {
 }
 
 
+def _adapter_module(name: str, module: str) -> Any:
+    """The adapter `module`, or a one-line message when its extra is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        return f"{name} needs the gateway extra: pip install 'prefixroute[gateway]' ({exc})"
+
+
 def _adapter_parser(
     sub: Any, name: str, module: str, text: str, *, load: bool
 ) -> argparse.ArgumentParser:
@@ -272,11 +280,9 @@ def _adapter_parser(
     p.set_defaults(adapter_main=None, adapter_error="")
     if not load:
         return p
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        hint = "pip install 'prefixroute[gateway]'"
-        p.set_defaults(adapter_error=f"{name} needs the gateway extra: {hint} ({exc})")
+    mod = _adapter_module(name, module)
+    if isinstance(mod, str):
+        p.set_defaults(adapter_error=mod)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         return p
     mod.cli_arguments(p)
@@ -288,8 +294,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prefixroute` command."""
     parser = argparse.ArgumentParser(prog="prefixroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
     demo = sub.add_parser("demo", help="compare routing policies on the built-in demo scenario")
-    demo.add_argument("--duration", type=float, help="override the scenario's duration (s)")
+    demo.add_argument(
+        "--live", action="store_true", help="fake engines + gateway + load, live (see --live -h)"
+    )
+    live = None
+    if argv[:1] == ["demo"] and "--live" in argv:
+        live = _adapter_module("demo --live", "prefixroute.adapters.live")
+    if isinstance(live, str):
+        print(f"prefixroute: {live}", file=sys.stderr)
+        return 2
+    if live is not None:
+        live.cli_arguments(demo)
+    else:
+        demo.add_argument("--duration", type=float, help="override the scenario's duration (s)")
     simulate = sub.add_parser("simulate", help="simulate one policy on a scenario")
     _sim_args(simulate)
     simulate.add_argument("--policy", required=True, help="a built-in policy name or a file")
@@ -302,7 +321,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a router config document")
     check.add_argument("path")
     sub.add_parser("version", help="print the version")
-    argv = list(sys.argv[1:] if argv is None else argv)
     for name, (module, text) in _ADAPTER_COMMANDS.items():
         _adapter_parser(sub, name, module, text, load=name in argv[:1])
     args = parser.parse_args(argv)
@@ -310,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(__version__)
         return 0
+    if args.command == "demo" and live is not None:
+        return int(live.cli_main(args))
     if args.command in _ADAPTER_COMMANDS:
         if args.adapter_main is None:
             print(f"prefixroute: {args.adapter_error}", file=sys.stderr)

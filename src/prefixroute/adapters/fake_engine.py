@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -96,6 +97,7 @@ __all__ = [
     "default_model_path",
 ]
 
+_log = logging.getLogger(__name__)
 TokenIds = npt.NDArray[np.uint32]
 
 ENGINE_ID_HEADER = "x-fake-engine-id"
@@ -301,7 +303,22 @@ class FakeEngine:
         if self._tick is not None:
             self._tick.cancel()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop is running (`/health` answers 503 otherwise)."""
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
+        """The step loop (`_steps`); a crash is logged, and `/health` then fails."""
+        try:
+            await self._steps()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            _log.exception("fake engine %s: the step loop failed", self.config.engine_id)
+            raise
+
+    async def _steps(self) -> None:
         """Step while there is work; wait on `_wake` when idle.
 
         Deadline based: a step begun at `start` ends at `start + duration x
@@ -339,7 +356,8 @@ class FakeEngine:
                 self._completed(done)
             tick, self._tick = self._tick, loop.create_future()
             assert tick is not None
-            tick.set_result(None)
+            if not tick.done():
+                tick.set_result(None)
 
     def _apply_aborts(self) -> None:
         """Aborts queued by disconnected streams: applied between steps, as the engine requires."""
@@ -437,7 +455,8 @@ class FakeEngine:
                     return
                 tick = self._tick
                 assert tick is not None
-                await tick
+                # shielded: a cancelled stream must not cancel the tick every stream shares
+                await asyncio.shield(tick)
         finally:
             if not engine.finished(handle):
                 self._aborts.append(handle)
@@ -669,13 +688,18 @@ class _Handlers:
                     404, f"The model `{parsed.model}` does not exist.", code="model_not_found"
                 )
             )
-        if chat:
-            prompt = _chat_tokens(body)
-        elif parsed.token_ids is not None:
-            prompt = parsed.token_ids
-        else:
-            assert parsed.prompt is not None
-            prompt = encode(parsed.prompt)
+        try:
+            if chat:
+                prompt = _chat_tokens(body)
+            elif parsed.token_ids is not None:
+                prompt = parsed.token_ids
+            else:
+                assert parsed.prompt is not None
+                prompt = encode(parsed.prompt)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") that JSON let through
+            raise _BadRequest(
+                self._error(400, "the prompt is not valid Unicode text", param=wanted)
+            ) from None
         if len(prompt) == 0:
             raise _BadRequest(self._error(400, "the prompt is empty", param="prompt"))
         return parsed, prompt
@@ -688,7 +712,7 @@ class _Handlers:
     # -- informational endpoints ----------------------------------------------------------
 
     async def health(self, request: HTTPRequest) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if self.fake.alive else 503)
 
     async def version(self, request: HTTPRequest) -> Response:
         return JSONResponse({"version": f"prefixroute-fake-engine {__version__}"})

@@ -735,7 +735,7 @@ class Gateway:
         handed_off = False
         try:
             headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _NOT_UPSTREAM]
-            saw_5xx = False
+            reached = False  # some endpoint answered, then failed (5xx or a dropped body)
             for endpoint in (decision.endpoint, *decision.fallbacks):
                 address = self.pool.address(endpoint)
                 if address is None:
@@ -760,7 +760,7 @@ class Gateway:
                     continue
                 if response.status_code >= 500:
                     await response.aclose()
-                    saw_5xx = True
+                    reached = True
                     self._retry(endpoint, "status-5xx", response.status_code)
                     continue
                 streaming = request_streams(decision, response)
@@ -772,6 +772,7 @@ class Gateway:
                     return self._timed_out(ex, flight, endpoint)
                 except httpx.TransportError as exc:
                     await response.aclose()
+                    reached = True
                     self._retry(endpoint, "disconnect", exc)
                     continue
                 if not streaming:
@@ -779,11 +780,11 @@ class Gateway:
                     return self._answer(ex, flight, endpoint, response, first)
                 handed_off = True
                 return self._relay(ex, flight, endpoint, response, chunks, first, client_usage)
-            if saw_5xx:
+            if reached:
                 return self._fail(
                     ex,
                     502,
-                    "every endpoint tried answered with a server error",
+                    "every endpoint tried failed: a server error or a dropped response",
                     code="upstream-error",
                 )
             return self._fail(

@@ -217,8 +217,8 @@ def load_endpoint_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
         raise ConfigError(str(path), f"cannot read endpoint file: {exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), f"not valid YAML: {exc}") from exc
-    if doc is None:
-        doc = []
+    if doc is None:  # an empty file is more likely caught mid-write than meant
+        raise ConfigError(str(path), "the endpoint file is empty (write [] for no endpoints)")
     if isinstance(doc, Mapping):
         if set(doc) - {"endpoints"}:
             raise ConfigError(str(path), "an endpoint file holds a list (or {endpoints: [...]})")
@@ -229,6 +229,9 @@ def load_endpoint_file(path: str | os.PathLike[str]) -> list[EndpointSpec]:
     if len({s.id for s in specs}) != len(specs):
         raise ConfigError(str(path), "duplicate endpoint ids")
     return specs
+
+
+_MISSING = (-1, -1)  # the stamp of an endpoint file that could not be read (logged once)
 
 
 @attrs.frozen
@@ -341,6 +344,7 @@ class EndpointPool:
         self._on_removed = on_removed
         self._slots: dict[EndpointId, _Slot] = {}
         self._files: dict[Path, tuple[int, int] | None] = {Path(f): None for f in files}
+        self._pending: dict[Path, tuple[int, int]] = {}
         self._states: list[EndpointState] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         for spec in endpoints:
@@ -514,14 +518,23 @@ class EndpointPool:
             self._on_removed(endpoint)
 
     def _reload_file(self, file: Path, *, strict: bool) -> bool:
+        """Apply `file` if it changed. Outside start-up (`strict`), a changed file is
+        applied only once the same (mtime, size) is seen twice in a row, so a file
+        caught half-written is not applied; an unreadable one is logged once."""
         try:
             st = file.stat()
             stamp = (st.st_mtime_ns, st.st_size)
         except OSError as exc:
             if strict:
                 raise ConfigError(str(file), f"cannot read endpoint file: {exc}") from exc
-            stamp = None
-        if stamp is not None and stamp == self._files[file]:
+            if self._files[file] != _MISSING:
+                log.warning("endpoint file %s cannot be read, keeping its endpoints: %s", file, exc)
+                self._files[file] = _MISSING
+            return False
+        if stamp == self._files[file]:
+            return False
+        if not strict and self._pending.get(file) != stamp:
+            self._pending[file] = stamp  # maybe still being written: apply once it holds still
             return False
         self._files[file] = stamp
         try:
