@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from prefixroute.adapters.fake_engine import (
 )
 from prefixroute.sim.engine import Engine, EngineConfig
 from prefixroute.sim.tokenizer import encode
-from tests.servers import free_port, run_process, serve_in_thread
+from tests.servers import free_port_block, run_process, serve_in_thread
 
 MODEL = "qwen3-0.6b"
 SYSTEM = "You are a financial analyst assistant specializing in market data. " * 5
@@ -301,7 +302,7 @@ def test_first_token_streams_before_the_last() -> None:
 
 
 def test_multi_engine_process_answers_on_every_port() -> None:
-    port = free_port()
+    port = free_port_block(2)
     second = port + 1
     args = ["-m", "prefixroute.adapters.fake_engine", "--port", str(port), "--engines", "2"]
     args += ["--time-scale", "0"]
@@ -431,3 +432,10 @@ def test_a_lone_surrogate_is_a_400() -> None:
         r = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=10)
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_listening_sockets_say_tcp_so_asyncio_disables_nagle() -> None:
+    from prefixroute.adapters.fake_engine import listening_socket
+
+    with listening_socket("127.0.0.1") as sock:
+        assert sock.proto == socket.IPPROTO_TCP
