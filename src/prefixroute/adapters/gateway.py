@@ -2,7 +2,7 @@
 
 One asyncio event loop (uvicorn) owns everything: the `Router` (called
 synchronously, never from another thread), the `EndpointPool` (scraping and
-health checks), one shared `httpx.AsyncClient` for forwarding, and the
+health checks), one shared `aiohttp.ClientSession` for forwarding, and the
 `GatewayMetrics` exporter. Per completion request:
 
 1. read the body (at most `body_limit_bytes`: 413), decode JSON (400), resolve
@@ -24,7 +24,9 @@ health checks), one shared `httpx.AsyncClient` for forwarding, and the
    (real cached tokens), also for failures and client disconnects (ok=False).
 
 The failure table, the config sections and the choices made where the issue
-was silent are in docs/gateway.md.
+was silent are in docs/gateway.md. The upstream hop uses aiohttp's client,
+not httpx: on this path it costs a third of httpx's CPU per request
+(docs/performance.md), which is most of what a Python gateway adds.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import Any
 
-import anyio
+import aiohttp
 import attrs
-import httpx
 import uvicorn
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -136,7 +138,7 @@ class ServerConfig:
     """The `server` section: where to listen and how patient to be.
 
     `upstream_timeout_s` is the longest wait for the next bytes from an
-    engine (httpx's read timeout): before the first byte it is a 504, later
+    engine (a socket read timeout): before the first byte it is a 504, later
     an error event in the stream. `drain_timeout_s` bounds the graceful
     shutdown. `explain_header` adds `x-prefixroute-decision` to responses
     (it reveals cache state: keep it off where tenants must not learn it).
@@ -492,7 +494,7 @@ class Gateway:
         )
         self.identity = config.identity
         self.draining = False
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._deferring = isinstance(self.router.admission, Deferring)
         # id(request) -> (request, future); the request is held so its id stays unique
         self._waiters: dict[int, tuple[Request, asyncio.Future[Decision | Rejection]]] = {}
@@ -503,14 +505,17 @@ class Gateway:
     async def start(self) -> None:
         """Open the forwarding client, start the pool and the release ticker."""
         server = self.config.server
-        self._client = httpx.AsyncClient(
-            trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        # no connection cap (admission is the router's job); never ask for compression:
+        # the gateway parses the SSE it relays
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            skip_auto_headers=("Accept-Encoding",),
+            auto_decompress=False,
         )
-        self._timeout = httpx.Timeout(
-            server.upstream_timeout_s,
-            connect=server.upstream_connect_timeout_s,
-            pool=server.upstream_connect_timeout_s,
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=server.upstream_connect_timeout_s,
+            sock_read=server.upstream_timeout_s,
         )
         await self.pool.start()
         if self._deferring:
@@ -532,7 +537,7 @@ class Gateway:
                 )
         await self.pool.stop()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def _tick(self, interval: float) -> None:
@@ -734,49 +739,46 @@ class Gateway:
         flight = _Flight(self, decision)
         handed_off = False
         try:
-            headers = [(k, v) for k, v in http.headers.items() if k.lower() not in _NOT_UPSTREAM]
+            headers = {k: v for k, v in http.headers.items() if k.lower() not in _NOT_UPSTREAM}
+            headers["content-type"] = "application/json"  # validated above, whatever was sent
             reached = False  # some endpoint answered, then failed (5xx or a dropped body)
             for endpoint in (decision.endpoint, *decision.fallbacks):
                 address = self.pool.address(endpoint)
                 if address is None:
                     continue  # removed from the pool since the decision
-                upstream = client.build_request(
-                    "POST",
-                    f"http://{address}{http.url.path}",
-                    content=payload,
-                    headers=headers,
-                    timeout=self._timeout,
-                )
+                url = f"http://{address}{http.url.path}"
                 try:
-                    response = await client.send(upstream, stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    response = await client.post(
+                        url, data=payload, headers=headers, timeout=self._timeout
+                    )
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                     self.pool.mark_failed(endpoint)
                     self._retry(endpoint, "connect", exc)
                     continue
-                except (httpx.ReadTimeout, httpx.WriteTimeout):
+                except TimeoutError:  # silent past upstream_timeout_s before the headers
                     return self._timed_out(ex, flight, endpoint)
-                except httpx.TransportError as exc:  # dropped before the headers
+                except aiohttp.ClientError as exc:  # dropped before the headers
                     self._retry(endpoint, "disconnect", exc)
                     continue
-                if response.status_code >= 500:
-                    await response.aclose()
+                if response.status >= 500:
+                    response.close()
                     reached = True
-                    self._retry(endpoint, "status-5xx", response.status_code)
+                    self._retry(endpoint, "status-5xx", response.status)
                     continue
                 streaming = request_streams(decision, response)
-                chunks = response.aiter_bytes()
+                chunks = response.content.iter_any()
                 try:
-                    first = await anext(chunks, b"") if streaming else await response.aread()
-                except (httpx.ReadTimeout, httpx.WriteTimeout):
-                    await response.aclose()
+                    first = await anext(chunks, b"") if streaming else await response.read()
+                except TimeoutError:
+                    response.close()
                     return self._timed_out(ex, flight, endpoint)
-                except httpx.TransportError as exc:
-                    await response.aclose()
+                except aiohttp.ClientError as exc:
+                    response.close()
                     reached = True
                     self._retry(endpoint, "disconnect", exc)
                     continue
                 if not streaming:
-                    await response.aclose()
+                    response.release()
                     return self._answer(ex, flight, endpoint, response, first)
                 handed_off = True
                 return self._relay(ex, flight, endpoint, response, chunks, first, client_usage)
@@ -813,7 +815,7 @@ class Gateway:
         )
 
     def _headers(
-        self, upstream: httpx.Headers, decision: Decision, served_by: EndpointId
+        self, upstream: CIMultiDictProxy[str], decision: Decision, served_by: EndpointId
     ) -> dict[str, str]:
         out = {k: v for k, v in upstream.items() if k.lower() not in _NOT_DOWNSTREAM}
         if self.config.server.explain_header:
@@ -825,12 +827,12 @@ class Gateway:
         ex: _Exchange,
         flight: _Flight,
         endpoint: EndpointId,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         content: bytes,
     ) -> Response:
         """A whole (non-streaming) upstream answer, passed through unchanged."""
         now = self.clock()
-        ok = response.is_success
+        ok = 200 <= response.status < 300
         raw_usage = None
         if ok:
             with contextlib.suppress(ValueError):
@@ -839,7 +841,7 @@ class Gateway:
         usage = _usage(raw_usage, ok=ok, ttft_s=None, e2e_s=now - ex.started)
         flight.settle(usage, endpoint)
         ex.end(
-            response.status_code,
+            response.status,
             now=now,
             code=None if ok else "upstream-status",
             endpoint=endpoint,
@@ -848,7 +850,7 @@ class Gateway:
         )
         return Response(
             content,
-            status_code=response.status_code,
+            status_code=response.status,
             headers=self._headers(response.headers, flight.decision, endpoint),
         )
 
@@ -857,7 +859,7 @@ class Gateway:
         ex: _Exchange,
         flight: _Flight,
         endpoint: EndpointId,
-        response: httpx.Response,
+        response: aiohttp.ClientResponse,
         chunks: AsyncIterator[bytes],
         first: bytes,
         client_usage: bool,
@@ -897,28 +899,26 @@ class Gateway:
                 tail = sse.flush()
                 if tail:
                     yield tail
-                outcome.ended(response.status_code, None)
-            except httpx.HTTPError as exc:
-                timeout = isinstance(exc, httpx.TimeoutException)
+                outcome.ended(response.status, None)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                timeout = isinstance(exc, TimeoutError)
                 code = "upstream-timeout" if timeout else "upstream-error"
-                outcome.ended(response.status_code, code)
+                outcome.ended(response.status, code)
                 message = f"the upstream stream broke off: {type(exc).__name__}"
                 error = error_body(504 if timeout else 502, message, code=code)
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
             finally:
-                finish()  # synchronous first: a cancelled task may not get past an await
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
+                finish()
+                response.close()  # synchronous: a cancelled task cannot be stopped half-way
 
         async def on_close() -> None:
             finish()  # a no-op when the body ran; settles a body that never started
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            response.close()
 
         return _RelayResponse(
             body(),
             on_close,
-            status_code=response.status_code,
+            status_code=response.status,
             headers=self._headers(response.headers, flight.decision, endpoint),
         )
 
@@ -936,13 +936,15 @@ class Gateway:
             if not state.healthy:
                 continue
             try:
-                answer = await self._client.get(
+                async with self._client.get(
                     f"http://{state.address}/v1/models", timeout=self._timeout
-                )
-            except httpx.HTTPError:
+                ) as answer:
+                    if answer.status != 200:
+                        continue
+                    content = await answer.read()
+            except (aiohttp.ClientError, TimeoutError):
                 continue
-            if answer.is_success:
-                return Response(answer.content, headers={"content-type": "application/json"})
+            return Response(content, headers={"content-type": "application/json"})
         return error_response(
             503, "no healthy endpoint to list models", code="no-endpoint", retry_after_s=1.0
         )
@@ -961,11 +963,11 @@ class Gateway:
         return Response(body, headers={"content-type": content_type})
 
 
-def request_streams(decision: Decision, response: httpx.Response) -> bool:
+def request_streams(decision: Decision, response: aiohttp.ClientResponse) -> bool:
     """Whether to relay `response` as a stream: the client asked and the engine streams SSE."""
     return (
         decision.request.stream
-        and response.is_success
+        and 200 <= response.status < 300
         and response.headers.get("content-type", "").startswith("text/event-stream")
     )
 
@@ -1124,6 +1126,8 @@ def cli_main(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        if args.log_level != "debug":  # httpx logs every upstream request at INFO
+            logging.getLogger("httpx").setLevel(logging.WARNING)
         serve(config, log_level=args.log_level)
     except ConfigError as exc:
         print(f"prefixroute serve: {exc}", file=sys.stderr)

@@ -1,0 +1,760 @@
+"""A load generator: the seed experiment's traffic, replayed over HTTP against any OpenAI URL.
+
+    python -m prefixroute.adapters.loadgen --url http://127.0.0.1:8080 --rate 32 --duration 10
+
+The requests are the simulator's own: `seed_requests(seed)` builds the
+`seed` scenario's workload (`prefixroute/sim/scenarios/seed.yaml`: the three
+tenant personas and their questions from `prefixroute.sim.workload`, 4 tenant
+requests : 1 cold "Question N", max_tokens 80 / 50) with
+`prefixroute.sim.workload.build_workload` and turns each `SimRequest` back
+into the OpenAI request it stands for (`wire_request`): a chat prompt
+(rendered by `prefixroute.openai.render_messages`) is parsed back into its
+messages and sent to `/v1/chat/completions` with `x-tenant-id`; a cold prompt
+goes to `/v1/completions` as text, without a tenant. So the gateway renders
+exactly the prompt the simulator routed, and the Locust file
+(`benchmarks/locustfile.py`) and this generator send the same sequence.
+
+Arrivals (`run_load`):
+
+* open loop, `rate_rps`: Poisson (default) or evenly spaced arrivals, sent
+  whether or not earlier requests have finished, as inference-perf and
+  vLLM's `benchmark_serving.py` do. A request whose slot comes while
+  `max_in_flight` requests are outstanding is not sent and counts as a
+  failure (`in-flight-limit`): the target could not keep up.
+* closed loop, `users`: Locust's model. Each user sends, waits for the
+  answer, thinks a uniform `think_s` (0.5-2 s, the seed's Locust
+  `between(0.5, 2)`), and sends again; users start evenly over `ramp_s`.
+
+Both are bounded: no request starts at or after `duration_s` or beyond
+`max_requests`, or after `stop` is set, and stragglers are waited for at most
+`timeout_s` (then cancelled, counting as failures). The request sequence is
+deterministic given `seed` (string-seeded `random.Random` streams); with
+several base URLs the generator itself spreads requests round robin (the
+"direct" baseline of `benchmarks/side_by_side.py`).
+
+With `stream=True` (default) requests ask for `stream_options.include_usage`
+and TTFT is the time to the first chunk carrying content (vLLM's first chunk
+only announces the role). Per request a `Result` records status, kind,
+tenant, TTFT, latency, the usage's prompt/cached/completion tokens
+(`usage.prompt_tokens_details.cached_tokens`, as vLLM reports it) and the
+`x-fake-engine-id` response header if any; `summarise` turns results into a
+`LoadReport` (counts by status, achieved req/s, TTFT and latency
+percentiles, hit rate = cached / prompt tokens, per tenant and per engine).
+
+The generator shares the CPU with whatever it measures; its own ceiling is
+whatever rate it reaches against engines that answer instantly, and `lag`
+(how late requests left against their schedule) tells when it fell behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import attrs
+import httpx
+
+from prefixroute.sim.scenario import load_scenario
+from prefixroute.sim.schema import Fields
+from prefixroute.sim.workload import SimRequest, Source, build_workload
+
+__all__ = [
+    "MODEL",
+    "LoadReport",
+    "Result",
+    "WireRequest",
+    "cli_arguments",
+    "cli_main",
+    "discover_model",
+    "messages_of",
+    "percentile",
+    "request_kind",
+    "run_load",
+    "seed_requests",
+    "source_requests",
+    "summarise",
+    "wire_request",
+]
+
+MODEL = "qwen3-0.6b"
+"""The model name the seed experiment's requests carry unless told otherwise."""
+
+WireRequest = tuple[str, dict[str, Any], dict[str, str]]
+"""(path, JSON body, headers) of one OpenAI request."""
+
+_FOREVER_S = 1e12  # a workload "duration" no run reaches: the sources are lazy
+
+
+# --- what to send ------------------------------------------------------------------------
+
+_HEADER = re.compile(r"<\|((?:[^\\|]|\\.)*)\|(\d+)\|>")
+_UNESCAPE = re.compile(r"\\(.)")
+
+
+def messages_of(prompt: str) -> list[dict[str, str]]:
+    """The chat messages whose `render_messages` rendering is `prompt` (its inverse).
+
+    O(len(prompt)). ValueError if `prompt` is not such a rendering.
+    """
+    messages: list[dict[str, str]] = []
+    pos = 0
+    while pos < len(prompt):
+        m = _HEADER.match(prompt, pos)
+        if m is None:
+            raise ValueError(f"not a rendered chat prompt at character {pos}")
+        start = m.end()
+        end = start + int(m.group(2))
+        if end > len(prompt):
+            raise ValueError("a message's content runs past the end of the prompt")
+        role = _UNESCAPE.sub(r"\1", m.group(1))
+        messages.append({"role": role, "content": prompt[start:end]})
+        pos = end
+    return messages
+
+
+def wire_request(sim: SimRequest) -> WireRequest:
+    """The OpenAI request a simulated request stands for.
+
+    `tenant` and `chat` requests are chat completions with `x-tenant-id` (and
+    `x-session-id` for a chat's conversation); the others (`cold`,
+    `shared-prefix`, `trace`) are untemplated completions without a tenant,
+    their prompt the text (or, for token-only trace requests, the token ids).
+    """
+    req = sim.request
+    max_tokens = req.max_tokens if req.max_tokens is not None else sim.output_tokens
+    if sim.kind in ("tenant", "chat") and req.prompt is not None:
+        body: dict[str, Any] = {
+            "model": req.model,
+            "messages": messages_of(req.prompt),
+            "max_tokens": max_tokens,
+        }
+        headers = {"x-tenant-id": req.tenant} if req.tenant else {}
+        if req.session is not None:
+            headers["x-session-id"] = req.session
+        return "/v1/chat/completions", body, headers
+    if req.prompt is not None:
+        prompt: str | list[int] = req.prompt
+    else:
+        assert req.token_ids is not None
+        prompt = [int(t) for t in req.token_ids]
+    return "/v1/completions", {"model": req.model, "prompt": prompt, "max_tokens": max_tokens}, {}
+
+
+def source_requests(source: Source) -> Iterator[WireRequest]:
+    """`source`'s arrivals as OpenAI requests, in order (lazy; arrival times ignored)."""
+    for sim in source.arrivals():
+        yield wire_request(sim)
+
+
+def seed_requests(
+    seed: int = 0, *, model: str = MODEL, scenario: str = "seed"
+) -> Iterator[WireRequest]:
+    """The seed experiment's request sequence, endless and deterministic given `seed`.
+
+    Built from the built-in `scenario`'s workload (its personas, questions,
+    mix and max_tokens) with its arrival process replaced by a constant one:
+    only the order of requests matters here, `run_load` decides when they go.
+    O(1) per request after the first of each (tenant, question).
+    """
+    workload = dict(load_scenario(scenario).workload)
+    workload["arrival"] = {"process": "constant", "rate_rps": 1.0}
+    source = build_workload(
+        Fields(workload, "workload"), seed=seed, duration_s=_FOREVER_S, model=model
+    )
+    return source_requests(source)
+
+
+def request_kind(path: str, headers: dict[str, str]) -> str:
+    """The label of a request for reports: `chat`, `tenant` or `cold`."""
+    if path.endswith("/chat/completions"):
+        return "chat" if "x-session-id" in headers else "tenant"
+    return "cold"
+
+
+# --- what came back ----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Result:
+    """One request's outcome, as the client saw it.
+
+    `status` is the HTTP status, 0 when no response came (`error` says why:
+    the transport error's name, `cancelled`, `in-flight-limit`). Times are
+    seconds: `sent_s` since the run started, `lag_s` how late the request
+    left against its schedule (open loop), `ttft_s` to the first content
+    chunk (streaming only), `latency_s` to the end of the response. Token
+    counts come from the response's usage (None when absent).
+    """
+
+    index: int
+    kind: str
+    tenant: str | None
+    url: str
+    status: int
+    sent_s: float
+    latency_s: float
+    lag_s: float = 0.0
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    completion_tokens: int | None = None
+    engine: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True for a 200 with a complete body."""
+        return self.status == 200 and self.error is None
+
+
+@attrs.frozen
+class LoadReport:
+    """The summary of a run (or of any list of results); see `summarise`.
+
+    `hit_rate` is cached / prompt tokens over the successful requests that
+    reported usage (None without usage). Percentiles are over successful
+    requests, in seconds (None when there are none). `achieved_rps` is
+    successful requests per second of `duration_s`, the time from the start
+    to the last completion.
+    """
+
+    requests: int
+    ok: int
+    failures: int
+    by_status: dict[str, int]
+    by_kind: dict[str, int]
+    duration_s: float
+    offered_rps: float | None
+    achieved_rps: float
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    lag_p99_s: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    hit_rate: float | None
+    tenants: dict[str, tuple[int, float | None]]
+    engines: dict[str, int]
+    results: tuple[Result, ...] = attrs.field(repr=False, default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The summary as JSON-ready values (without the per-request results)."""
+        out = attrs.asdict(self, recurse=False)
+        del out["results"]
+        out["tenants"] = {t: {"requests": n, "hit_rate": h} for t, (n, h) in self.tenants.items()}
+        return out
+
+    def lines(self) -> list[str]:
+        """A few human-readable lines."""
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(self.by_status.items()))
+        offered = f" of {self.offered_rps:g} offered" if self.offered_rps else ""
+        out = [
+            f"requests {self.requests} ({statuses}), failures {self.failures}",
+            f"achieved {self.achieved_rps:.1f} req/s{offered} over {self.duration_s:.1f} s",
+            f"TTFT p50 {_ms(self.ttft_p50_s)} p99 {_ms(self.ttft_p99_s)}; "
+            f"latency p50 {_ms(self.latency_p50_s)} p99 {_ms(self.latency_p99_s)}",
+            f"hit rate {_pct(self.hit_rate)} ({self.cached_tokens} of "
+            f"{self.prompt_tokens} prompt tokens cached)",
+        ]
+        if self.tenants:
+            out.append(
+                "per tenant: "
+                + ", ".join(f"{t} {n} req {_pct(h)}" for t, (n, h) in sorted(self.tenants.items()))
+            )
+        if self.engines:
+            out.append(
+                "per engine: " + ", ".join(f"{e} {n}" for e, n in sorted(self.engines.items()))
+            )
+        return out
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _pct(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """The `q` quantile (0..1) of ascending `sorted_values`, linearly interpolated; O(1)."""
+    if not sorted_values:
+        return None
+    pos = q * (len(sorted_values) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+def summarise(
+    results: Sequence[Result], *, duration_s: float, offered_rps: float | None = None
+) -> LoadReport:
+    """Summarise `results` of a run that lasted `duration_s`. O(n log n) for the percentiles."""
+    ok = [r for r in results if r.ok]
+    ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+    latencies = sorted(r.latency_s for r in ok)
+    lags = sorted(r.lag_s for r in results)
+    by_status = Counter(
+        str(r.status) if r.error is None else f"{r.status}:{r.error}" for r in results
+    )
+    prompt = cached = 0
+    tenant_tokens: dict[str, list[int]] = {}
+    tenant_requests: Counter[str] = Counter()
+    for r in results:
+        tenant_requests[r.tenant or "-"] += 1
+    for r in ok:
+        if r.prompt_tokens is None or r.cached_tokens is None:
+            continue
+        prompt += r.prompt_tokens
+        cached += r.cached_tokens
+        pair = tenant_tokens.setdefault(r.tenant or "-", [0, 0])
+        pair[0] += r.prompt_tokens
+        pair[1] += r.cached_tokens
+    tenants: dict[str, tuple[int, float | None]] = {}
+    for tenant, n in tenant_requests.items():
+        p, c = tenant_tokens.get(tenant, (0, 0))
+        tenants[tenant] = (n, c / p if p else None)
+    return LoadReport(
+        requests=len(results),
+        ok=len(ok),
+        failures=len(results) - len(ok),
+        by_status=dict(by_status),
+        by_kind=dict(Counter(r.kind for r in results)),
+        duration_s=duration_s,
+        offered_rps=offered_rps,
+        achieved_rps=len(ok) / duration_s if duration_s > 0 else 0.0,
+        ttft_p50_s=percentile(ttfts, 0.5),
+        ttft_p99_s=percentile(ttfts, 0.99),
+        latency_p50_s=percentile(latencies, 0.5),
+        latency_p99_s=percentile(latencies, 0.99),
+        lag_p99_s=percentile(lags, 0.99),
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        hit_rate=cached / prompt if prompt else None,
+        tenants=tenants,
+        engines=dict(Counter(r.engine for r in results if r.engine is not None)),
+        results=tuple(results),
+    )
+
+
+# --- sending -----------------------------------------------------------------------------
+
+
+def _usage(usage: Any) -> tuple[int | None, int | None, int | None]:
+    if not isinstance(usage, dict):
+        return None, None, None
+    prompt = usage.get("prompt_tokens")
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return prompt, cached, usage.get("completion_tokens")
+
+
+def _has_content(chunk: Any) -> bool:
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    if not choices:
+        return False
+    choice = choices[0]
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(delta.get("content") or delta.get("reasoning_content"))
+    return bool(choice.get("text"))
+
+
+class _Sender:
+    """Sends one request and measures it; shared by both arrival loops."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        urls: Sequence[str],
+        *,
+        stream: bool,
+        max_tokens: int | None,
+        t0: float,
+        on_result: Callable[[Result], None] | None,
+    ) -> None:
+        self.client = client
+        self.urls = [u.rstrip("/") for u in urls]
+        self.stream = stream
+        self.max_tokens = max_tokens
+        self.t0 = t0
+        self.on_result = on_result
+        self.results: list[Result] = []
+
+    def record(self, result: Result) -> None:
+        self.results.append(result)
+        if self.on_result is not None:
+            self.on_result(result)
+
+    async def send(self, index: int, wire: WireRequest, lag_s: float = 0.0) -> None:
+        path, body, headers = wire
+        url = self.urls[index % len(self.urls)]
+        body = dict(body)
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        start = time.monotonic()
+        base: dict[str, Any] = {
+            "index": index,
+            "kind": request_kind(path, headers),
+            "tenant": headers.get("x-tenant-id"),
+            "url": url,
+            "sent_s": start - self.t0,
+            "lag_s": lag_s,
+        }
+        fields: dict[str, Any] = {"status": 0}
+        try:
+            if self.stream:
+                await self._stream(url + path, body, headers, start, fields)
+            else:
+                resp = await self.client.post(url + path, json=body, headers=headers)
+                fields["status"] = resp.status_code
+                fields["engine"] = resp.headers.get("x-fake-engine-id")
+                if resp.status_code == 200:
+                    fields.update(_usage_fields(resp.json().get("usage")))
+                else:
+                    fields["error"] = _error_code(resp.content)
+        except asyncio.CancelledError:
+            fields["error"] = "cancelled"
+            self.record(Result(**base, **fields, latency_s=time.monotonic() - start))
+            raise
+        except (httpx.HTTPError, ValueError) as exc:
+            fields["error"] = type(exc).__name__
+        self.record(Result(**base, **fields, latency_s=time.monotonic() - start))
+
+    async def _stream(
+        self,
+        url: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        start: float,
+        fields: dict[str, Any],
+    ) -> None:
+        async with self.client.stream("POST", url, json=body, headers=headers) as resp:
+            fields["status"] = resp.status_code
+            fields["engine"] = resp.headers.get("x-fake-engine-id")
+            if resp.status_code != 200:
+                fields["error"] = _error_code(await resp.aread())
+                return
+            done = False
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                # Parse only what is needed: the first content chunk and the usage chunk.
+                if "ttft_s" not in fields:
+                    chunk = json.loads(data)
+                    if isinstance(chunk, dict) and "error" in chunk:
+                        fields["error"] = "stream-error"
+                        return
+                    if _has_content(chunk):
+                        fields["ttft_s"] = time.monotonic() - start
+                if '"prompt_tokens"' in data:
+                    fields.update(_usage_fields(json.loads(data).get("usage")))
+                elif '"error"' in data and "error" in json.loads(data):
+                    fields["error"] = "stream-error"
+                    return
+            if not done:
+                fields["error"] = "truncated"
+
+
+def _usage_fields(usage: Any) -> dict[str, Any]:
+    prompt, cached, completion = _usage(usage)
+    return {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion}
+
+
+def _error_code(content: bytes) -> str | None:
+    """The OpenAI error body's `code` (or `type`), else None: the status says enough."""
+    try:
+        err = json.loads(content).get("error")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(err, dict):
+        code = err.get("code") or err.get("type")
+        return str(code) if code is not None else None
+    return None
+
+
+async def discover_model(client: httpx.AsyncClient, base_url: str) -> str | None:
+    """The first model `base_url/v1/models` lists, or None if it answers nothing usable."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/v1/models")
+        data = resp.json().get("data") if resp.status_code == 200 else None
+        if data and isinstance(data[0], dict) and isinstance(data[0].get("id"), str):
+            return str(data[0]["id"])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+    return None
+
+
+async def run_load(
+    base_url: str | Sequence[str],
+    *,
+    rate_rps: float | None = None,
+    users: int | None = None,
+    duration_s: float = 10.0,
+    max_requests: int | None = None,
+    stream: bool = True,
+    seed: int = 0,
+    process: str = "poisson",
+    think_s: tuple[float, float] = (0.5, 2.0),
+    ramp_s: float = 1.0,
+    requests: Iterable[WireRequest] | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    timeout_s: float = 30.0,
+    max_in_flight: int = 4096,
+    on_result: Callable[[Result], None] | None = None,
+    stop: asyncio.Event | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> LoadReport:
+    """Send `requests` (default: `seed_requests(seed)`) to `base_url`; summarise what came back.
+
+    Exactly one of `rate_rps` (open loop, `process` poisson or constant) and
+    `users` (closed loop, `think_s` between answers) is given; see the module
+    docstring. Several base URLs are used round robin. `model` replaces the
+    seed requests' model (default: the first of the target's `/v1/models`,
+    else `MODEL`); `max_tokens` overrides every request's. `on_result` is
+    called for each result as it arrives (from the event loop); setting
+    `stop` ends the run early (in-flight requests still finish). Runs at most
+    `duration_s` + `timeout_s` + 1 seconds. ValueError for bad arguments.
+    """
+    if (rate_rps is None) == (users is None):
+        raise ValueError("give exactly one of rate_rps (open loop) and users (closed loop)")
+    if rate_rps is not None and not 0 < rate_rps < math.inf:
+        raise ValueError(f"rate_rps must be > 0, got {rate_rps!r}")
+    if users is not None and users < 1:
+        raise ValueError(f"users must be >= 1, got {users!r}")
+    if not 0 < duration_s < math.inf:
+        raise ValueError(f"duration_s must be finite and > 0, got {duration_s!r}")
+    if max_requests is not None and max_requests < 1:
+        raise ValueError(f"max_requests must be >= 1, got {max_requests!r}")
+    if process not in ("poisson", "constant"):
+        raise ValueError(f"process must be poisson or constant, got {process!r}")
+    if not 0 <= think_s[0] <= think_s[1]:
+        raise ValueError(f"think_s must be [low, high] with 0 <= low <= high, got {think_s!r}")
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not urls:
+        raise ValueError("base_url: at least one URL")
+    own = client is None
+    if client is None:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=512),
+        )
+    try:
+        if requests is None:
+            if model is None:
+                model = await discover_model(client, urls[0]) or MODEL
+            requests = seed_requests(seed, model=model)
+        work: Iterator[WireRequest] = iter(requests)
+        if max_requests is not None:
+            work = itertools.islice(work, max_requests)
+        sender = _Sender(
+            client,
+            urls,
+            stream=stream,
+            max_tokens=max_tokens,
+            t0=time.monotonic(),
+            on_result=on_result,
+        )
+        stop = stop or asyncio.Event()
+        if rate_rps is not None:
+            await _open_loop(
+                sender, work, rate_rps, process, seed, duration_s, timeout_s, stop, max_in_flight
+            )
+        else:
+            assert users is not None
+            await _closed_loop(
+                sender, work, users, think_s, ramp_s, seed, duration_s, timeout_s, stop
+            )
+        results = sender.results
+        end = max((r.sent_s + r.latency_s for r in results), default=0.0)
+        return summarise(results, duration_s=max(end, 1e-9), offered_rps=rate_rps)
+    finally:
+        if own:
+            await client.aclose()
+
+
+async def _drain(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=1.0)
+
+
+async def _open_loop(
+    sender: _Sender,
+    work: Iterator[WireRequest],
+    rate: float,
+    process: str,
+    seed: int,
+    duration_s: float,
+    timeout_s: float,
+    stop: asyncio.Event,
+    max_in_flight: int,
+) -> None:
+    rng = random.Random(f"prefixroute.loadgen/{seed}/arrivals")
+    tasks: set[asyncio.Task[None]] = set()
+    due = 0.0
+    for index, wire in enumerate(work):
+        if index > 0:
+            due = due + rng.expovariate(rate) if process == "poisson" else index / rate
+        if due >= duration_s:
+            break
+        while (delay := sender.t0 + due - time.monotonic()) > 0 and not stop.is_set():
+            await asyncio.sleep(min(delay, 0.1))
+        if stop.is_set():
+            break
+        lag = time.monotonic() - sender.t0 - due
+        if len(tasks) >= max_in_flight:
+            sender.record(
+                Result(
+                    index=index,
+                    kind=request_kind(wire[0], wire[2]),
+                    tenant=wire[2].get("x-tenant-id"),
+                    url="",
+                    status=0,
+                    sent_s=due,
+                    latency_s=0.0,
+                    lag_s=lag,
+                    error="in-flight-limit",
+                )
+            )
+            continue
+        task = asyncio.create_task(sender.send(index, wire, lag))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await _drain(tasks, timeout_s + 1.0)
+
+
+async def _closed_loop(
+    sender: _Sender,
+    work: Iterator[WireRequest],
+    users: int,
+    think_s: tuple[float, float],
+    ramp_s: float,
+    seed: int,
+    duration_s: float,
+    timeout_s: float,
+    stop: asyncio.Event,
+) -> None:
+    counter = itertools.count()
+    end = sender.t0 + duration_s
+
+    async def pause(seconds: float) -> None:
+        """Sleep `seconds`, waking early at the end of the run or on `stop`."""
+        until = min(time.monotonic() + seconds, end)
+        while (left := until - time.monotonic()) > 0 and not stop.is_set():
+            await asyncio.sleep(min(left, 0.1))
+
+    async def user(u: int) -> None:
+        rng = random.Random(f"prefixroute.loadgen/{seed}/user/{u}")
+        await pause(ramp_s * u / users)
+        while time.monotonic() < end and not stop.is_set():
+            wire = next(work, None)
+            if wire is None:
+                return
+            await sender.send(next(counter), wire)
+            low, high = think_s
+            await pause(low if low == high else rng.uniform(low, high))
+
+    tasks = {asyncio.create_task(user(u)) for u in range(users)}
+    await _drain(tasks, max(0.0, end - time.monotonic()) + timeout_s + 1.0)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the load generator's options to `parser`."""
+    parser.add_argument(
+        "--url",
+        action="append",
+        required=True,
+        help="OpenAI base URL, e.g. http://127.0.0.1:8080 (repeat: round robin over several)",
+    )
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, help="open loop: arrivals per second (default 32)")
+    load.add_argument("--users", type=int, help="closed loop: concurrent users")
+    parser.add_argument("--process", choices=("poisson", "constant"), default="poisson")
+    parser.add_argument(
+        "--think",
+        type=float,
+        nargs=2,
+        default=(0.5, 2.0),
+        metavar=("LOW", "HIGH"),
+        help="closed loop: think time range in seconds (default 0.5 2.0)",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
+    parser.add_argument("--max-requests", type=int, help="stop after this many requests")
+    parser.add_argument("--no-stream", action="store_true", help="non-streaming requests")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="model name (default: the target's first /v1/models)")
+    parser.add_argument("--max-tokens", type=int, help="override every request's max_tokens")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    parser.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-': stdout)")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run the load and print its summary; 0 if every request succeeded, 1 otherwise."""
+    rate = args.rate if args.users is None else None
+    if rate is None and args.users is None:
+        rate = 32.0
+    try:
+        report = asyncio.run(
+            run_load(
+                args.url,
+                rate_rps=rate,
+                users=args.users,
+                duration_s=args.duration,
+                max_requests=args.max_requests,
+                stream=not args.no_stream,
+                seed=args.seed,
+                process=args.process,
+                think_s=(args.think[0], args.think[1]),
+                model=args.model,
+                max_tokens=args.max_tokens,
+                timeout_s=args.timeout,
+            )
+        )
+    except ValueError as exc:
+        print(f"loadgen: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    for line in report.lines():
+        print(line)
+    if args.json:
+        text = json.dumps(report.as_dict(), indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+    return 0 if report.failures == 0 and report.ok > 0 else 1
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m prefixroute.adapters.loadgen")
+    cli_arguments(_parser)
+    sys.exit(cli_main(_parser.parse_args()))
