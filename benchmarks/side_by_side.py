@@ -44,7 +44,7 @@ For each router the engines are restarted (fresh caches, same seeds) twice:
       latency p99 <= 500 ms.
 
 Caveats, printed with the results: everything shares one small machine. The
-load generator is one Python process (httpx, asyncio) and its own ceiling is
+load generator is one Python process (aiohttp on uvloop) and its own ceiling is
 `direct`'s maximum; the four fake engines are one Python process (one event
 loop, one core at most), so "max req/s" is the whole loop's, and a router
 that costs CPU takes it from the engines and the generator as well.
@@ -66,6 +66,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 import httpx
 
@@ -85,6 +86,7 @@ from prefixroute.adapters.loadgen import (
     LoadReport,
     WireRequest,
     run_load,
+    run_with_uvloop,
     source_requests,
     summarise,
 )
@@ -288,7 +290,7 @@ async def _measured(
     addresses: Sequence[str], load: Any
 ) -> tuple[LoadReport, EngineSample, list[EngineSample]]:
     """Run the `load` coroutine between two samples of the engines' counters."""
-    async with httpx.AsyncClient(timeout=5.0) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as client:
         before = await sample_fleet(client, addresses)
         report: LoadReport = await load
         await asyncio.sleep(0.2)  # let the last counters land
@@ -400,13 +402,13 @@ def run_router(
     out: dict[str, Any] = {}
     print(f"[{router}] engines at time-scale 1: seed traffic, burst", file=sys.stderr)
     with fleet(router, engines, 1.0, workdir, sglang) as (urls, addresses):
-        out["seed"] = asyncio.run(seed_phase(urls, addresses, plan))
+        out["seed"] = run_with_uvloop(seed_phase(urls, addresses, plan))
         if router != "direct":
-            out["burst"] = asyncio.run(burst_phase(urls, addresses, plan))
+            out["burst"] = run_with_uvloop(burst_phase(urls, addresses, plan))
     print(f"[{router}] engines at time-scale 0: overhead, ramp", file=sys.stderr)
     with fleet(router, engines, 0.0, workdir, sglang) as (urls, addresses):
-        out["overhead"] = asyncio.run(overhead_phase(urls, addresses, plan))
-        out["ramp"] = asyncio.run(ramp_phase(urls, addresses, plan))
+        out["overhead"] = run_with_uvloop(overhead_phase(urls, addresses, plan))
+        out["ramp"] = run_with_uvloop(ramp_phase(urls, addresses, plan))
     ok = [s["offered_rps"] for s in out["ramp"] if s["sustained"]]
     out["max_sustained_rps"] = max(ok) if ok else None
     return out

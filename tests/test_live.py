@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import os
 import socket
 
+import aiohttp
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
 
 from prefixroute.adapters.live import (
     EngineSample,
@@ -16,7 +22,10 @@ from prefixroute.adapters.live import (
     free_port_block,
     metric_sums,
     run_live,
+    sample_fleet,
+    wait_ready,
 )
+from tests.servers import free_port, serve_in_thread
 
 
 def _gone(pid: int) -> bool:
@@ -56,6 +65,49 @@ def test_engine_sample_deltas() -> None:
     assert (d.requests, d.queries, d.hits, d.running) == (20, 200, 150, 1)
     assert d.hit_rate == 0.75
     assert EngineSample("b", ok=False).hit_rate is None
+
+
+class Engine:
+    """A loopback stand-in for an engine: /health fails `fail` times, /metrics has counters."""
+
+    def __init__(self, fail: int) -> None:
+        self.fail = fail
+        self.app = Starlette(
+            routes=[Route("/health", self.health), Route("/metrics", self.metrics)]
+        )
+
+    async def health(self, request: Request) -> Response:
+        self.fail -= 1
+        return Response(status_code=503 if self.fail >= 0 else 200)
+
+    async def metrics(self, request: Request) -> Response:
+        return PlainTextResponse(
+            'vllm:request_success_total{finished_reason="stop"} 4\n'
+            'vllm:request_success_total{finished_reason="length"} 2\n'
+            "vllm:prefix_cache_queries_total 10\nvllm:prefix_cache_hits_total 5\n"
+        )
+
+
+def test_wait_ready_polls_until_200_and_gives_up_in_time() -> None:
+    engine = Engine(fail=3)
+    with serve_in_thread(engine.app) as url:
+        wait_ready([f"{url}/health"], [], timeout_s=5.0)
+        assert engine.fail < 0  # three 503s were waited out
+    with pytest.raises(RuntimeError, match="did not answer 200"):
+        wait_ready([f"http://127.0.0.1:{free_port()}/health"], [], timeout_s=0.3)
+
+
+def test_sample_fleet_reads_counters_and_marks_the_silent() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with serve_in_thread(Engine(fail=0).app) as url:
+
+        async def sample() -> list[EngineSample]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as client:
+                return await sample_fleet(client, [url.removeprefix("http://"), dead])
+
+        live, down = asyncio.run(sample())
+    assert live.ok and (live.requests, live.queries, live.hits) == (6, 10, 5)
+    assert down == EngineSample(dead, ok=False)
 
 
 @pytest.mark.slow

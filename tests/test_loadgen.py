@@ -10,20 +10,26 @@ import json
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from prefixroute.adapters.fake_engine import FakeEngineConfig, create_app
 from prefixroute.adapters.loadgen import (
     Result,
+    WireRequest,
     cli_arguments,
     cli_main,
     messages_of,
     run_load,
+    run_with_uvloop,
     seed_requests,
     summarise,
 )
@@ -217,6 +223,75 @@ def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
         assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "requests 10 (200: 10), failures 0" in out
+
+
+class Scripted:
+    """A loopback upstream whose completions answer as `mode` says (it may misbehave)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.app = Starlette(routes=[Route("/v1/completions", self.complete, methods=["POST"])])
+
+    async def complete(self, request: Request) -> Response:
+        if self.mode == "stall":
+            await asyncio.sleep(0.6)
+        if self.mode == "rate-limited":
+            body = {"error": {"message": "slow down", "type": "x", "code": "rate-limited"}}
+            return JSONResponse(body, status_code=429)
+        return StreamingResponse(self.events(), media_type="text/event-stream")
+
+    async def events(self) -> AsyncIterator[bytes]:
+        pieces = [b'data: {"choices": [{"text": ""}]}\n\n']  # nothing yet: no TTFT
+        if self.mode == "stream-error":
+            pieces.append(b'data: {"error": {"message": "engine died"}}\n\n')
+        # a content event cut mid-line, then a usage event longer than aiohttp's line limit
+        pieces += [b'data: {"choices": [{"te', b'xt": "hi"}]}\n', b"\n"]
+        usage = {"prompt_tokens": 7, "prompt_tokens_details": {"cached_tokens": 3}}
+        pad = "x" * 200_000
+        pieces.append(
+            f"data: {json.dumps({'choices': [], 'usage': usage, 'pad': pad})}\n\n".encode()
+        )
+        if self.mode != "truncated":
+            pieces.append(b"data: [DONE]\n\n")
+        for piece in pieces:
+            yield piece
+            await asyncio.sleep(0.01)  # separate writes: the client sees the cuts
+
+
+COMPLETION: WireRequest = ("/v1/completions", {"model": "m", "prompt": "x", "max_tokens": 2}, {})
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "error"),
+    [
+        ("ok", 200, None),
+        ("truncated", 200, "truncated"),
+        ("stream-error", 200, "stream-error"),
+        ("rate-limited", 429, "rate-limited"),
+        ("stall", 0, "ReadTimeout"),
+    ],
+)
+def test_what_each_answer_is_recorded_as(mode: str, status: int, error: str | None) -> None:
+    with serve_in_thread(Scripted(mode).app) as url:
+        report = asyncio.run(
+            run_load(url, rate_rps=100, duration_s=5, requests=[COMPLETION] * 2, timeout_s=0.2)
+        )
+    assert [(r.status, r.error) for r in report.results] == [(status, error)] * 2
+    if mode == "ok":
+        assert report.failures == 0 and report.ttft_p50_s is not None
+        assert report.ttft_p50_s < report.latency_p50_s  # type: ignore[operator]
+        assert (report.prompt_tokens, report.cached_tokens) == (14, 6)
+    else:
+        assert report.ok == 0 and report.failures == 2
+
+
+def test_run_with_uvloop_runs_on_uvloop() -> None:
+    pytest.importorskip("uvloop")
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_with_uvloop(loop_module()).startswith("uvloop")
 
 
 # --- the side-by-side harness, restricted to what `make test` can run ---------------------

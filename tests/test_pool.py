@@ -104,15 +104,18 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.metrics = VLLM_TEXT
         self.health_status = 200
+        self.delay_s = 0.0
         self.app = Starlette(
             routes=[Route("/metrics", self._metrics), Route("/health", self._health)]
         )
 
     async def _metrics(self, request: Request) -> Response:
+        await asyncio.sleep(self.delay_s)
         return PlainTextResponse(self.metrics)
 
     async def _health(self, request: Request) -> Response:
-        return Response(status_code=self.health_status)
+        await asyncio.sleep(self.delay_s)
+        return Response(status_code=self.health_status, headers={"location": "/metrics"})
 
 
 def test_scrape_health_and_passive_marks() -> None:
@@ -157,6 +160,31 @@ def test_scrape_health_and_passive_marks() -> None:
             await pool.check_health_once()
             await pool.check_health_once()
             assert not {s.id: s.healthy for s in pool.states()}["live"]
+            await pool.stop()
+
+        asyncio.run(run())
+
+
+def test_timeouts_and_redirects_are_failures() -> None:
+    upstream = FakeUpstream()
+    upstream.delay_s = 0.5
+    with serve_in_thread(upstream.app) as url:
+        pool = EndpointPool(
+            [EndpointSpec(url.removeprefix("http://"))],
+            scrape=ScrapeConfig(unhealthy_after=1, timeout_s=0.2),
+        )
+
+        async def run() -> None:
+            await pool.scrape_once()  # slower than timeout_s: nothing observed
+            await pool.check_health_once()
+            assert pool.states()[0].observed_at is None and not pool.states()[0].healthy
+            upstream.delay_s = 0.0
+            await pool.scrape_once()
+            await pool.check_health_once()
+            assert pool.states()[0].observed_at is not None and pool.states()[0].healthy
+            upstream.health_status = 302  # to /metrics, which would answer 200: not followed
+            await pool.check_health_once()
+            assert not pool.states()[0].healthy
             await pool.stop()
 
         asyncio.run(run())

@@ -13,6 +13,6 @@ synchronous `Router` from one asyncio event loop:
 - `loadgen` and `live`: the load generator and `prefixroute demo --live`.
 - `errors`: OpenAI-style error bodies, shared by every HTTP driver.
 
-Everything here needs the `gateway` extra (starlette, uvicorn, httpx) and,
-for `/metrics`, the `metrics` extra (prometheus-client).
+Everything here needs the `gateway` extra (starlette, uvicorn with uvloop and
+httptools, aiohttp, prometheus-client).
 """

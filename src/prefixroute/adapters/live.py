@@ -25,7 +25,9 @@ requests were served and none failed, 1 otherwise (or when a subprocess
 could not start: its log's tail goes to stderr), 2 for bad arguments.
 
 The process helpers (`start_engines`, `start_gateway`, `stop_process`,
-`sample_fleet`) are shared with `benchmarks/side_by_side.py`.
+`wait_ready`, `sample_fleet`) are shared with `benchmarks/side_by_side.py`.
+The event loop is uvloop's when installed (`loadgen.run_with_uvloop`): the
+load generator shares the CPU with the engines and the gateway it drives.
 """
 
 from __future__ import annotations
@@ -33,24 +35,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import math
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import aiohttp
 import attrs
-import httpx
 
-from prefixroute.adapters.loadgen import LoadReport, Result, percentile, run_load, summarise
+from prefixroute.adapters.loadgen import (
+    LoadReport,
+    Result,
+    percentile,
+    run_load,
+    run_with_uvloop,
+    summarise,
+)
 
 __all__ = [
     "EngineSample",
@@ -84,10 +96,8 @@ _UNTIL_STOPPED_S = 1e9  # "until Ctrl-C": far past any session
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (see `free_port_block`)."""
+    return free_port_block(1)
 
 
 def _port_free(port: int) -> bool:
@@ -99,15 +109,17 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def free_port_block(n: int, *, attempts: int = 100) -> int:
+def free_port_block(n: int, *, attempts: int = 200) -> int:
     """The first of `n` consecutive 127.0.0.1 ports that were free a moment ago.
 
-    Tries ephemeral ports the kernel hands out as bases (O(n) binds each).
-    RuntimeError if `attempts` bases all collide.
+    Drawn from 20000-32767, below Linux's ephemeral range (32768 up), so no
+    outgoing connection takes one between this check and the server's bind.
+    O(n) binds per attempt; RuntimeError if `attempts` bases all collide.
     """
+    rng = random.Random()
     for _ in range(attempts):
-        base = free_port()
-        if base + n - 1 <= 65535 and all(_port_free(base + i) for i in range(1, n)):
+        base = rng.randrange(20000, 32768 - n)
+        if all(_port_free(base + i) for i in range(n)):
             return base
     raise RuntimeError(f"no {n} consecutive free ports found")
 
@@ -172,20 +184,28 @@ def start_gateway(
 def wait_ready(
     urls: Sequence[str], procs: Sequence[subprocess.Popen[bytes]], *, timeout_s: float = 30.0
 ) -> None:
-    """Poll each URL until it answers 200; RuntimeError on timeout or if a process exits."""
+    """Poll each URL until it answers 200; RuntimeError on timeout or if a process exits.
+
+    Blocking (the standard library's client, no proxies from the environment):
+    it runs before any event loop does.
+    """
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=1.0) as client:
-        for url in urls:
-            while True:
-                for proc in procs:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{_name(proc)} exited with status {proc.returncode}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
-                time.sleep(0.05)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for url in urls:
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{_name(proc)} exited with status {proc.returncode}")
+            # refused, timed out, non-2xx (HTTPError is an OSError), a malformed answer
+            with (
+                contextlib.suppress(OSError, http.client.HTTPException),
+                opener.open(url, timeout=1.0) as answer,
+            ):
+                if answer.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
+            time.sleep(0.05)
 
 
 def _name(proc: subprocess.Popen[bytes]) -> str:
@@ -262,16 +282,20 @@ class EngineSample:
         return self.hits / self.queries if self.queries > 0 else None
 
 
-async def sample_fleet(client: httpx.AsyncClient, addresses: Sequence[str]) -> list[EngineSample]:
-    """Scrape every engine's `/metrics` concurrently; `ok=False` for one that did not answer."""
+async def sample_fleet(
+    client: aiohttp.ClientSession, addresses: Sequence[str]
+) -> list[EngineSample]:
+    """Scrape every engine's `/metrics` concurrently; `ok=False` for one that did not answer
+    (a connection error, the client's timeout, a non-2xx status)."""
 
     async def one(address: str) -> EngineSample:
         try:
-            resp = await client.get(f"http://{address}/metrics")
-            resp.raise_for_status()
-        except httpx.HTTPError:
+            async with client.get(f"http://{address}/metrics") as resp:
+                resp.raise_for_status()
+                text = await resp.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError):
             return EngineSample(address, ok=False)
-        s = metric_sums(resp.text, ENGINE_METRICS)
+        s = metric_sums(text, ENGINE_METRICS)
         return EngineSample(
             address,
             ok=True,
@@ -454,7 +478,7 @@ def run_live(
             )
             if not tty:
                 print(header, file=out, flush=True)
-            report, samples = asyncio.run(
+            report, samples = run_with_uvloop(
                 _drive(url, addresses, out, tty, header, duration_s, rate_rps, users, seed, stream)
             )
         finally:
@@ -504,7 +528,7 @@ async def _drive(
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGINT, stop.set)
     view = _View(out, tty, header)
-    async with httpx.AsyncClient(timeout=2.0) as metrics_client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as metrics_client:
         first = await sample_fleet(metrics_client, addresses)
         load = asyncio.create_task(
             run_load(
