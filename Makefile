@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck clean
+.PHONY: test demo bench side-by-side lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.index_memory
 	$(BIN)/python -m benchmarks.route_latency --endpoints 8,64
 	$(BIN)/python -m benchmarks.sim_speed --quick
+	$(BIN)/python -m benchmarks.gateway_overhead
+
+# our gateway vs sglang-router 0.3.2 (installed into .venv-sglang) in front of 4 fake engines
+side-by-side: $(STAMP)
+	$(BIN)/python -m benchmarks.side_by_side --json side_by_side.json
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-sglang .pytest_cache .mypy_cache .ruff_cache .benchmarks
