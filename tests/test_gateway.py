@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from prefixroute import Router
@@ -175,6 +175,83 @@ def test_a_client_leaving_mid_stream_settles_the_decision_as_failed() -> None:
         in_flight = gw.router.load.in_flight()
     assert (counters.decisions, counters.completions, counters.failures) == (1, 1, 1)
     assert in_flight == 0
+
+
+def test_a_client_leaving_before_the_first_byte_aborts_the_upstream_request() -> None:
+    """Queued at a busy engine, the request is dropped there as soon as its client leaves."""
+    engine = FakeEngineConfig(engine_id="busy", time_scale=1.0, max_num_seqs=1)
+    app = engine_app(engine)
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(serve_in_thread(app))
+        url, gw = stack.enter_context(gateway({"endpoints": pool(upstream[7:])}))
+        hog = chat("hog the engine", max_tokens=300)
+        blocker = threading.Thread(
+            target=lambda: httpx.post(f"{url}/v1/chat/completions", json=hog, timeout=30)
+        )
+        blocker.start()  # holds the engine's only sequence slot for ~1.5 s
+        threading.Event().wait(0.2)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while queued
+            httpx.post(
+                f"{url}/v1/chat/completions",
+                json=chat("queued", stream=True, max_tokens=4),
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        fake = app.state.fake_engine.engine
+        for _ in range(100):  # the gateway closed its upstream request: the engine aborts it
+            if fake.waiting == 0 and gw.router.load.in_flight() == 1:
+                break
+            threading.Event().wait(0.01)
+        waiting, in_flight = fake.waiting, gw.router.load.in_flight()
+        blocker.join()
+        counters = gw.router.counters
+    assert (waiting, in_flight) == (0, 1), "the queued request was not dropped"
+    assert (counters.decisions, counters.completions, counters.failures) == (2, 2, 1)
+
+
+class ScriptedStream:
+    """An engine whose SSE answer is scripted: cut short, or carrying an in-stream error."""
+
+    CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    ERROR = b'data: {"object":"error","message":"engine failed","code":500}\n\n'
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events = events
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.complete, methods=["POST"]),
+                Route("/health", lambda r: Response()),
+                Route("/metrics", lambda r: PlainTextResponse("vllm:num_requests_waiting 0\n")),
+            ]
+        )
+
+    async def complete(self, request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for event in self.events:
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [ScriptedStream.CONTENT],  # closed without [DONE]
+        [ScriptedStream.CONTENT, ScriptedStream.ERROR, b"data: [DONE]\n\n"],  # vLLM's error
+    ],
+    ids=["no-done", "error-event"],
+)
+def test_a_stream_that_fails_inside_is_settled_as_failed(events: list[bytes]) -> None:
+    upstream = ScriptedStream(events)
+    with contextlib.ExitStack() as stack:
+        address = stack.enter_context(serve_in_thread(upstream.app))[7:]
+        url, gw = stack.enter_context(gateway({"endpoints": pool(address)}))
+        body = chat("x", stream=True)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as answer:
+            seen = sse_events(answer)
+        counters = gw.router.counters
+    assert answer.status_code == 200
+    assert any(isinstance(e, dict) and ("error" in e or e.get("object") == "error") for e in seen)
+    assert (counters.decisions, counters.completions, counters.failures) == (1, 1, 1)
 
 
 # -- failures and retries --------------------------------------------------------------

@@ -326,27 +326,30 @@ class _Sse:
     """Splits an SSE byte stream into events; reads usage and the first token; drops usage-only
     chunks the client did not ask for. O(bytes) plus one JSON decode per event."""
 
-    __slots__ = ("buffer", "done", "first_token_at", "keep_usage", "usage")
+    __slots__ = ("buffer", "done", "failed", "first_token_at", "keep_usage", "usage")
 
     def __init__(self, keep_usage: bool) -> None:
         self.keep_usage = keep_usage
         self.buffer = b""
         self.usage: Mapping[str, Any] | None = None
         self.first_token_at: float | None = None
-        self.done = False
+        self.done = False  # `[DONE]` seen: the stream ended as the protocol says
+        self.failed = False  # the engine reported an error inside the stream
 
     def feed(self, data: bytes, now: float) -> bytes:
         """The bytes of the complete events in `buffer + data` to pass on.
 
-        Fast path, once the first token is seen: whole events with no `usage`
-        and no `[DONE]` pass through undecoded (O(bytes) in C, no JSON), which
-        is almost every chunk of a stream.
+        Fast path, once the first token is seen: whole events with no `usage`,
+        no `error` and no `[DONE]` pass through undecoded (O(bytes) in C, no
+        JSON), which is almost every chunk of a vLLM stream (an engine that
+        puts `"usage": null` in every chunk, as OpenAI does, takes the slow path).
         """
         if (
             self.first_token_at is not None
             and not self.buffer
             and data.endswith(b"\n\n")
             and b'"usage"' not in data
+            and b'"error"' not in data
             and b"[DONE]" not in data
         ):
             return data
@@ -379,6 +382,9 @@ class _Sse:
         except ValueError:
             return True
         if not isinstance(chunk, dict):
+            return True
+        if "error" in chunk or chunk.get("object") == "error":  # vLLM's in-stream error
+            self.failed = True
             return True
         choices = chunk.get("choices")
         if self.first_token_at is None and isinstance(choices, list) and _has_token(choices):
@@ -467,18 +473,29 @@ class _RelayResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
+        watch.add_done_callback(_retrieve)
         try:
             await asyncio.wait((stream, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             if not stream.done():  # the client left (or we are cancelled): stop relaying
                 stream.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await asyncio.wait((stream,))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
             await self._on_close()
         exc = None if stream.cancelled() else stream.exception()
         if exc is not None and not isinstance(exc, OSError):  # OSError: the client went away
             raise exc
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen (no "exception never retrieved" noise)."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -543,7 +560,9 @@ class Gateway:
         # no connection cap (admission is the router's job); never ask for compression:
         # the gateway parses the SSE it relays
         self._client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
+            # idle upstream connections closed before uvicorn's (vLLM's) 5 s keep-alive
+            # would close them under a request in flight
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
             skip_auto_headers=("Accept-Encoding",),
             auto_decompress=False,
         )
@@ -768,13 +787,35 @@ class Gateway:
         payload: bytes,
         client_usage: bool,
     ) -> Response:
-        """Send to the decision's endpoint, then its fallbacks; settle the decision once."""
+        """Send to the decision's endpoint, then its fallbacks; settle the decision once.
+
+        Until the answer is handed to the client (its first byte, or the whole
+        non-streamed answer), a client that disconnects cancels the wait: the
+        upstream request is closed (the engine aborts it) and the handler ends
+        with `ClientDisconnect`. One watcher task per request.
+        """
         assert self._client is not None, "the gateway is not started"
         client = self._client
         flight = _Flight(self, decision)
         handed_off = False
+        response: aiohttp.ClientResponse | None = None
+        handler = asyncio.current_task()
+        armed = True
+
+        def client_gone(task: asyncio.Future[None]) -> None:
+            if armed and handler is not None and not task.cancelled() and not task.exception():
+                handler.cancel("client disconnected")
+
+        gone = asyncio.ensure_future(_disconnected(http))
+        gone.add_done_callback(client_gone)
         try:
-            headers = {k: v for k, v in http.headers.items() if k.lower() not in _NOT_UPSTREAM}
+            # hop-by-hop: the fixed set, and whatever the client's Connection header names
+            named = {t.strip().lower() for t in http.headers.get("connection", "").split(",")}
+            headers = {
+                k: v
+                for k, v in http.headers.items()
+                if k.lower() not in _NOT_UPSTREAM and k.lower() not in named
+            }
             headers["content-type"] = "application/json"  # validated above, whatever was sent
             reached = False  # some endpoint answered, then failed (5xx or a dropped body)
             for endpoint in (decision.endpoint, *decision.fallbacks):
@@ -831,8 +872,17 @@ class Gateway:
                 code="upstream-unavailable",
                 retry_after_s=1.0,
             )
+        except asyncio.CancelledError:
+            if handler is not None and gone.done() and not gone.cancelled():
+                handler.uncancel()  # our own cancel: the client left, not a shutdown
+                raise ClientDisconnect() from None
+            raise
         finally:
+            armed = False
+            gone.cancel()
             if not handed_off:
+                if response is not None:
+                    response.close()  # a no-op after release()
                 flight.settle(Usage(ok=False), None)
 
     def _retry(self, endpoint: EndpointId, reason: str, detail: object) -> None:
@@ -934,7 +984,15 @@ class Gateway:
                 tail = sse.flush()
                 if tail:
                     yield tail
-                outcome.ended(response.status, None)
+                if sse.failed:  # the engine's error event reached the client as it was
+                    outcome.ended(response.status, "upstream-error")
+                elif not sse.done:  # closed without `[DONE]`: the answer is cut short
+                    outcome.ended(response.status, "upstream-error")
+                    message = "the upstream stream ended without [DONE]"
+                    error = error_body(502, message, code="upstream-error")
+                    yield b"data: " + json.dumps(error).encode() + b"\n\n"
+                else:
+                    outcome.ended(response.status, None)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 timeout = isinstance(exc, TimeoutError)
                 code = "upstream-timeout" if timeout else "upstream-error"
