@@ -8,6 +8,7 @@ prefixroute explain [--config FILE] [--quiet]
                                              route a built-in request set, explain each decision
 prefixroute check-config FILE                validate a config document
 prefixroute serve --config FILE              run the OpenAI-compatible gateway
+prefixroute extproc --config FILE            run the Envoy ext_proc endpoint picker
 prefixroute fake-engine [--port P]           run a stand-in vLLM server (the simulator's model)
 prefixroute demo --live                      fake engines + gateway + load, live in the terminal
 prefixroute version
@@ -261,6 +262,10 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 _ADAPTER_COMMANDS = {
     "serve": ("prefixroute.adapters.gateway", "run the OpenAI-compatible gateway"),
     "fake-engine": ("prefixroute.adapters.fake_engine", "run a stand-in vLLM server"),
+    "extproc": (
+        "prefixroute.adapters.extproc",
+        "run the Envoy ext_proc endpoint picker (Gateway API Inference Extension protocol)",
+    ),
 }
 
 
@@ -269,7 +274,8 @@ def _adapter_module(name: str, module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        return f"{name} needs the gateway extra: pip install 'prefixroute[gateway]' ({exc})"
+        extra = "gateway,extproc" if module.endswith("extproc") else "gateway"
+        return f"{name} needs the {extra} extra: pip install 'prefixroute[{extra}]' ({exc})"
 
 
 def _adapter_parser(
