@@ -1,6 +1,6 @@
 """Real servers on loopback for the adapter tests: in-process threads and subprocesses.
 
-Everything binds 127.0.0.1 on an ephemeral port and is torn down by the
+Everything binds 127.0.0.1 on a free port and is torn down by the
 context manager, so no test leaves a server behind.
 """
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
-import socket
 import subprocess
 import sys
 import threading
@@ -20,36 +18,9 @@ from typing import Any
 import httpx
 import uvicorn
 
+from prefixroute.adapters.live import free_port, free_port_block
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_block(n: int) -> int:
-    """The first of `n` consecutive free 127.0.0.1 ports, below Linux's ephemeral range.
-
-    Ports from 20000 to 32767 are never handed to outgoing connections
-    (`ip_local_port_range` starts at 32768), so a block found free stays free
-    unless another server takes it.
-    """
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32768 - n)
-        if all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports found")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+__all__ = ["free_port", "free_port_block", "run_process", "serve_in_thread", "wait_http"]
 
 
 @contextlib.contextmanager

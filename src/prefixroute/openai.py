@@ -31,6 +31,7 @@ __all__ = [
     "MAX_CONTENT_PARTS",
     "MAX_ID_LENGTH",
     "MAX_MESSAGES",
+    "identifier",
     "message_text",
     "parse_openai",
     "render_messages",
@@ -100,13 +101,13 @@ def parse_openai(
 
     prompt, token_ids = _prompt(body)
 
-    tenant = _identifier(_header(lowered, tenant_header), tenant_header)
+    tenant = identifier(_header(lowered, tenant_header), tenant_header)
     if tenant is None and tenant_from_user:
-        tenant = _identifier(_optional_str(body, "user"), "user")
+        tenant = identifier(_optional_str(body, "user"), "user")
 
-    session = _identifier(_header(lowered, session_header), session_header)
+    session = identifier(_header(lowered, session_header), session_header)
     if session is None:
-        session = _identifier(_optional_str(body, "prompt_cache_key"), "prompt_cache_key")
+        session = identifier(_optional_str(body, "prompt_cache_key"), "prompt_cache_key")
 
     cache_salt = body.get("cache_salt")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
@@ -131,7 +132,7 @@ def parse_openai(
         cache_salt=cache_salt,
         lora=None,  # vLLM serves adapters by `model` name; the gateway maps them
         max_tokens=max_tokens,
-        request_id=_identifier(_header(lowered, request_id_header), request_id_header),
+        request_id=identifier(_header(lowered, request_id_header), request_id_header),
         stream=bool(stream),
     )
 
@@ -342,8 +343,12 @@ def _header(lowered: Mapping[str, object], name: str | None) -> str | None:
     return value
 
 
-def _identifier(value: str | None, field: str | None) -> str | None:
-    """A trimmed id, or None when absent or blank."""
+def identifier(value: str | None, field: str | None) -> str | None:
+    """A trimmed id (tenant, session, request id), or None when absent or blank.
+
+    RequestError (400, naming `field`) when longer than `MAX_ID_LENGTH` or
+    not printable. Drivers resolving identity outside `parse_openai` use it too.
+    """
     if value is None:
         return None
     value = value.strip()

@@ -77,6 +77,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
+from prefixroute.adapters.deferral import Deferrals
 from prefixroute.adapters.errors import error_body, retry_after_header
 from prefixroute.adapters.gateway import (
     CLIENT_CLOSED,
@@ -94,7 +95,6 @@ from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
-from prefixroute.plugins import Deferring
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router
 
@@ -360,45 +360,19 @@ class ExtProcessor:
         )
         self.identity = gw.identity
         self.draining = False
-        self._deferring = isinstance(self.router.admission, Deferring)
-        # id(request) -> (request, future); the request is held so its id stays unique
-        self._waiters: dict[int, tuple[Request, asyncio.Future[Decision | Rejection]]] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self.deferrals = Deferrals(self.router, self.pool.states, clock)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the pool (one scrape and health round first) and the release ticker."""
         await self.pool.start()
-        if self._deferring:
-            self._ticker = asyncio.create_task(self._tick(self.settings.release_interval_s))
+        self.deferrals.start(self.settings.release_interval_s)
 
     async def stop(self) -> None:
         """Stop the ticker and the pool; answer any request still deferred with 503."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
-        for _request, future in self._waiters.values():
-            if not future.done():
-                future.set_result(
-                    Rejection(
-                        503,
-                        "the endpoint picker is shutting down",
-                        retry_after_s=1.0,
-                        kind="draining",
-                    )
-                )
+        await self.deferrals.stop("the endpoint picker is shutting down")
         await self.pool.stop()
-
-    async def _tick(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.release_deferred()
-            except Exception:  # never let the ticker die: deadlines depend on it
-                log.exception("releasing deferred requests failed")
 
     def _endpoint_removed(self, endpoint: EndpointId) -> None:
         self.router.observe(EndpointRemoved(endpoint=endpoint))
@@ -406,49 +380,16 @@ class ExtProcessor:
     # -- deferral -------------------------------------------------------------------------
 
     def release_deferred(self) -> None:
-        """Hand released requests to their waiting streams (as the gateway does).
-
-        A released `Decision` whose stream has gone is settled at once
-        (ok=False), which may free a slot for the next: hence the loop,
-        bounded so a pathological policy cannot spin the event loop.
-        """
-        if not self._deferring:
-            return
-        for _ in range(64):
-            released = self.router.release(self.pool.states(), self.clock())
-            abandoned = False
-            for request, outcome in released:
-                waiter = self._waiters.pop(id(request), None)
-                if waiter is not None and waiter[0] is request and not waiter[1].done():
-                    waiter[1].set_result(outcome)
-                elif isinstance(outcome, Decision):
-                    self.router.on_complete(outcome, Usage(ok=False), self.clock())
-                    abandoned = True
-            if not abandoned:
-                return
+        """Hand released requests to their waiting streams (`Deferrals.release`)."""
+        self.deferrals.release()
 
     async def wait(self, request: Request, deferral: Deferral) -> Decision | Rejection:
-        """Wait for the deferred `request` to be released (cancelled if Envoy closes the stream).
-
-        The ticker fires the deadline; the timeout here is a safety net. A
-        cancelled wait leaves the waiter in place so that `release_deferred`
-        settles a later release as failed.
-        """
-        future: asyncio.Future[Decision | Rejection] = asyncio.get_running_loop().create_future()
-        self._waiters[id(request)] = (request, future)
-        patience = max(0.0, deferral.deadline - self.clock()) + 1.0
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout=patience)
-        except TimeoutError:
-            return Rejection(503, "deferred past its deadline", retry_after_s=1.0, kind="deadline")
-        finally:
-            if not future.done():
-                future.cancel()
+        """Wait for the deferred `request` (cancelled if Envoy closes the stream)."""
+        return await self.deferrals.wait(request, deferral)
 
     def settle(self, decision: Decision, usage: Usage, served_by: EndpointId | None) -> None:
         """`Router.on_complete`, then release what the freed capacity lets through."""
-        self.router.on_complete(decision, usage, self.clock(), served_by=served_by)
-        self.release_deferred()
+        self.deferrals.complete(decision, usage, served_by)
 
     # -- the gRPC method ------------------------------------------------------------------
 

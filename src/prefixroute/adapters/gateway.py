@@ -59,6 +59,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from prefixroute.adapters.deferral import Deferrals
 from prefixroute.adapters.errors import error_body, error_response
 from prefixroute.adapters.identity import IdentityConfig
 from prefixroute.adapters.metrics import GatewayMetrics
@@ -69,7 +70,6 @@ from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
-from prefixroute.plugins import Deferring
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router
 
@@ -317,9 +317,7 @@ class _Flight:
         if self.settled:
             return
         self.settled = True
-        gw = self.gateway
-        gw.router.on_complete(self.decision, usage, gw.clock(), served_by=served_by)
-        gw.release_deferred()
+        self.gateway.deferrals.complete(self.decision, usage, served_by)
 
 
 class _Sse:
@@ -547,10 +545,7 @@ class Gateway:
         self.identity = config.identity
         self.draining = False
         self._client: aiohttp.ClientSession | None = None
-        self._deferring = isinstance(self.router.admission, Deferring)
-        # id(request) -> (request, future); the request is held so its id stays unique
-        self._waiters: dict[int, tuple[Request, asyncio.Future[Decision | Rejection]]] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self.deferrals = Deferrals(self.router, self.pool.states, clock)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -572,35 +567,15 @@ class Gateway:
             sock_read=server.upstream_timeout_s,
         )
         await self.pool.start()
-        if self._deferring:
-            self._ticker = asyncio.create_task(self._tick(server.release_interval_s))
+        self.deferrals.start(server.release_interval_s)
 
     async def stop(self) -> None:
         """Stop the ticker and the pool; answer any request still deferred with 503."""
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
-        for _request, future in self._waiters.values():
-            if not future.done():
-                future.set_result(
-                    Rejection(
-                        503, "the gateway is shutting down", retry_after_s=1.0, kind="draining"
-                    )
-                )
+        await self.deferrals.stop("the gateway is shutting down")
         await self.pool.stop()
         if self._client is not None:
             await self._client.close()
             self._client = None
-
-    async def _tick(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.release_deferred()
-            except Exception:  # never let the ticker die: deadlines depend on it
-                log.exception("releasing deferred requests failed")
 
     def _endpoint_removed(self, endpoint: EndpointId) -> None:
         self.router.observe(EndpointRemoved(endpoint=endpoint))
@@ -608,47 +583,23 @@ class Gateway:
     # -- deferral -------------------------------------------------------------------------
 
     def release_deferred(self) -> None:
-        """Hand released requests to their waiting handlers.
-
-        A released `Decision` whose client has gone is settled at once
-        (ok=False), which may free a slot for the next: hence the loop,
-        bounded so a pathological policy cannot spin the event loop.
-        """
-        if not self._deferring:
-            return
-        for _ in range(64):
-            released = self.router.release(self.pool.states(), self.clock())
-            abandoned = False
-            for request, outcome in released:
-                waiter = self._waiters.pop(id(request), None)
-                if waiter is not None and waiter[0] is request and not waiter[1].done():
-                    waiter[1].set_result(outcome)
-                elif isinstance(outcome, Decision):
-                    self.router.on_complete(outcome, Usage(ok=False), self.clock())
-                    abandoned = True
-            if not abandoned:
-                return
+        """Hand released requests to their waiting handlers (`Deferrals.release`)."""
+        self.deferrals.release()
 
     async def _wait(
         self, http: HttpRequest, request: Request, deferral: Deferral
     ) -> Decision | Rejection | None:
         """Wait for the deferred `request` to be released; None if the client went away."""
-        future: asyncio.Future[Decision | Rejection] = asyncio.get_running_loop().create_future()
-        self._waiters[id(request)] = (request, future)
+        released = asyncio.ensure_future(self.deferrals.wait(request, deferral))
         disconnect = asyncio.ensure_future(_disconnected(http))
-        # the ticker fires the deadline; this timeout is only a safety net
-        patience = max(0.0, deferral.deadline - self.clock()) + 1.0
         try:
-            waits: list[asyncio.Future[Any]] = [future, disconnect]
-            await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((released, disconnect), return_when=asyncio.FIRST_COMPLETED)
         finally:
             disconnect.cancel()
-        if future.done():
-            return future.result()
-        future.cancel()  # if it is released later, release_deferred settles it as failed
-        if disconnect.done() and not disconnect.cancelled():
-            return None
-        return Rejection(503, "deferred past its deadline", retry_after_s=1.0, kind="deadline")
+        if released.done():
+            return released.result()
+        released.cancel()  # if it is released later, Deferrals.release settles it as failed
+        return None
 
     # -- handlers -------------------------------------------------------------------------
 

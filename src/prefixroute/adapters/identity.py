@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 
 from prefixroute.config import ConfigError, read_document, read_section
-from prefixroute.openai import MAX_ID_LENGTH
+from prefixroute.openai import identifier
 from prefixroute.request import RequestError
 
 __all__ = ["DEFAULT_TENANT_HEADERS", "Identity", "IdentityConfig"]
@@ -169,16 +169,16 @@ class IdentityConfig:
         tenant = self._keyed_tenant(headers)
         if tenant is None:
             for name in self.tenant_headers:
-                tenant = _identifier(headers.get(name), name)
+                tenant = identifier(headers.get(name), name)
                 if tenant is not None:
                     break
         if tenant is None and self.tenant_from_user:
-            tenant = _identifier(_body_str(body, "user"), "user")
+            tenant = identifier(_body_str(body, "user"), "user")
         session = None
         if self.session_header:
-            session = _identifier(headers.get(self.session_header), self.session_header)
+            session = identifier(headers.get(self.session_header), self.session_header)
         if session is None:
-            session = _identifier(_body_str(body, "prompt_cache_key"), "prompt_cache_key")
+            session = identifier(_body_str(body, "prompt_cache_key"), "prompt_cache_key")
         return Identity(
             tenant=tenant or "default", session=session, priority=self._priority(headers)
         )
@@ -242,18 +242,4 @@ def _body_str(body: Mapping[str, object], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
         raise RequestError(f"{key} must be a string", field=key)
-    return value
-
-
-def _identifier(value: str | None, field: str) -> str | None:
-    """A trimmed id, or None when absent or blank; 400 when too long or unprintable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if not value:
-        return None
-    if len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise RequestError(
-            f"{field} must be at most {MAX_ID_LENGTH} printable characters", field=field
-        )
     return value
