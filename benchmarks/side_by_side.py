@@ -3,12 +3,20 @@
     python -m benchmarks.side_by_side [--quick] [--routers ours,sglang-cache-aware,...]
                                       [--json PATH] [--engines 4]
 
-Routers (`--routers`, default all four):
+Routers (`--routers`, default all five):
 
 - `direct`: no router; the load generator spreads requests over the engines
   itself, round robin. It measures the engines (and the generator) alone.
 - `ours`: `python -m prefixroute.adapters.gateway` with a generated config
   (the default router profile, the engines as endpoints).
+- `envoy`: a real Envoy (`.venv-envoy`, the version tests/envoy.py pins)
+  loading the shipped `examples/envoy/envoy.yaml` with only its listener,
+  admin and ext_proc ports rewritten (`tests.envoy.render`, as the e2e
+  tests do; `run_envoy` starts it with `--concurrency 2`), and
+  `python -m prefixroute.adapters.extproc` as its endpoint picker with the
+  same generated config as `ours` (the `server` section aside) plus an
+  `extproc` section. The client talks to Envoy's listener. Skipped with a
+  note when Envoy is not installed (`make envoy`).
 - `sglang-cache-aware`, `sglang-round-robin`: sglang-router 0.3.2
   (`python -m sglang_router.launch_router --policy cache_aware|round_robin`,
   flags from `sgl-router/py_src/sglang_router/router_args.py` and its
@@ -69,11 +77,13 @@ from typing import Any
 import aiohttp
 import attrs
 import httpx
+from tests.envoy import ENVOY_VERSION, envoy_binary, free_ports, render, run_envoy
 
 from prefixroute.adapters.live import (
     EngineSample,
     fleet_delta,
     free_port,
+    gateway_config,
     log_tail,
     sample_fleet,
     start_engines,
@@ -92,7 +102,7 @@ from prefixroute.adapters.loadgen import (
 )
 from prefixroute.sim.workload import OpenLoopSource, TenantKind, Tenants, WorkloadSpec
 
-ROUTERS = ("ours", "sglang-cache-aware", "sglang-round-robin", "direct")
+ROUTERS = ("ours", "envoy", "sglang-cache-aware", "sglang-round-robin", "direct")
 SGLANG_VERSION = "0.3.2"
 REPO = Path(__file__).resolve().parent.parent
 SGLANG_VENV = REPO / ".venv-sglang"
@@ -232,32 +242,70 @@ def wait_sglang_workers(url: str, n: int, proc: subprocess.Popen[bytes], timeout
     raise RuntimeError(f"sglang-router did not register {n} healthy workers in {timeout_s:g} s")
 
 
+def start_extproc(
+    addresses: Sequence[str], port: int, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`prefixroute extproc` on 127.0.0.1:`port` over `addresses`; (process, its /health URL).
+
+    The config is `ours`' generated one (default router profile, the same
+    endpoints and scrape defaults) without its `server` section, plus the
+    `extproc` section: gRPC on `port`, `/metrics` and `/health` on another
+    loopback port.
+    """
+    metrics_port = free_port()
+    doc = {k: v for k, v in gateway_config(addresses, 0).items() if k != "server"}
+    doc["extproc"] = {"host": "127.0.0.1", "port": port, "metrics_port": metrics_port}
+    path = workdir / "extproc.json"
+    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    args = [sys.executable, "-m", "prefixroute.adapters.extproc", "--config", str(path)]
+    with open(workdir / "extproc.log", "wb") as f:
+        proc = subprocess.Popen(
+            [*args, "--log-level", "warning"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{metrics_port}/health"
+
+
 @contextlib.contextmanager
 def fleet(
     router: str, engines: int, time_scale: float, workdir: Path, sglang: Path | None
 ) -> Iterator[tuple[list[str], list[str]]]:
-    """Fresh engines and `router` in front of them; yields (target URLs, engine addresses)."""
+    """Fresh engines and `router` in front of them; yields (target URLs, engine addresses).
+
+    Teardown in reverse: Envoy (if any) first, then the router, then the engines.
+    """
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        engine_proc, addresses = start_engines(engines, workdir, time_scale=time_scale)
-        procs.append(engine_proc)
-        wait_ready([f"http://{a}/health" for a in addresses], procs)
-        if router == "direct":
-            urls = [f"http://{a}" for a in addresses]
-        elif router == "ours":
-            gateway, url = start_gateway(addresses, workdir)
-            procs.append(gateway)
-            wait_ready([f"{url}/health"], procs)
-            urls = [url]
-        else:
-            assert sglang is not None
-            policy = "cache_aware" if router == "sglang-cache-aware" else "round_robin"
-            proc, url = start_sglang(sglang, addresses, policy, workdir)
-            procs.append(proc)
-            wait_sglang_workers(url, engines, proc, timeout_s=60.0)
-            urls = [url]
-        _warm_up(urls, engines)
-        yield urls, addresses
+        with contextlib.ExitStack() as stack:  # Envoy, stopped before `procs`
+            engine_proc, addresses = start_engines(engines, workdir, time_scale=time_scale)
+            procs.append(engine_proc)
+            wait_ready([f"http://{a}/health" for a in addresses], procs)
+            if router == "direct":
+                urls = [f"http://{a}" for a in addresses]
+            elif router == "ours":
+                gateway, url = start_gateway(addresses, workdir)
+                procs.append(gateway)
+                wait_ready([f"{url}/health"], procs)
+                urls = [url]
+            elif router == "envoy":
+                ports = free_ports()
+                picker, health = start_extproc(addresses, ports.extproc, workdir)
+                procs.append(picker)
+                wait_ready([health], procs)
+                urls = [stack.enter_context(run_envoy(render("envoy.yaml", ports))).url]
+            else:
+                assert sglang is not None
+                policy = "cache_aware" if router == "sglang-cache-aware" else "round_robin"
+                proc, url = start_sglang(sglang, addresses, policy, workdir)
+                procs.append(proc)
+                wait_sglang_workers(url, engines, proc, timeout_s=60.0)
+                urls = [url]
+            _warm_up(urls, engines)
+            yield urls, addresses
     except RuntimeError:
         for log in sorted(workdir.glob("*.log")):
             print(f"--- {log.name}\n{log_tail(log)}", file=sys.stderr)
@@ -536,6 +584,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sglang is None:
                 notes.append(f"sglang-router {SGLANG_VERSION} could not be installed: skipped")
                 routers = [r for r in routers if not r.startswith("sglang")]
+        if "envoy" in routers:
+            try:
+                envoy_binary()
+            except RuntimeError as exc:
+                notes.append(f"envoy {ENVOY_VERSION}: {exc}: skipped")
+                routers.remove("envoy")
         for router in routers:
             workdir = Path(tmp) / router
             workdir.mkdir()

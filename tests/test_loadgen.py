@@ -322,3 +322,36 @@ def test_side_by_side_quick_smoke(tmp_path: Path) -> None:
     for router in ("direct", "ours"):
         seed = doc["routers"][router]["seed"]
         assert seed["failures"] == 0 and seed["engine_hit_rate"] > 0
+
+
+@pytest.mark.slow
+def test_side_by_side_quick_smoke_envoy(tmp_path: Path) -> None:
+    """The `envoy` router: the shipped Envoy config + `prefixroute extproc`, every phase."""
+    from tests.envoy import envoy_binary
+
+    envoy_binary()  # make test installs Envoy: a missing one fails with the install command
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.side_by_side",
+            "--quick",
+            "--routers",
+            "envoy",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| envoy |" in proc.stdout
+    envoy = json.loads(out.read_text())["routers"]["envoy"]
+    seed = envoy["seed"]
+    assert seed["failures"] == 0 and seed["engine_hit_rate"] > 0
+    # the picker chose: the engines served every request Envoy answered
+    assert sum(seed["engine_requests"]) == seed["ok"] == seed["requests"]
+    assert envoy["burst"]["failures"] == 0 and envoy["ramp"][0]["sustained"]
