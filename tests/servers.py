@@ -12,15 +12,26 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import httpx
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from prefixroute.adapters.live import free_port, free_port_block
 
-__all__ = ["free_port", "free_port_block", "run_process", "serve_in_thread", "wait_http"]
+__all__ = [
+    "ScriptedStream",
+    "free_port",
+    "free_port_block",
+    "run_process",
+    "serve_in_thread",
+    "wait_http",
+]
 
 
 @contextlib.contextmanager
@@ -82,3 +93,27 @@ def run_process(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class ScriptedStream:
+    """An engine whose SSE answer is scripted: cut short, or carrying an in-stream error."""
+
+    CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    ERROR = b'data: {"object":"error","message":"engine failed","code":500}\n\n'
+
+    def __init__(self, events: list[bytes]) -> None:
+        self.events = events
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.complete, methods=["POST"]),
+                Route("/health", lambda r: Response()),
+                Route("/metrics", lambda r: PlainTextResponse("vllm:num_requests_waiting 0\n")),
+            ]
+        )
+
+    async def complete(self, request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for event in self.events:
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream")

@@ -41,7 +41,7 @@ from prefixroute.adapters.fake_engine import FakeEngineConfig
 from prefixroute.adapters.fake_engine import create_app as engine_app
 from prefixroute.config import ConfigError
 from prefixroute.request import Request
-from tests.servers import free_port, run_process, serve_in_thread
+from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
 
 MODEL = "qwen3-0.6b"
 SYSTEM = "You are a meticulous assistant for the ext_proc tests; answer briefly. " * 12
@@ -787,3 +787,56 @@ def test_python_m_runs_and_drains_on_sigterm(engines: list[str], tmp_path: Path)
         assert run(check()) == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [ScriptedStream.CONTENT],  # closed without [DONE]
+        [ScriptedStream.CONTENT, ScriptedStream.ERROR, b"data: [DONE]\n\n"],  # vLLM's error
+    ],
+    ids=["no-done", "error-event"],
+)
+def test_a_stream_that_fails_inside_is_settled_as_failed(events: list[bytes]) -> None:
+    """As the gateway judges it: a 200 stream without `[DONE]` or with an error event failed."""
+    upstream = ScriptedStream(events)
+
+    async def scenario() -> None:
+        with serve_in_thread(upstream.app) as url:
+            async with picker(config({"endpoints": pool(url[7:])})) as (server, proxy):
+                await proxy.send(json.dumps(chat("scripted", stream=True)).encode())
+                await settled(server)
+                counters = server.processor.router.counters
+        assert (counters.decisions, counters.completions, counters.failures) == (1, 1, 1)
+
+    run(scenario())
+
+
+def test_a_streamed_response_mode_gets_plain_body_answers(engines: list[str]) -> None:
+    """STREAMED (not duplex) response bodies: each chunk answered unchanged, never a
+    StreamedBodyResponse (Envoy accepts those only in FULL_DUPLEX_STREAMED)."""
+
+    async def scenario() -> None:
+        async with picker(config({"endpoints": pool(engines[0])})) as (server, proxy):
+            body = json.dumps(chat("streamed mode", stream=True)).encode()
+            result = await proxy.send(body, response_mode=MODE.STREAMED)
+            await settled(server)
+            counters = server.processor.router.counters
+        bodies = [r.response_body for r in result.responses if r.HasField("response_body")]
+        assert bodies and not any(b.response.HasField("body_mutation") for b in bodies)
+        assert result.forwarded == body  # no usage injected: its chunk could not be hidden
+        assert counters.completions == 1 and counters.failures == 0
+
+    run(scenario())
+
+
+def test_buffered_partial_request_bodies_are_refused_as_misconfigured(engines: list[str]) -> None:
+    async def scenario() -> None:
+        async with picker(config({"endpoints": pool(engines[0])})) as (_server, proxy):
+            body = json.dumps(chat("partial")).encode()
+            result = await proxy.send(body, request_mode=MODE.BUFFERED_PARTIAL)
+        assert result.immediate is not None
+        assert result.immediate.status.code == 500
+        assert json.loads(result.immediate.body)["error"]["code"] == "misconfigured"
+
+    run(scenario())

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from prefixroute import Router
@@ -33,7 +33,7 @@ from prefixroute.adapters.gateway import (
 )
 from prefixroute.blocks import Blocker
 from prefixroute.config import ConfigError
-from tests.servers import free_port, run_process, serve_in_thread
+from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen3-0.6b"
@@ -208,28 +208,15 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_upstream_request() ->
     assert (counters.decisions, counters.completions, counters.failures) == (2, 2, 1)
 
 
-class ScriptedStream:
-    """An engine whose SSE answer is scripted: cut short, or carrying an in-stream error."""
+def test_an_unterminated_final_usage_event_is_still_read_and_hidden() -> None:
+    from prefixroute.adapters.gateway import _Sse
 
-    CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-    ERROR = b'data: {"object":"error","message":"engine failed","code":500}\n\n'
-
-    def __init__(self, events: list[bytes]) -> None:
-        self.events = events
-        self.app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self.complete, methods=["POST"]),
-                Route("/health", lambda r: Response()),
-                Route("/metrics", lambda r: PlainTextResponse("vllm:num_requests_waiting 0\n")),
-            ]
-        )
-
-    async def complete(self, request: Request) -> Response:
-        async def body() -> AsyncIterator[bytes]:
-            for event in self.events:
-                yield event
-
-        return StreamingResponse(body(), media_type="text/event-stream")
+    sse = _Sse(keep_usage=False)
+    content = ScriptedStream.CONTENT + b"data: [DONE]\n\n"
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'
+    assert sse.feed(content + usage, 1.0) == content  # the last event lacks its blank line
+    assert sse.flush(2.0) == b""
+    assert sse.usage == {"prompt_tokens": 5, "completion_tokens": 1}
 
 
 @pytest.mark.parametrize(

@@ -517,7 +517,7 @@ class _Stream:
         mode = self.request_mode
         if mode is None or mode == _DUPLEX:
             return []  # hold the headers response until the body is complete
-        if mode in _BUFFERED_MODES:
+        if mode == _MODE.BUFFERED:  # BUFFERED_PARTIAL could hand us half a body: refused
             self.headers_answered = True
             return [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
         name = _MODE.BodySendMode.Name(mode)
@@ -720,7 +720,7 @@ class _Stream:
         if self.sse is not None:
             fed = self.sse.feed(chunk, now)
             if self.strip_usage:
-                out = fed + (self.sse.flush() if eos else b"")
+                out = fed + (self.sse.flush(now) if eos else b"")
         elif not self.answer_overflow:
             if len(self.answer) + len(chunk) <= self.owner.settings.max_body_bytes:
                 self.answer += chunk
@@ -733,23 +733,32 @@ class _Stream:
             if out != chunk:
                 common.body_mutation.CopyFrom(pb.BodyMutation(body=out))
             responses = [pb.ProcessingResponse(response_body=pb.BodyResponse(response=common))]
+        elif self.response_mode not in (_DUPLEX, None):  # STREAMED: answer each chunk as is
+            responses = [pb.ProcessingResponse(response_body=pb.BodyResponse())]
         elif out or eos:
             responses = _streamed("response_body", out, end_of_stream=eos)
         else:
             responses = []  # a partial SSE event, held until it completes
         if eos:
-            self._complete(ok=200 <= self.status < 300)
+            self._complete(ok=self._answered_ok())
         return responses
 
     def _response_trailers(self) -> list[Any]:
         out: list[Any] = []
         if self.sse is not None and self.strip_usage:
-            tail = self.sse.flush()
+            tail = self.sse.flush(self.owner.clock())
             if tail:
                 out += _streamed("response_body", tail, end_of_stream=False)
-        self._complete(ok=200 <= self.status < 300)
+        self._complete(ok=self._answered_ok())
         out.append(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
         return out
+
+    def _answered_ok(self) -> bool:
+        """A 2xx answer that ended as its protocol says: an SSE stream needs its `[DONE]`
+        and no error event inside (as the gateway judges a stream)."""
+        if not 200 <= self.status < 300:
+            return False
+        return self.sse is None or (self.sse.done and not self.sse.failed)
 
     # -- settling ---------------------------------------------------------------------------
 
@@ -847,6 +856,8 @@ class ExtProcServer:
         """Drain for up to `grace` seconds (default `drain_timeout_s`), then stop everything."""
         self.processor.draining = True
         await self.health.enter_graceful_shutdown()
+        # answer deferred requests now (503 draining), while their streams are still open
+        await self.processor.deferrals.stop("the endpoint picker is shutting down")
         if self._grpc is not None:
             await self._grpc.stop(self.config.extproc.drain_timeout_s if grace is None else grace)
             self._grpc = None

@@ -362,8 +362,12 @@ class _Sse:
         self.buffer = buffer[start:]
         return bytes(out)
 
-    def flush(self) -> bytes:
+    def flush(self, now: float) -> bytes:
+        """What is left at the end of the stream: an event missing its blank line is read
+        like any other (so a final usage chunk is parsed, and hidden when asked)."""
         tail, self.buffer = self.buffer, b""
+        if tail.strip() and not self._keep(tail, now):
+            return b""
         return tail
 
     def _keep(self, event: bytes, now: float) -> bool:
@@ -932,7 +936,7 @@ class Gateway:
                         data = await anext(chunks)
                     except StopAsyncIteration:
                         break
-                tail = sse.flush()
+                tail = sse.flush(self.clock())
                 if tail:
                     yield tail
                 if sse.failed:  # the engine's error event reached the client as it was
