@@ -77,7 +77,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from prefixroute.adapters.deferral import Deferrals
 from prefixroute.adapters.errors import error_body, retry_after_header
 from prefixroute.adapters.gateway import (
     CLIENT_CLOSED,
@@ -88,12 +87,10 @@ from prefixroute.adapters.gateway import (
     _usage,
     isolation_salt,
 )
-from prefixroute.adapters.metrics import GatewayMetrics
-from prefixroute.adapters.pool import EndpointPool
+from prefixroute.adapters.service import RoutingService
 from prefixroute.config import ConfigError, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
-from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router
@@ -318,7 +315,7 @@ def _in_subset(address: str, subset: frozenset[str]) -> bool:
 # -- the processor ---------------------------------------------------------------------
 
 
-class ExtProcessor:
+class ExtProcessor(RoutingService):
     """The ext_proc servicer: the router, the endpoint pool, metrics and deferred requests.
 
     `Process` is the gRPC method (one stream per HTTP request, see the module
@@ -337,51 +334,21 @@ class ExtProcessor:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        gw = config.gateway
+        super().__init__(config.gateway, router=router, registry=registry, clock=clock)
         self.config = config
         self.settings = config.extproc
-        self.router = router if router is not None else gw.build_router()
-        self.clock = clock
-        self.pool = EndpointPool(
-            gw.endpoints,
-            files=gw.endpoint_files,
-            scrape=gw.scrape,
-            clock=clock,
-            on_removed=self._endpoint_removed,
-        )
-        self.metrics = GatewayMetrics(
-            registry if registry is not None else CollectorRegistry(),
-            self.router,
-            self.pool.states,
-            max_tenants=gw.metrics.max_tenants,
-            pool_name=gw.metrics.pool_name,
-            stale_after_s=gw.scrape.stale_after_s,
-            clock=clock,
-        )
-        self.identity = gw.identity
-        self.draining = False
-        self.deferrals = Deferrals(self.router, self.pool.states, clock)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the pool (one scrape and health round first) and the release ticker."""
-        await self.pool.start()
-        self.deferrals.start(self.settings.release_interval_s)
+        await self.start_service(self.settings.release_interval_s)
 
     async def stop(self) -> None:
         """Stop the ticker and the pool; answer any request still deferred with 503."""
-        await self.deferrals.stop("the endpoint picker is shutting down")
-        await self.pool.stop()
-
-    def _endpoint_removed(self, endpoint: EndpointId) -> None:
-        self.router.observe(EndpointRemoved(endpoint=endpoint))
+        await self.stop_service("the endpoint picker is shutting down")
 
     # -- deferral -------------------------------------------------------------------------
-
-    def release_deferred(self) -> None:
-        """Hand released requests to their waiting streams (`Deferrals.release`)."""
-        self.deferrals.release()
 
     async def wait(self, request: Request, deferral: Deferral) -> Decision | Rejection:
         """Wait for the deferred `request` (cancelled if Envoy closes the stream)."""
@@ -416,11 +383,7 @@ class ExtProcessor:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) for `/health`: 200 with a healthy endpoint and not draining."""
-        states = self.pool.states()
-        healthy = sum(1 for s in states if s.healthy)
-        status = "draining" if self.draining else ("ok" if healthy else "unavailable")
-        body = {"status": status, "healthy_endpoints": healthy, "endpoints": len(states)}
-        return (200 if status == "ok" else 503), body
+        return self.health_report()
 
 
 class _Stream:

@@ -59,16 +59,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from prefixroute.adapters.deferral import Deferrals
 from prefixroute.adapters.errors import error_body, error_response
 from prefixroute.adapters.identity import IdentityConfig
 from prefixroute.adapters.metrics import GatewayMetrics
-from prefixroute.adapters.pool import EndpointPool, EndpointSpec, ScrapeConfig, read_endpoints
+from prefixroute.adapters.pool import EndpointSpec, ScrapeConfig, read_endpoints
+from prefixroute.adapters.service import RoutingService
 from prefixroute.blocks import Blocker
 from prefixroute.config import ConfigError, load_config, read_document, read_section
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId
-from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router
@@ -509,7 +508,7 @@ async def _wait_disconnect(receive: Receive) -> None:
 # -- the gateway ----------------------------------------------------------------------------
 
 
-class Gateway:
+class Gateway(RoutingService):
     """The gateway's state and request handlers (see the module docstring).
 
     `router` defaults to one built from the config; `registry` is the
@@ -527,29 +526,9 @@ class Gateway:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(config, router=router, registry=registry, clock=clock)
         self.config = config
-        self.router = router if router is not None else config.build_router()
-        self.clock = clock
-        self.pool = EndpointPool(
-            config.endpoints,
-            files=config.endpoint_files,
-            scrape=config.scrape,
-            clock=clock,
-            on_removed=self._endpoint_removed,
-        )
-        self.metrics = GatewayMetrics(
-            registry if registry is not None else CollectorRegistry(),
-            self.router,
-            self.pool.states,
-            max_tenants=config.metrics.max_tenants,
-            pool_name=config.metrics.pool_name,
-            stale_after_s=config.scrape.stale_after_s,
-            clock=clock,
-        )
-        self.identity = config.identity
-        self.draining = False
         self._client: aiohttp.ClientSession | None = None
-        self.deferrals = Deferrals(self.router, self.pool.states, clock)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -570,25 +549,16 @@ class Gateway:
             sock_connect=server.upstream_connect_timeout_s,
             sock_read=server.upstream_timeout_s,
         )
-        await self.pool.start()
-        self.deferrals.start(server.release_interval_s)
+        await self.start_service(server.release_interval_s)
 
     async def stop(self) -> None:
         """Stop the ticker and the pool; answer any request still deferred with 503."""
-        await self.deferrals.stop("the gateway is shutting down")
-        await self.pool.stop()
+        await self.stop_service("the gateway is shutting down")
         if self._client is not None:
             await self._client.close()
             self._client = None
 
-    def _endpoint_removed(self, endpoint: EndpointId) -> None:
-        self.router.observe(EndpointRemoved(endpoint=endpoint))
-
     # -- deferral -------------------------------------------------------------------------
-
-    def release_deferred(self) -> None:
-        """Hand released requests to their waiting handlers (`Deferrals.release`)."""
-        self.deferrals.release()
 
     async def _wait(
         self, http: HttpRequest, request: Request, deferral: Deferral
@@ -999,11 +969,8 @@ class Gateway:
 
     async def health(self, http: HttpRequest) -> Response:
         """GET /health: 200 with at least one healthy endpoint, 503 otherwise or while draining."""
-        states = self.pool.states()
-        healthy = sum(1 for s in states if s.healthy)
-        status = "draining" if self.draining else ("ok" if healthy else "unavailable")
-        body = {"status": status, "healthy_endpoints": healthy, "endpoints": len(states)}
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+        status, body = self.health_report()
+        return JSONResponse(body, status_code=status)
 
     async def prometheus(self, http: HttpRequest) -> Response:
         """GET /metrics: the Prometheus exposition."""
