@@ -209,9 +209,9 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_upstream_request() ->
 
 
 def test_an_unterminated_final_usage_event_is_still_read_and_hidden() -> None:
-    from prefixroute.adapters.gateway import _Sse
+    from prefixroute.adapters.sse import SseRelay
 
-    sse = _Sse(keep_usage=False)
+    sse = SseRelay(keep_usage=False)
     content = ScriptedStream.CONTENT + b"data: [DONE]\n\n"
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'
     assert sse.feed(content + usage, 1.0) == content  # the last event lacks its blank line

@@ -48,7 +48,7 @@ from prefixroute.registry import (
 )
 from prefixroute.router import Router, default_profile
 
-__all__ = ["ConfigError", "load_config", "read_document", "read_section"]
+__all__ = ["ConfigError", "build_section", "load_config", "read_document", "read_section"]
 
 T = TypeVar("T")
 
@@ -111,6 +111,16 @@ def read_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -
         if not json_type_ok(value, schema[key]):
             raise ConfigError(f"{name}.{key}", f"must be of type {schema[key]}, got {value!r}")
     return dict(section)
+
+
+def build_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:
+    """`cls(**read_section(doc, name, schema))`, its ValueError a ConfigError naming the field."""
+    section = read_section(doc, name, schema)
+    try:
+        return cls(**section)
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0].strip("'")
+        raise ConfigError(f"{name}.{field}" if field in section else name, str(exc)) from exc
 
 
 def _str(value: object, path: str) -> str:

@@ -78,17 +78,11 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
 from prefixroute.adapters.errors import error_body, retry_after_header
-from prefixroute.adapters.gateway import (
-    CLIENT_CLOSED,
-    GatewayConfig,
-    _config_section,
-    _Exchange,
-    _Sse,
-    _usage,
-    isolation_salt,
-)
+from prefixroute.adapters.gateway import GatewayConfig, isolation_salt
+from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.adapters.service import RoutingService
-from prefixroute.config import ConfigError, read_document
+from prefixroute.adapters.sse import SseRelay, openai_usage
+from prefixroute.config import ConfigError, build_section, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.openai import parse_openai
@@ -208,7 +202,7 @@ class ExtProcConfig:
         if not isinstance(doc, Mapping):
             raise ConfigError("", "a config document must be a mapping")
         rest = {k: v for k, v in doc.items() if k != "extproc"}
-        settings = _config_section(doc, "extproc", _EXTPROC_KEYS, ExtProcSettings)
+        settings = build_section(doc, "extproc", _EXTPROC_KEYS, ExtProcSettings)
         return cls(GatewayConfig.from_document(rest, base_dir=base_dir), settings)
 
 
@@ -392,7 +386,7 @@ class _Stream:
     def __init__(self, owner: ExtProcessor) -> None:
         self.owner = owner
         self.started = owner.clock()
-        self.ex = _Exchange(owner.metrics, self.started)
+        self.ex = RequestRecord(owner.metrics, self.started)
         self.closed = False
         self.request_mode: int | None = None  # from protocol_config; None: Envoy did not say
         self.response_mode: int | None = None
@@ -407,7 +401,7 @@ class _Stream:
         # the response
         self.status = 0
         self.served: EndpointId | None = None
-        self.sse: _Sse | None = None
+        self.sse: SseRelay | None = None
         self.strip_usage = False  # we asked the engine for usage: hide its usage-only chunk
         self.answer = bytearray()  # a non-streaming answer, kept to read its usage
         self.answer_overflow = False
@@ -659,7 +653,7 @@ class _Stream:
             served = headers.get(SERVED_KEY) or _attribute(message, UPSTREAM_ADDRESS)
         self.served = self._endpoint_at(served)
         if headers.get("content-type", "").startswith("text/event-stream"):
-            self.sse = _Sse(keep_usage=not self.strip_usage)
+            self.sse = SseRelay(keep_usage=not self.strip_usage)
         out = [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
         if message.response_headers.end_of_stream or self.response_mode == _MODE.NONE:
             self._complete(ok=200 <= self.status < 300)
@@ -743,7 +737,7 @@ class _Stream:
                 parsed = json.loads(bytes(self.answer))
                 raw_usage = parsed.get("usage") if isinstance(parsed, dict) else None
         self.answer = bytearray()
-        usage = _usage(raw_usage, ok=ok, ttft_s=ttft, e2e_s=now - self.started)
+        usage = openai_usage(raw_usage, ok=ok, ttft_s=ttft, e2e_s=now - self.started)
         served = self.served if self.served is not None else decision.endpoint
         self.owner.settle(decision, usage, self.served)
         code = None if ok else ("upstream-status" if self.status else "client-disconnect")

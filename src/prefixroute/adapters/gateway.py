@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -61,11 +60,12 @@ from starlette.types import Receive, Scope, Send
 
 from prefixroute.adapters.errors import error_body, error_response
 from prefixroute.adapters.identity import IdentityConfig
-from prefixroute.adapters.metrics import GatewayMetrics
+from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.adapters.pool import EndpointSpec, ScrapeConfig, read_endpoints
 from prefixroute.adapters.service import RoutingService
+from prefixroute.adapters.sse import SseRelay, openai_usage
 from prefixroute.blocks import Blocker
-from prefixroute.config import ConfigError, load_config, read_document, read_section
+from prefixroute.config import ConfigError, build_section, load_config, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId
 from prefixroute.openai import parse_openai
@@ -88,7 +88,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DECISION_HEADER = "x-prefixroute-decision"
-CLIENT_CLOSED = 499  # nginx's "client closed request": for metrics only, never sent
 
 _SERVER_KEYS = {
     "host": "str",
@@ -121,7 +120,6 @@ _HOP_BY_HOP = frozenset(
 # the gateway parses SSE, so it asks for an uncompressed body.
 _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "accept-encoding"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 # -- configuration -------------------------------------------------------------------
@@ -163,15 +161,6 @@ class MetricsConfig:
     pool_name: str = "default"
 
 
-def _config_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:
-    section = read_section(doc, name, schema)
-    try:
-        return cls(**section)
-    except ValueError as exc:
-        field = str(exc).split(" ", 1)[0].strip("'")
-        raise ConfigError(f"{name}.{field}" if field in section else name, str(exc)) from exc
-
-
 @attrs.frozen
 class GatewayConfig:
     """A gateway config: a router config document plus the gateway's own sections.
@@ -208,12 +197,12 @@ class GatewayConfig:
         specs, files = read_endpoints(doc.get("endpoints"), base_dir=base_dir)
         return cls(
             router_document=router_document,
-            server=_config_section(doc, "server", _SERVER_KEYS, ServerConfig),
+            server=build_section(doc, "server", _SERVER_KEYS, ServerConfig),
             endpoints=specs,
             endpoint_files=files,
             scrape=ScrapeConfig.from_document(doc),
             identity=IdentityConfig.from_document(doc, base_dir=base_dir),
-            metrics=_config_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
+            metrics=build_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
         )
 
     def build_router(self) -> Router:
@@ -254,54 +243,6 @@ def isolation_salt(blocker: Blocker, tenant: str, client_salt: str | None) -> st
 # -- one request ------------------------------------------------------------------------
 
 
-class _Exchange:
-    """One client request's metrics: `request_started` once, `observe_request` once."""
-
-    __slots__ = ("begun", "ended", "metrics", "model", "request_bytes", "started", "tenant")
-
-    def __init__(self, metrics: GatewayMetrics, started: float) -> None:
-        self.metrics = metrics
-        self.started = started
-        self.model = "unknown"
-        self.tenant = "unknown"
-        self.request_bytes = 0
-        self.begun = False
-        self.ended = False
-
-    def begin(self) -> None:
-        if not self.begun:
-            self.begun = True
-            self.metrics.request_started(self.model, self.tenant)
-
-    def end(
-        self,
-        status: int,
-        *,
-        now: float,
-        code: str | None = None,
-        endpoint: str | None = None,
-        ttft_s: float | None = None,
-        usage: Usage | None = None,
-        response_bytes: int = 0,
-    ) -> None:
-        if self.ended:
-            return
-        self.begin()
-        self.ended = True
-        self.metrics.observe_request(
-            model=self.model,
-            tenant=self.tenant,
-            endpoint=endpoint,
-            status=status,
-            code=code,
-            duration_s=now - self.started,
-            ttft_s=ttft_s,
-            usage=usage,
-            request_bytes=self.request_bytes,
-            response_bytes=response_bytes,
-        )
-
-
 class _Flight:
     """One `Decision` in flight: settled with the router exactly once."""
 
@@ -317,122 +258,6 @@ class _Flight:
             return
         self.settled = True
         self.gateway.deferrals.complete(self.decision, usage, served_by)
-
-
-class _Sse:
-    """Splits an SSE byte stream into events; reads usage and the first token; drops usage-only
-    chunks the client did not ask for. O(bytes) plus one JSON decode per event."""
-
-    __slots__ = ("buffer", "done", "failed", "first_token_at", "keep_usage", "usage")
-
-    def __init__(self, keep_usage: bool) -> None:
-        self.keep_usage = keep_usage
-        self.buffer = b""
-        self.usage: Mapping[str, Any] | None = None
-        self.first_token_at: float | None = None
-        self.done = False  # `[DONE]` seen: the stream ended as the protocol says
-        self.failed = False  # the engine reported an error inside the stream
-
-    def feed(self, data: bytes, now: float) -> bytes:
-        """The bytes of the complete events in `buffer + data` to pass on.
-
-        Fast path, once the first token is seen: whole events with no `usage`,
-        no `error` and no `[DONE]` pass through undecoded (O(bytes) in C, no
-        JSON), which is almost every chunk of a vLLM stream (an engine that
-        puts `"usage": null` in every chunk, as OpenAI does, takes the slow path).
-        """
-        if (
-            self.first_token_at is not None
-            and not self.buffer
-            and data.endswith(b"\n\n")
-            and b'"usage"' not in data
-            and b'"error"' not in data
-            and b"[DONE]" not in data
-        ):
-            return data
-        buffer = self.buffer + data
-        out = bytearray()
-        start = 0
-        for m in _EVENT_END.finditer(buffer):
-            event = buffer[start : m.end()]
-            start = m.end()
-            if self._keep(event, now):
-                out += event
-        self.buffer = buffer[start:]
-        return bytes(out)
-
-    def flush(self, now: float) -> bytes:
-        """What is left at the end of the stream: an event missing its blank line is read
-        like any other (so a final usage chunk is parsed, and hidden when asked)."""
-        tail, self.buffer = self.buffer, b""
-        if tail.strip() and not self._keep(tail, now):
-            return b""
-        return tail
-
-    def _keep(self, event: bytes, now: float) -> bool:
-        payload = b"\n".join(
-            line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
-        )
-        if not payload:
-            return True
-        if payload == b"[DONE]":
-            self.done = True
-            return True
-        try:
-            chunk = json.loads(payload)
-        except ValueError:
-            return True
-        if not isinstance(chunk, dict):
-            return True
-        if "error" in chunk or chunk.get("object") == "error":  # vLLM's in-stream error
-            self.failed = True
-            return True
-        choices = chunk.get("choices")
-        if self.first_token_at is None and isinstance(choices, list) and _has_token(choices):
-            self.first_token_at = now
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.usage = usage
-            if not choices and not self.keep_usage:
-                return False  # the usage-only chunk the gateway asked for
-        return True
-
-
-def _has_token(choices: list[Any]) -> bool:
-    for choice in choices:
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and any(
-            delta.get(k) for k in ("content", "reasoning_content", "tool_calls", "refusal")
-        ):
-            return True
-    return False
-
-
-def _usage(raw: object, *, ok: bool, ttft_s: float | None, e2e_s: float) -> Usage:
-    """The router's `Usage` from an OpenAI `usage` object (zeros when absent or malformed)."""
-
-    def count(value: object) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    prompt = cached = completion = 0
-    if isinstance(raw, Mapping):
-        prompt = count(raw.get("prompt_tokens"))
-        completion = count(raw.get("completion_tokens"))
-        details = raw.get("prompt_tokens_details")
-        if isinstance(details, Mapping):
-            cached = min(count(details.get("cached_tokens")), prompt) if prompt else 0
-    return Usage(
-        prompt_tokens=prompt,
-        cached_tokens=cached,
-        completion_tokens=completion,
-        ttft_s=ttft_s,
-        e2e_s=e2e_s,
-        ok=ok,
-    )
 
 
 class _Outcome:
@@ -579,7 +404,7 @@ class Gateway(RoutingService):
 
     async def completions(self, http: HttpRequest) -> Response:
         """POST /v1/chat/completions and /v1/completions."""
-        ex = _Exchange(self.metrics, self.clock())
+        ex = RequestRecord(self.metrics, self.clock())
         try:
             return await self._complete(http, ex)
         except ClientDisconnect:
@@ -591,7 +416,7 @@ class Gateway(RoutingService):
 
     def _fail(
         self,
-        ex: _Exchange,
+        ex: RequestRecord,
         status: int,
         message: str,
         *,
@@ -612,7 +437,7 @@ class Gateway(RoutingService):
         )
         return response
 
-    async def _complete(self, http: HttpRequest, ex: _Exchange) -> Response:
+    async def _complete(self, http: HttpRequest, ex: RequestRecord) -> Response:
         server = self.config.server
         if self.draining:
             return self._fail(
@@ -707,7 +532,7 @@ class Gateway(RoutingService):
     async def _forward(
         self,
         http: HttpRequest,
-        ex: _Exchange,
+        ex: RequestRecord,
         decision: Decision,
         payload: bytes,
         client_usage: bool,
@@ -814,7 +639,7 @@ class Gateway(RoutingService):
         log.info("endpoint %s failed (%s: %r): trying the next", endpoint, reason, detail)
         self.metrics.observe_retry(endpoint, reason)
 
-    def _timed_out(self, ex: _Exchange, flight: _Flight, endpoint: EndpointId) -> Response:
+    def _timed_out(self, ex: RequestRecord, flight: _Flight, endpoint: EndpointId) -> Response:
         flight.settle(Usage(ok=False, e2e_s=self.clock() - ex.started), endpoint)
         return self._fail(
             ex,
@@ -834,7 +659,7 @@ class Gateway(RoutingService):
 
     def _answer(
         self,
-        ex: _Exchange,
+        ex: RequestRecord,
         flight: _Flight,
         endpoint: EndpointId,
         response: aiohttp.ClientResponse,
@@ -848,7 +673,7 @@ class Gateway(RoutingService):
             with contextlib.suppress(ValueError):
                 parsed = json.loads(content)
                 raw_usage = parsed.get("usage") if isinstance(parsed, dict) else None
-        usage = _usage(raw_usage, ok=ok, ttft_s=None, e2e_s=now - ex.started)
+        usage = openai_usage(raw_usage, ok=ok, ttft_s=None, e2e_s=now - ex.started)
         flight.settle(usage, endpoint)
         ex.end(
             response.status,
@@ -866,7 +691,7 @@ class Gateway(RoutingService):
 
     def _relay(
         self,
-        ex: _Exchange,
+        ex: RequestRecord,
         flight: _Flight,
         endpoint: EndpointId,
         response: aiohttp.ClientResponse,
@@ -875,14 +700,14 @@ class Gateway(RoutingService):
         client_usage: bool,
     ) -> Response:
         """Stream the SSE answer through; settle when it ends, however it ends."""
-        sse = _Sse(keep_usage=client_usage)
+        sse = SseRelay(keep_usage=client_usage)
         # how it ended, for metrics; stays "client-disconnect" if the body is cut short
         outcome = _Outcome()
 
         def finish() -> None:
             now = self.clock()
             ttft = None if sse.first_token_at is None else sse.first_token_at - ex.started
-            usage = _usage(sse.usage, ok=outcome.ok, ttft_s=ttft, e2e_s=now - ex.started)
+            usage = openai_usage(sse.usage, ok=outcome.ok, ttft_s=ttft, e2e_s=now - ex.started)
             flight.settle(usage, endpoint)
             ex.end(
                 outcome.status,

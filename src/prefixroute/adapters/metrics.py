@@ -867,3 +867,55 @@ def _rows(snap: LedgerSnapshot) -> list[TenantSnapshot]:
                 ttft=other.ttft,
             )
     return [*rows, other]
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": a status for metrics only, never sent
+
+
+class RequestRecord:
+    """One client request's metrics: `request_started` once, `observe_request` once, whatever
+    path the request takes (drivers create one per request and end it exactly once)."""
+
+    __slots__ = ("begun", "ended", "metrics", "model", "request_bytes", "started", "tenant")
+
+    def __init__(self, metrics: GatewayMetrics, started: float) -> None:
+        self.metrics = metrics
+        self.started = started
+        self.model = "unknown"
+        self.tenant = "unknown"
+        self.request_bytes = 0
+        self.begun = False
+        self.ended = False
+
+    def begin(self) -> None:
+        if not self.begun:
+            self.begun = True
+            self.metrics.request_started(self.model, self.tenant)
+
+    def end(
+        self,
+        status: int,
+        *,
+        now: float,
+        code: str | None = None,
+        endpoint: str | None = None,
+        ttft_s: float | None = None,
+        usage: Usage | None = None,
+        response_bytes: int = 0,
+    ) -> None:
+        if self.ended:
+            return
+        self.begin()
+        self.ended = True
+        self.metrics.observe_request(
+            model=self.model,
+            tenant=self.tenant,
+            endpoint=endpoint,
+            status=status,
+            code=code,
+            duration_s=now - self.started,
+            ttft_s=ttft_s,
+            usage=usage,
+            request_bytes=self.request_bytes,
+            response_bytes=response_bytes,
+        )
