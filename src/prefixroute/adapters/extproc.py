@@ -78,15 +78,14 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
 from prefixroute.adapters.errors import error_body, retry_after_header
-from prefixroute.adapters.gateway import GatewayConfig, isolation_salt
+from prefixroute.adapters.gateway import GatewayConfig
 from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
-from prefixroute.adapters.service import RoutingService
+from prefixroute.adapters.service import Refusal, RoutingService
 from prefixroute.adapters.sse import SseRelay, openai_usage
 from prefixroute.config import ConfigError, build_section, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
-from prefixroute.openai import parse_openai
-from prefixroute.request import Request, RequestError, Usage
+from prefixroute.request import Request, Usage
 from prefixroute.router import Router
 
 __all__ = [
@@ -513,51 +512,17 @@ class _Stream:
         self.body = bytearray()
         ex.request_bytes = len(body)
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
-            return self.fail(400, "the request body is not valid JSON", code="invalid-json")
-        if not isinstance(doc, dict):
-            return self.fail(400, "the request body must be a JSON object", code="invalid-json")
-        model = doc.get("model")
-        if isinstance(model, str) and model:
-            ex.model = model
-        try:
-            identity = owner.identity.resolve(self.headers, doc)
-            ex.tenant = identity.tenant
-            parsed = parse_openai(
-                doc,
-                self.headers,
-                tenant_header=None,
-                session_header=None,
-                priority_header=None,
-                request_id_header="x-request-id",
-                tenant_from_user=False,
+            # ask a streaming engine for usage only where its usage-only chunk can be hidden
+            # again: the response body comes back to us in FULL_DUPLEX_STREAMED mode
+            prepared = owner.prepare(
+                body, self.headers, ex, may_ask_usage=self.response_mode == _DUPLEX
             )
-            request = attrs.evolve(
-                parsed, tenant=identity.tenant, session=identity.session, priority=identity.priority
+        except Refusal as refusal:
+            return self.fail(
+                refusal.status, refusal.message, code=refusal.code, param=refusal.param
             )
-        except RequestError as exc:
-            code = "unauthorized" if exc.status == 401 else "invalid-request"
-            return self.fail(exc.status, str(exc), code=code, param=exc.field)
-
-        forwarded: dict[str, Any] | None = None
-        blocker = owner.router.blocker
-        if blocker.isolate_tenants:
-            salt = isolation_salt(blocker, request.tenant, request.cache_salt)
-            request = attrs.evolve(request, cache_salt=salt)
-            forwarded = dict(doc, cache_salt=salt)
-        # Ask a streaming engine for usage only where its usage-only chunk can be hidden
-        # again: the response body comes back to us in FULL_DUPLEX_STREAMED mode.
-        if request.stream and self.response_mode == _DUPLEX:
-            options = doc.get("stream_options")
-            if not (isinstance(options, dict) and options.get("include_usage") is True):
-                self.strip_usage = True
-                forwarded = dict(forwarded or doc)
-                forwarded["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-        payload = body if forwarded is None else json.dumps(forwarded).encode()
+        request, payload = prepared.request, prepared.payload
+        self.strip_usage = prepared.usage_asked
 
         states: Sequence[EndpointState] = owner.pool.states()
         if self.subset is not None:
@@ -600,7 +565,7 @@ class _Stream:
             )
         self.decision = outcome
         return self._answer_request(
-            outcome, payload, changed=forwarded is not None, by_trailers=by_trailers
+            outcome, payload, changed=prepared.changed, by_trailers=by_trailers
         )
 
     def _destination(self, decision: Decision) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -62,14 +61,12 @@ from prefixroute.adapters.errors import error_body, error_response
 from prefixroute.adapters.identity import IdentityConfig
 from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.adapters.pool import EndpointSpec, ScrapeConfig, read_endpoints
-from prefixroute.adapters.service import RoutingService
+from prefixroute.adapters.service import Refusal, RoutingService, isolation_salt
 from prefixroute.adapters.sse import SseRelay, openai_usage
-from prefixroute.blocks import Blocker
 from prefixroute.config import ConfigError, build_section, load_config, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId
-from prefixroute.openai import parse_openai
-from prefixroute.request import Request, RequestError, Usage
+from prefixroute.request import Request, Usage
 from prefixroute.router import Router
 
 __all__ = [
@@ -211,33 +208,6 @@ class GatewayConfig:
 
 
 # -- isolation -------------------------------------------------------------------------
-
-
-def isolation_salt(blocker: Blocker, tenant: str, client_salt: str | None) -> str:
-    """The `cache_salt` that keeps `tenant`'s engine cache apart from every other tenant's.
-
-    BLAKE2b keyed by the hashing seed over the tenant (or its group, when
-    `tenant_groups` maps it: a group shares one cache) and the client's own
-    salt, each field tagged and length-prefixed. Tenants cannot compute each
-    other's salts without the seed, and a client salt still partitions
-    within the tenant. O(1).
-    """
-    group = blocker.tenant_groups.get(tenant)
-    fields = (b"group", group) if group is not None else (b"tenant", tenant)
-    data = bytearray()
-    for field in (fields[0].decode(), fields[1], client_salt):
-        if field is None:
-            data += b"\0"
-        else:
-            raw = field.encode("utf-8", "surrogatepass")
-            data += b"\1" + len(raw).to_bytes(8, "little") + raw
-    digest = hashlib.blake2b(
-        bytes(data),
-        digest_size=16,
-        key=blocker.seed.to_bytes(8, "little"),
-        person=b"prefixroute-salt",
-    )
-    return "pr-" + digest.hexdigest()
 
 
 # -- one request ------------------------------------------------------------------------
@@ -453,55 +423,13 @@ class Gateway(RoutingService):
             )
         ex.request_bytes = len(body)
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
-            return self._fail(ex, 400, "the request body is not valid JSON", code="invalid-json")
-        if not isinstance(doc, dict):
+            prepared = self.prepare(body, http.headers, ex, may_ask_usage=True)
+        except Refusal as refusal:
             return self._fail(
-                ex, 400, "the request body must be a JSON object", code="invalid-json"
+                ex, refusal.status, refusal.message, code=refusal.code, param=refusal.param
             )
-        model = doc.get("model")
-        if isinstance(model, str) and model:
-            ex.model = model
-        try:
-            identity = self.identity.resolve(http.headers, doc)
-            ex.tenant = identity.tenant
-            parsed = parse_openai(
-                doc,
-                http.headers,
-                tenant_header=None,
-                session_header=None,
-                priority_header=None,
-                request_id_header="x-request-id",
-                tenant_from_user=False,
-            )
-            request = attrs.evolve(
-                parsed,
-                tenant=identity.tenant,
-                session=identity.session,
-                priority=identity.priority,
-            )
-        except RequestError as exc:
-            code = "unauthorized" if exc.status == 401 else "invalid-request"
-            return self._fail(ex, exc.status, str(exc), code=code, param=exc.field)
-
-        forwarded: dict[str, Any] | None = None
-        blocker = self.router.blocker
-        if blocker.isolate_tenants:
-            salt = isolation_salt(blocker, request.tenant, request.cache_salt)
-            request = attrs.evolve(request, cache_salt=salt)
-            forwarded = dict(doc, cache_salt=salt)
-        client_usage = False
-        if request.stream:
-            options = doc.get("stream_options")
-            client_usage = isinstance(options, dict) and options.get("include_usage") is True
-            if not client_usage:
-                forwarded = dict(forwarded or doc)
-                forwarded["stream_options"] = {
-                    **(options if isinstance(options, dict) else {}),
-                    "include_usage": True,
-                }
-        payload = body if forwarded is None else json.dumps(forwarded).encode()
+        request, payload = prepared.request, prepared.payload
+        client_usage = not prepared.usage_asked
 
         ex.begin()
         now = self.clock()
