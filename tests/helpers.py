@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from prefixroute import EndpointState, LoadTracker, PrefixMatch, Request, RouteContext
 from prefixroute.endpoint import EndpointId
@@ -43,3 +44,44 @@ def context(
     )
     ctx.candidates = candidates
     return ctx
+
+
+# -- the adapters' end-to-end tests ------------------------------------------------------
+
+MODEL = "qwen3-0.6b"
+"""The model the fake engines serve."""
+
+ROUND_ROBIN: dict[str, Any] = {
+    "plugins": [
+        {"type": "healthy-filter"},
+        {"type": "queue-depth-scorer"},
+        {"type": "round-robin-picker"},
+    ],
+    "profiles": [
+        {
+            "name": "rr",
+            "plugins": [
+                {"pluginRef": "healthy-filter"},
+                {"pluginRef": "queue-depth-scorer"},
+                {"pluginRef": "round-robin-picker"},
+            ],
+        }
+    ],
+}
+"""A router config that ignores prefixes: requests alternate between healthy endpoints."""
+
+
+def chat_body(question: str, *, system: str, **extra: Any) -> dict[str, Any]:
+    """A chat-completions body (max_tokens 4 unless `extra` says otherwise)."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
+
+
+def cached_tokens(answer: Any) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` of a JSON answer (an httpx response)."""
+    return int(answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def pool(*addresses: str) -> list[dict[str, str]]:
+    """A config's `endpoints` list for `addresses`, ids e0, e1, ..."""
+    return [{"address": a, "id": f"e{i}"} for i, a in enumerate(addresses)]

@@ -25,8 +25,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixroute.adapters.fake_engine import FakeEngineConfig
-from prefixroute.adapters.fake_engine import create_app as engine_app
 from tests.envoy import (
     ENVOY_VERSION,
     EXAMPLES,
@@ -37,39 +35,17 @@ from tests.envoy import (
     run_envoy,
     validate,
 )
-from tests.servers import free_port, run_process, serve_in_thread
+from tests.helpers import ROUND_ROBIN, cached_tokens, chat_body, pool
+from tests.servers import free_port, run_process
 
-MODEL = "qwen3-0.6b"
 SYSTEM = "You are a meticulous assistant for the Envoy tests; answer briefly. " * 12
 EXTPROC = "prefixroute.adapters.extproc"
 PICKER_FILTERS = ("envoy.filters.http.ext_proc", "envoy.http.early_header_mutation.header_mutation")
-ROUND_ROBIN = {
-    "plugins": [
-        {"type": "healthy-filter"},
-        {"type": "queue-depth-scorer"},
-        {"type": "round-robin-picker"},
-    ],
-    "profiles": [
-        {
-            "name": "rr",
-            "plugins": [
-                {"pluginRef": "healthy-filter"},
-                {"pluginRef": "queue-depth-scorer"},
-                {"pluginRef": "round-robin-picker"},
-            ],
-        }
-    ],
-}
 
 
 def chat(question: str, *, system: str = SYSTEM, **extra: Any) -> dict[str, Any]:
     """A chat body; tests that count cached tokens pass their own `system` (engines are shared)."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
-
-
-def cached(answer: httpx.Response) -> int:
-    return int(answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    return chat_body(question, system=system, **extra)
 
 
 def engine_id(answer: httpx.Response) -> str:
@@ -103,20 +79,6 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
-
-
-@pytest.fixture(scope="module")
-def engines() -> Iterator[list[str]]:
-    """Two fake engines (no modelled waiting) as `host:port`, ids fake-a and fake-b."""
-    with (
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-a", time_scale=0.0))) as a,
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-b", time_scale=0.0))) as b,
-    ):
-        yield [a.removeprefix("http://"), b.removeprefix("http://")]
-
-
-def pool(*addresses: str) -> list[dict[str, str]]:
-    return [{"address": a, "id": f"e{i}"} for i, a in enumerate(addresses)]
 
 
 @contextlib.contextmanager
@@ -231,10 +193,10 @@ def test_requests_sharing_a_prefix_land_on_one_engine(engines: list[str], tmp_pa
         completions = metric(metrics, "prefixroute_completions_total")
         actual = metric(metrics, "prefixroute_cached_tokens_total")
     assert len({engine_id(a) for a in answers}) == 1
-    assert cached(answers[0]) == 0
-    assert all(cached(a) > 0 for a in answers[1:])
+    assert cached_tokens(answers[0]) == 0
+    assert all(cached_tokens(a) > 0 for a in answers[1:])
     assert completions == 6
-    assert actual == sum(cached(a) for a in answers)
+    assert actual == sum(cached_tokens(a) for a in answers)
 
 
 def test_streaming_works_end_to_end(engines: list[str], tmp_path: Path) -> None:

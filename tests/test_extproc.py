@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,11 @@ from prefixroute.adapters.extproc import (
     cli_arguments,
     cli_main,
 )
-from prefixroute.adapters.fake_engine import FakeEngineConfig
-from prefixroute.adapters.fake_engine import create_app as engine_app
 from prefixroute.config import ConfigError
 from prefixroute.request import Request
+from tests.helpers import chat_body, pool
 from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
 
-MODEL = "qwen3-0.6b"
 SYSTEM = "You are a meticulous assistant for the ext_proc tests; answer briefly. " * 12
 USAGE = {"include_usage": True}
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -68,22 +66,7 @@ TOKEN_BUCKET = {
 
 
 def chat(question: str, *, system: str = SYSTEM, **extra: Any) -> dict[str, Any]:
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
-
-
-@pytest.fixture(scope="module")
-def engines() -> Iterator[list[str]]:
-    """Two fake engines (no modelled waiting) as `host:port`."""
-    with (
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-a", time_scale=0.0))) as a,
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-b", time_scale=0.0))) as b,
-    ):
-        yield [a.removeprefix("http://"), b.removeprefix("http://")]
-
-
-def pool(*addresses: str) -> list[dict[str, str]]:
-    return [{"address": a, "id": f"e{i}"} for i, a in enumerate(addresses)]
+    return chat_body(question, system=system, **extra)
 
 
 def config(doc: dict[str, Any], **extproc: Any) -> ExtProcConfig:

@@ -33,37 +33,15 @@ from prefixroute.adapters.gateway import (
 )
 from prefixroute.blocks import Blocker
 from prefixroute.config import ConfigError
+from tests.helpers import MODEL, ROUND_ROBIN, cached_tokens, chat_body, pool
 from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "qwen3-0.6b"
 SYSTEM = "You are a meticulous assistant for the gateway tests; answer briefly. " * 12
-ROUND_ROBIN = {
-    "plugins": [
-        {"type": "healthy-filter"},
-        {"type": "queue-depth-scorer"},
-        {"type": "round-robin-picker"},
-    ],
-    "profiles": [
-        {
-            "name": "rr",
-            "plugins": [
-                {"pluginRef": "healthy-filter"},
-                {"pluginRef": "queue-depth-scorer"},
-                {"pluginRef": "round-robin-picker"},
-            ],
-        }
-    ],
-}
 
 
 def chat(question: str, *, system: str = SYSTEM, **extra: Any) -> dict[str, Any]:
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    return {"model": MODEL, "messages": messages, "max_tokens": 4, **extra}
-
-
-def cached(answer: httpx.Response) -> int:
-    return int(answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+    return chat_body(question, system=system, **extra)
 
 
 def assert_openai_error(answer: httpx.Response, status: int, code: str | None = None) -> None:
@@ -80,20 +58,6 @@ def gateway(doc: dict[str, Any]) -> Iterator[tuple[str, Gateway]]:
     app = create_app(GatewayConfig.from_document(doc))
     with serve_in_thread(app) as url:
         yield url, app.state.gateway
-
-
-@pytest.fixture(scope="module")
-def engines() -> Iterator[list[str]]:
-    """Two fake engines (no modelled waiting), as `host:port`; ids fake-a and fake-b."""
-    with (
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-a", time_scale=0.0))) as a,
-        serve_in_thread(engine_app(FakeEngineConfig(engine_id="fake-b", time_scale=0.0))) as b,
-    ):
-        yield [a.removeprefix("http://"), b.removeprefix("http://")]
-
-
-def pool(*addresses: str) -> list[dict[str, str]]:
-    return [{"address": a, "id": f"e{i}"} for i, a in enumerate(addresses)]
 
 
 def sse_events(answer: httpx.Response) -> list[Any]:
@@ -117,8 +81,8 @@ def test_requests_sharing_a_prefix_land_on_one_engine(engines: list[str]) -> Non
         ]
     assert all(a.status_code == 200 for a in answers)
     assert len({a.headers["x-fake-engine-id"] for a in answers}) == 1
-    assert cached(answers[0]) == 0
-    assert all(cached(a) > 0 for a in answers[1:])
+    assert cached_tokens(answers[0]) == 0
+    assert all(cached_tokens(a) > 0 for a in answers[1:])
     explained = answers[-1].headers[DECISION_HEADER]
     assert "matched_blocks=" in explained and "predicted_cached_tokens=0" not in explained
     assert gw.router.counters.actual_cached_tokens > 0
@@ -432,15 +396,15 @@ def test_tenant_isolation_separates_engine_caches(engines: list[str]) -> None:
         first = httpx.post(post, json=body, headers={"x-tenant-id": "a"})
         again = httpx.post(post, json=body, headers={"x-tenant-id": "a"})
         other = httpx.post(post, json=body, headers={"x-tenant-id": "b"})
-    assert cached(first) == 0 and cached(again) > 0
-    assert cached(other) == 0
+    assert cached_tokens(first) == 0 and cached_tokens(again) > 0
+    assert cached_tokens(other) == 0
     shared = {"endpoints": pool(engines[0])}
     with gateway(shared) as (url, _):
         post = f"{url}/v1/chat/completions"
         body = chat("same question", system=system + " (shared)")
         first = httpx.post(post, json=body, headers={"x-tenant-id": "c"})
         other = httpx.post(post, json=body, headers={"x-tenant-id": "d"})
-    assert cached(first) == 0 and cached(other) > 0
+    assert cached_tokens(first) == 0 and cached_tokens(other) > 0
 
 
 def test_isolation_salts_are_keyed_and_grouped() -> None:

@@ -25,12 +25,14 @@ field's path, e.g. `profiles[0].plugins[1].weight`.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import yaml
 
 from prefixroute.admission import AdmissionChain
@@ -48,7 +50,14 @@ from prefixroute.registry import (
 )
 from prefixroute.router import Router, default_profile
 
-__all__ = ["ConfigError", "build_section", "load_config", "read_document", "read_section"]
+__all__ = [
+    "ConfigError",
+    "build_section",
+    "load_config",
+    "positive_number",
+    "read_document",
+    "read_section",
+]
 
 T = TypeVar("T")
 
@@ -111,6 +120,12 @@ def read_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -
         if not json_type_ok(value, schema[key]):
             raise ConfigError(f"{name}.{key}", f"must be of type {schema[key]}, got {value!r}")
     return dict(section)
+
+
+def positive_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    """An attrs validator for drivers' config fields: a finite number > 0 (not a bool)."""
+    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
 
 
 def build_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:

@@ -55,7 +55,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -82,7 +81,7 @@ from prefixroute.adapters.gateway import GatewayConfig
 from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.adapters.service import Refusal, RoutingService
 from prefixroute.adapters.sse import SseRelay, openai_usage
-from prefixroute.config import ConfigError, build_section, read_document
+from prefixroute.config import ConfigError, build_section, positive_number, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.request import Request, Usage
@@ -142,11 +141,6 @@ _EXTPROC_KEYS = {
 # -- configuration -------------------------------------------------------------------
 
 
-def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
 @attrs.frozen
 class ExtProcSettings:
     """The `extproc` section: where to listen and how much to hold.
@@ -169,8 +163,8 @@ class ExtProcSettings:
         default=9090, validator=[attrs.validators.ge(0), attrs.validators.le(65535)]
     )
     max_body_bytes: int = attrs.field(default=16 * 1024 * 1024, validator=attrs.validators.ge(1))
-    drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    release_interval_s: float = attrs.field(default=0.05, validator=_positive)
+    drain_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
+    release_interval_s: float = attrs.field(default=0.05, validator=positive_number)
     fallback_list: bool = False
 
 

@@ -63,7 +63,13 @@ from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.adapters.pool import EndpointSpec, ScrapeConfig, read_endpoints
 from prefixroute.adapters.service import Refusal, RoutingService, isolation_salt
 from prefixroute.adapters.sse import SseRelay, openai_usage
-from prefixroute.config import ConfigError, build_section, load_config, read_document
+from prefixroute.config import (
+    ConfigError,
+    build_section,
+    load_config,
+    positive_number,
+    read_document,
+)
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request, Usage
@@ -122,11 +128,6 @@ _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "content-encoding", "date", "
 # -- configuration -------------------------------------------------------------------
 
 
-def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
 @attrs.frozen
 class ServerConfig:
     """The `server` section: where to listen and how patient to be.
@@ -143,10 +144,10 @@ class ServerConfig:
         default=8080, validator=[attrs.validators.ge(1), attrs.validators.le(65535)]
     )
     body_limit_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=attrs.validators.ge(1))
-    upstream_connect_timeout_s: float = attrs.field(default=2.0, validator=_positive)
-    upstream_timeout_s: float = attrs.field(default=60.0, validator=_positive)
-    drain_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    release_interval_s: float = attrs.field(default=0.05, validator=_positive)
+    upstream_connect_timeout_s: float = attrs.field(default=2.0, validator=positive_number)
+    upstream_timeout_s: float = attrs.field(default=60.0, validator=positive_number)
+    drain_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
+    release_interval_s: float = attrs.field(default=0.05, validator=positive_number)
     explain_header: bool = False
 
 

@@ -64,7 +64,7 @@ import attrs
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixroute.config import ConfigError, read_section
+from prefixroute.config import ConfigError, positive_number, read_section
 from prefixroute.endpoint import EndpointId, EndpointState
 
 __all__ = [
@@ -99,11 +99,6 @@ _SCRAPE_KEYS = {
 # -- values -----------------------------------------------------------------------
 
 
-def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
 def _url_path(_inst: object, attr: attrs.Attribute[str], value: str) -> None:
     if not value.startswith("/"):
         raise ValueError(f"{attr.name} must start with '/', got {value!r}")
@@ -120,12 +115,12 @@ class ScrapeConfig:
     1.0, `unhealthy_after` 3 consecutive failures.
     """
 
-    interval_s: float = attrs.field(default=0.05, validator=_positive)
-    timeout_s: float = attrs.field(default=1.0, validator=_positive)
-    stale_after_s: float = attrs.field(default=2.0, validator=_positive)
+    interval_s: float = attrs.field(default=0.05, validator=positive_number)
+    timeout_s: float = attrs.field(default=1.0, validator=positive_number)
+    stale_after_s: float = attrs.field(default=2.0, validator=positive_number)
     metrics_path: str = attrs.field(default="/metrics", validator=_url_path)
     health_path: str = attrs.field(default="/health", validator=_url_path)
-    health_interval_s: float = attrs.field(default=1.0, validator=_positive)
+    health_interval_s: float = attrs.field(default=1.0, validator=positive_number)
     unhealthy_after: int = attrs.field(default=3, validator=attrs.validators.ge(1))
 
     @classmethod
