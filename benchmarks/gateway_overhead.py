@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from prefixroute.adapters.live import start_engines, start_gateway, stop_process, wait_ready
+from prefixroute.devtools.live import start_engines, start_gateway, stop_process, wait_ready
 
 BODY = {
     "model": "qwen3-0.6b",

@@ -7,13 +7,13 @@ Routers (`--routers`, default all five):
 
 - `direct`: no router; the load generator spreads requests over the engines
   itself, round robin. It measures the engines (and the generator) alone.
-- `ours`: `python -m prefixroute.adapters.gateway` with a generated config
+- `ours`: `python -m prefixroute.drivers.gateway` with a generated config
   (the default router profile, the engines as endpoints).
 - `envoy`: a real Envoy (`.venv-envoy`, the version tests/envoy.py pins)
   loading the shipped `examples/envoy/envoy.yaml` with only its listener,
   admin and ext_proc ports rewritten (`tests.envoy.render`, as the e2e
   tests do; `run_envoy` starts it with `--concurrency 2`), and
-  `python -m prefixroute.adapters.extproc` as its endpoint picker with the
+  `python -m prefixroute.drivers.extproc` as its endpoint picker with the
   same generated config as `ours` (the `server` section aside) plus an
   `extproc` section. The client talks to Envoy's listener. Skipped with a
   note when Envoy is not installed (`make envoy`).
@@ -28,7 +28,7 @@ Routers (`--routers`, default all five):
 For each router the engines are restarted (fresh caches, same seeds) twice:
 
 1. engines at `--time-scale 1` (modelled Qwen3-0.6B on an H100):
-   a. `seed`: the seed experiment's traffic (`prefixroute.adapters.loadgen`,
+   a. `seed`: the seed experiment's traffic (`prefixroute.devtools.loadgen`,
       personas + cold questions 4:1, max_tokens 80/50), Poisson 32 req/s,
       streamed. Engine-measured hit rate = delta of
       `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`
@@ -79,7 +79,7 @@ import attrs
 import httpx
 from tests.envoy import ENVOY_VERSION, envoy_binary, free_ports, render, run_envoy
 
-from prefixroute.adapters.live import (
+from prefixroute.devtools.live import (
     EngineSample,
     fleet_delta,
     free_port,
@@ -91,7 +91,7 @@ from prefixroute.adapters.live import (
     stop_process,
     wait_ready,
 )
-from prefixroute.adapters.loadgen import (
+from prefixroute.devtools.loadgen import (
     MODEL,
     LoadReport,
     WireRequest,
@@ -257,7 +257,7 @@ def start_extproc(
     doc["extproc"] = {"host": "127.0.0.1", "port": port, "metrics_port": metrics_port}
     path = workdir / "extproc.json"
     path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    args = [sys.executable, "-m", "prefixroute.adapters.extproc", "--config", str(path)]
+    args = [sys.executable, "-m", "prefixroute.drivers.extproc", "--config", str(path)]
     with open(workdir / "extproc.log", "wb") as f:
         proc = subprocess.Popen(
             [*args, "--log-level", "warning"],

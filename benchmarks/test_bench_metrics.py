@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from tests.helpers import endpoint
 
 from prefixroute import Request, Router, Usage
-from prefixroute.adapters.metrics import GatewayMetrics
+from prefixroute.drivers.metrics import GatewayMetrics
 
 BATCH = 1000
 USAGE = Usage(prompt_tokens=900, cached_tokens=500, completion_tokens=40, ttft_s=0.05)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from prefixroute.adapters.fake_engine import FakeEngineConfig, create_app
+from prefixroute.devtools.fake_engine import FakeEngineConfig, create_app
 from tests.servers import serve_in_thread
 
 

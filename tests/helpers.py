@@ -46,7 +46,7 @@ def context(
     return ctx
 
 
-# -- the adapters' end-to-end tests ------------------------------------------------------
+# -- the drivers' end-to-end tests ------------------------------------------------------
 
 MODEL = "qwen3-0.6b"
 """The model the fake engines serve."""

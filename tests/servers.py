@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from prefixroute.adapters.live import free_port, free_port_block
+from prefixroute.devtools.live import free_port, free_port_block
 
 __all__ = [
     "ScriptedStream",

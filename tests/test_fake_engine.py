@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixroute.adapters.fake_engine import (
+from prefixroute.devtools.fake_engine import (
     ENGINE_ID_HEADER,
     FakeEngine,
     FakeEngineConfig,
@@ -304,7 +304,7 @@ def test_first_token_streams_before_the_last() -> None:
 def test_multi_engine_process_answers_on_every_port() -> None:
     port = free_port_block(2)
     second = port + 1
-    args = ["-m", "prefixroute.adapters.fake_engine", "--port", str(port), "--engines", "2"]
+    args = ["-m", "prefixroute.devtools.fake_engine", "--port", str(port), "--engines", "2"]
     args += ["--time-scale", "0"]
     with run_process(args, ready_url=f"http://127.0.0.1:{second}/health"):
         ids = set()
@@ -323,7 +323,7 @@ def test_bad_cli_options_exit_2() -> None:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "prefixroute.adapters.fake_engine", "--engines", "0"],
+        [sys.executable, "-m", "prefixroute.devtools.fake_engine", "--engines", "0"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -435,7 +435,7 @@ def test_a_lone_surrogate_is_a_400() -> None:
 
 
 def test_listening_sockets_say_tcp_so_asyncio_disables_nagle() -> None:
-    from prefixroute.adapters.fake_engine import listening_socket
+    from prefixroute.devtools.fake_engine import listening_socket
 
     with listening_socket("127.0.0.1") as sock:
         assert sock.proto == socket.IPPROTO_TCP

@@ -22,17 +22,17 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from prefixroute import Router
-from prefixroute.adapters.fake_engine import FakeEngineConfig
-from prefixroute.adapters.fake_engine import create_app as engine_app
-from prefixroute.adapters.gateway import (
+from prefixroute.blocks import Blocker
+from prefixroute.config import ConfigError
+from prefixroute.devtools.fake_engine import FakeEngineConfig
+from prefixroute.devtools.fake_engine import create_app as engine_app
+from prefixroute.drivers.gateway import (
     DECISION_HEADER,
     Gateway,
     GatewayConfig,
     create_app,
     isolation_salt,
 )
-from prefixroute.blocks import Blocker
-from prefixroute.config import ConfigError
 from tests.helpers import MODEL, ROUND_ROBIN, cached_tokens, chat_body, pool
 from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
 
@@ -173,7 +173,7 @@ def test_a_client_leaving_before_the_first_byte_aborts_the_upstream_request() ->
 
 
 def test_an_unterminated_final_usage_event_is_still_read_and_hidden() -> None:
-    from prefixroute.adapters.sse import SseRelay
+    from prefixroute.drivers.sse import SseRelay
 
     sse = SseRelay(keep_usage=False)
     content = ScriptedStream.CONTENT + b"data: [DONE]\n\n"
@@ -578,7 +578,7 @@ def test_cli_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {port: 'eighty'}\n", encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "prefixroute.adapters.gateway", "--config", str(bad)],
+        [sys.executable, "-m", "prefixroute.drivers.gateway", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -603,7 +603,7 @@ def test_sigterm_drains_a_stream_then_exits_0(tmp_path: Path) -> None:
             encoding="utf-8",
         )
         url = f"http://127.0.0.1:{port}"
-        args = ["-m", "prefixroute.adapters.gateway", "--config", str(config)]
+        args = ["-m", "prefixroute.drivers.gateway", "--config", str(config)]
         with run_process([*args, "--log-level", "warning"], ready_url=f"{url}/health") as proc:
             body = chat("drain me", stream=True, max_tokens=120)
             events: list[Any] = []

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from prefixroute.adapters.identity import DEFAULT_TENANT_HEADERS, Identity, IdentityConfig
 from prefixroute.config import ConfigError
+from prefixroute.drivers.identity import DEFAULT_TENANT_HEADERS, Identity, IdentityConfig
 from prefixroute.request import RequestError
 
 

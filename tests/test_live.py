@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from prefixroute.adapters.live import (
+from prefixroute.devtools.live import (
     EngineSample,
     cli_arguments,
     cli_main,

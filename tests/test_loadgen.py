@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from prefixroute.adapters.fake_engine import FakeEngineConfig, create_app
-from prefixroute.adapters.loadgen import (
+from prefixroute.devtools.fake_engine import FakeEngineConfig, create_app
+from prefixroute.devtools.loadgen import (
     Result,
     WireRequest,
     cli_arguments,

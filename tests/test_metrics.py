@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixroute import Decision, EndpointState, Rejection, Request, Router, Usage
-from prefixroute.adapters.metrics import OTHER, BoundedLabel, GatewayMetrics
+from prefixroute.drivers.metrics import OTHER, BoundedLabel, GatewayMetrics
 from prefixroute.ledger import TenantLedger
 from tests.helpers import endpoint
 

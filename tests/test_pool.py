@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from prefixroute.adapters.pool import (
+from prefixroute.config import ConfigError
+from prefixroute.drivers.pool import (
     EndpointPool,
     EndpointSpec,
     EngineMetrics,
@@ -20,7 +21,6 @@ from prefixroute.adapters.pool import (
     parse_metrics,
     read_endpoints,
 )
-from prefixroute.config import ConfigError
 from prefixroute.endpoint import EndpointId
 from tests.servers import free_port, serve_in_thread
 

@@ -27,14 +27,20 @@ FORBIDDEN_MODULES = {
     "urllib",
     "requests",
 }
-FORBIDDEN_PACKAGES = ("prefixroute.adapters", "prefixroute.sim", "prefixroute.cli")
+FORBIDDEN_PACKAGES = (
+    "prefixroute.drivers",
+    "prefixroute.devtools",
+    "prefixroute.sim",
+    "prefixroute.cli",
+)
 
 
 def core_modules() -> list[Path]:
     return [
         p
         for p in SRC.rglob("*.py")
-        if p.name not in DRIVERS and not {"adapters", "sim"} & set(p.relative_to(SRC).parts)
+        if p.name not in DRIVERS
+        and not {"drivers", "devtools", "sim"} & set(p.relative_to(SRC).parts)
     ]
 
 

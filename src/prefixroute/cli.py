@@ -257,20 +257,20 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
-# Commands served by adapters, which need the `gateway` extra: their modules are
+# Commands served by drivers and dev tools, which need the `gateway` extra: their modules are
 # imported only when the command runs, so the simulator's commands start fast.
-_ADAPTER_COMMANDS = {
-    "serve": ("prefixroute.adapters.gateway", "run the OpenAI-compatible gateway"),
-    "fake-engine": ("prefixroute.adapters.fake_engine", "run a stand-in vLLM server"),
+_DRIVER_COMMANDS = {
+    "serve": ("prefixroute.drivers.gateway", "run the OpenAI-compatible gateway"),
+    "fake-engine": ("prefixroute.devtools.fake_engine", "run a stand-in vLLM server"),
     "extproc": (
-        "prefixroute.adapters.extproc",
+        "prefixroute.drivers.extproc",
         "run the Envoy ext_proc endpoint picker (Gateway API Inference Extension protocol)",
     ),
 }
 
 
-def _adapter_module(name: str, module: str) -> Any:
-    """The adapter `module`, or a one-line message when its extra is not installed."""
+def _driver_module(name: str, module: str) -> Any:
+    """The driver `module`, or a one-line message when its extra is not installed."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -278,21 +278,21 @@ def _adapter_module(name: str, module: str) -> Any:
         return f"{name} needs the {extra} extra: pip install 'prefixroute[{extra}]' ({exc})"
 
 
-def _adapter_parser(
+def _driver_parser(
     sub: Any, name: str, module: str, text: str, *, load: bool
 ) -> argparse.ArgumentParser:
-    """The sub-parser of an adapter command; its arguments only when `load` (it will run)."""
+    """The sub-parser of a driver command; its arguments only when `load` (it will run)."""
     p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
-    p.set_defaults(adapter_main=None, adapter_error="")
+    p.set_defaults(driver_main=None, driver_error="")
     if not load:
         return p
-    mod = _adapter_module(name, module)
+    mod = _driver_module(name, module)
     if isinstance(mod, str):
-        p.set_defaults(adapter_error=mod)
+        p.set_defaults(driver_error=mod)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         return p
     mod.cli_arguments(p)
-    p.set_defaults(adapter_main=mod.cli_main)
+    p.set_defaults(driver_main=mod.cli_main)
     return p
 
 
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     live = None
     if argv[:1] == ["demo"] and "--live" in argv:
-        live = _adapter_module("demo --live", "prefixroute.adapters.live")
+        live = _driver_module("demo --live", "prefixroute.devtools.live")
     if isinstance(live, str):
         print(f"prefixroute: {live}", file=sys.stderr)
         return 2
@@ -327,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a router config document")
     check.add_argument("path")
     sub.add_parser("version", help="print the version")
-    for name, (module, text) in _ADAPTER_COMMANDS.items():
-        _adapter_parser(sub, name, module, text, load=name in argv[:1])
+    for name, (module, text) in _DRIVER_COMMANDS.items():
+        _driver_parser(sub, name, module, text, load=name in argv[:1])
     args = parser.parse_args(argv)
 
     if args.command == "version":
@@ -336,11 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "demo" and live is not None:
         return int(live.cli_main(args))
-    if args.command in _ADAPTER_COMMANDS:
-        if args.adapter_main is None:
-            print(f"prefixroute: {args.adapter_error}", file=sys.stderr)
+    if args.command in _DRIVER_COMMANDS:
+        if args.driver_main is None:
+            print(f"prefixroute: {args.driver_error}", file=sys.stderr)
             return 2
-        return int(args.adapter_main(args))
+        return int(args.driver_main(args))
     if args.command in ("demo", "simulate", "compare"):
         return _simulate_command(args)
     try:

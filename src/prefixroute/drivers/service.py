@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from prometheus_client import CollectorRegistry
 
-from prefixroute.adapters.deferral import Deferrals
-from prefixroute.adapters.metrics import GatewayMetrics, RequestRecord
-from prefixroute.adapters.pool import EndpointPool
 from prefixroute.blocks import Blocker
+from prefixroute.drivers.deferral import Deferrals
+from prefixroute.drivers.metrics import GatewayMetrics, RequestRecord
+from prefixroute.drivers.pool import EndpointPool
 from prefixroute.endpoint import EndpointId
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
@@ -34,7 +34,7 @@ from prefixroute.request import Request, RequestError
 from prefixroute.router import Router
 
 if TYPE_CHECKING:  # gateway.py imports this module
-    from prefixroute.adapters.gateway import GatewayConfig
+    from prefixroute.drivers.gateway import GatewayConfig
 
 __all__ = ["Prepared", "Refusal", "RoutingService", "isolation_salt"]
 

@@ -1,12 +1,12 @@
 """`prefixroute demo --live`: fake engines, the gateway and the seed traffic, watched live.
 
-    python -m prefixroute.adapters.live [--engines 4] [--rate 32 | --users 52] [--duration S]
+    python -m prefixroute.devtools.live [--engines 4] [--rate 32 | --users 52] [--duration S]
 
-Starts one `prefixroute.adapters.fake_engine` process serving `engines`
+Starts one `prefixroute.devtools.fake_engine` process serving `engines`
 engines on consecutive free 127.0.0.1 ports, then the gateway
-(`prefixroute.adapters.gateway`) with a generated config listing them, waits
+(`prefixroute.drivers.gateway`) with a generated config listing them, waits
 until every one answers `/health`, and drives the gateway in-process with the
-load generator (`prefixroute.adapters.loadgen`: the seed experiment's
+load generator (`prefixroute.devtools.loadgen`: the seed experiment's
 traffic, open loop at 32 req/s by default). Once a second it redraws a small
 view: elapsed time, req/s and TTFT percentiles over the last 5 s, failures,
 the hit rate the engines reported in each response's usage (overall and per
@@ -55,7 +55,7 @@ from typing import Any, TextIO
 import aiohttp
 import attrs
 
-from prefixroute.adapters.loadgen import (
+from prefixroute.devtools.loadgen import (
     LoadReport,
     Result,
     percentile,
@@ -148,7 +148,7 @@ def start_engines(
     """One fake-engine process serving `n` engines; (process, their "127.0.0.1:port" addresses)."""
     base = port_base if port_base is not None else free_port_block(n)
     args = ["--port", str(base), "--engines", str(n), "--time-scale", f"{time_scale:g}", *extra]
-    proc = _python_module("prefixroute.adapters.fake_engine", args, workdir / "engines.log")
+    proc = _python_module("prefixroute.devtools.fake_engine", args, workdir / "engines.log")
     return proc, [f"127.0.0.1:{base + i}" for i in range(n)]
 
 
@@ -176,7 +176,7 @@ def start_gateway(
     path = workdir / "gateway.json"
     path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     proc = _python_module(
-        "prefixroute.adapters.gateway", ["--config", str(path)], workdir / "gateway.log"
+        "prefixroute.drivers.gateway", ["--config", str(path)], workdir / "gateway.log"
     )
     return proc, f"http://127.0.0.1:{port}"
 
@@ -601,7 +601,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     _parser = argparse.ArgumentParser(
-        prog="python -m prefixroute.adapters.live", description=__doc__.split("\n", 1)[0]
+        prog="python -m prefixroute.devtools.live", description=__doc__.split("\n", 1)[0]
     )
     cli_arguments(_parser)
     sys.exit(cli_main(_parser.parse_args()))

@@ -6,7 +6,7 @@ health checks), one shared `aiohttp.ClientSession` for forwarding, and the
 `GatewayMetrics` exporter. Per completion request:
 
 1. read the body (at most `body_limit_bytes`: 413), decode JSON (400), resolve
-   identity (400/401, `prefixroute.adapters.identity`), parse it with
+   identity (400/401, `prefixroute.drivers.identity`), parse it with
    `prefixroute.openai.parse_openai` (400/413 naming the field);
 2. with `hashing.isolate_tenants`, replace `cache_salt` with a salt keyed by
    the hashing seed over the tenant (or its group) and the client's salt, in
@@ -57,12 +57,6 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from prefixroute.adapters.errors import error_body, error_response
-from prefixroute.adapters.identity import IdentityConfig
-from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
-from prefixroute.adapters.pool import EndpointSpec, ScrapeConfig, read_endpoints
-from prefixroute.adapters.service import Refusal, RoutingService, isolation_salt
-from prefixroute.adapters.sse import SseRelay, openai_usage
 from prefixroute.config import (
     ConfigError,
     build_section,
@@ -71,6 +65,12 @@ from prefixroute.config import (
     read_document,
 )
 from prefixroute.decision import Decision, Deferral, Rejection
+from prefixroute.drivers.errors import error_body, error_response
+from prefixroute.drivers.identity import IdentityConfig
+from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
+from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
+from prefixroute.drivers.service import Refusal, RoutingService, isolation_salt
+from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request, Usage
 from prefixroute.router import Router

@@ -76,13 +76,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from prefixroute.adapters.errors import error_body, retry_after_header
-from prefixroute.adapters.gateway import GatewayConfig
-from prefixroute.adapters.metrics import CLIENT_CLOSED, RequestRecord
-from prefixroute.adapters.service import Refusal, RoutingService
-from prefixroute.adapters.sse import SseRelay, openai_usage
 from prefixroute.config import ConfigError, build_section, positive_number, read_document
 from prefixroute.decision import Decision, Deferral, Rejection
+from prefixroute.drivers.errors import error_body, retry_after_header
+from prefixroute.drivers.gateway import GatewayConfig
+from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
+from prefixroute.drivers.service import Refusal, RoutingService
+from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.request import Request, Usage
 from prefixroute.router import Router

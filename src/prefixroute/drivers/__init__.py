@@ -1,6 +1,6 @@
-"""Drivers that put the pure core on the wire.
+"""Production drivers: what puts the pure core on the wire, and what a user deploys.
 
-Each adapter owns its I/O, clock and concurrency and calls the core's
+Each driver owns its I/O, clock and concurrency and calls the core's
 synchronous `Router` from one asyncio event loop:
 
 - `gateway`: `prefixroute serve`, an OpenAI-compatible HTTP gateway.
@@ -12,12 +12,10 @@ synchronous `Router` from one asyncio event loop:
   Prometheus scraping of vLLM's metrics, active health checks.
 - `identity`: tenant, session and priority from headers and API keys.
 - `metrics`: the Prometheus exporter.
-- `fake_engine`: `prefixroute fake-engine`, a stand-in vLLM server driven in
-  real time by the simulator's engine model.
-- `loadgen` and `live`: the load generator and `prefixroute demo --live`.
-- `errors`: OpenAI-style error bodies, shared by every HTTP driver.
+- `sse`: the server-sent-events reader both drivers relay streams with.
+- `errors`: OpenAI-style error bodies, shared by both drivers.
 
-Everything here needs the `gateway` extra (starlette, uvicorn with uvloop and
-httptools, aiohttp, prometheus-client); `extproc` also the `extproc` extra
-(grpcio, grpcio-health-checking, xds-protos).
+Nothing here imports the simulator or the dev tools. The gateway needs the
+`gateway` extra, the picker the `extproc` extra; neither extra's packages
+leak into the other driver's import path.
 """

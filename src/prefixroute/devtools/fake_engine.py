@@ -72,8 +72,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from prefixroute import __version__
-from prefixroute.adapters.errors import error_response
 from prefixroute.blocks import Blocker
+from prefixroute.drivers.errors import error_response
 from prefixroute.openai import message_text, parse_openai
 from prefixroute.request import Request, RequestError
 from prefixroute.sim.cost import PROFILES, CostModel, cost_profile

@@ -1,6 +1,6 @@
 """A load generator: the seed experiment's traffic, replayed over HTTP against any OpenAI URL.
 
-    python -m prefixroute.adapters.loadgen --url http://127.0.0.1:8080 --rate 32 --duration 10
+    python -m prefixroute.devtools.loadgen --url http://127.0.0.1:8080 --rate 32 --duration 10
 
 The requests are the simulator's own: `seed_requests(seed)` builds the
 `seed` scenario's workload (`prefixroute/sim/scenarios/seed.yaml`: the three
@@ -809,6 +809,6 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m prefixroute.adapters.loadgen")
+    _parser = argparse.ArgumentParser(prog="python -m prefixroute.devtools.loadgen")
     cli_arguments(_parser)
     sys.exit(cli_main(_parser.parse_args()))
