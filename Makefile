@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench side-by-side envoy lint typecheck clean
+.PHONY: test demo bench side-by-side inference-perf envoy lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,5 +50,10 @@ bench: $(STAMP)
 side-by-side: $(STAMP)
 	$(BIN)/python -m benchmarks.side_by_side --json side_by_side.json
 
+# inference-perf 0.7.0 (PyPI, into .venv-inference-perf; needs a Python >= 3.12) with its
+# shared_prefix data against `prefixroute serve` and two fake engines (docs/inference-perf.md)
+inference-perf: $(STAMP)
+	$(BIN)/python -m benchmarks.inference_perf --json inference_perf.json
+
 clean:
-	rm -rf $(VENV) .venv-sglang .venv-envoy .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-sglang .venv-envoy .venv-inference-perf .pytest_cache .mypy_cache .ruff_cache .benchmarks

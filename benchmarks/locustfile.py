@@ -6,11 +6,11 @@
 
 Users think `between(0.5, 2)` seconds between requests, as the published
 llm-d run's Locust users did. The requests are not written here: each comes
-from `prefixroute.devtools.loadgen.seed_requests` (one sequence shared by all
-users of this process), so Locust and `python -m prefixroute.devtools.loadgen`
-send the same traffic: the three tenant personas' chat completions with
-`x-tenant-id` (max_tokens 80) and cold `/v1/completions` "Question N"
-(max_tokens 50), 4:1. Requests are not streamed (Locust times whole
+from `prefixroute.devtools.bench.seed_requests` (one sequence shared by all
+users of this process), so Locust and `prefixroute bench --rate R` (or
+`--users N`; the `seed` scenario) send the same traffic: the three tenant
+personas' chat completions with `x-tenant-id` (max_tokens 80) and cold
+`/v1/completions` "Question N" (max_tokens 50), 4:1. Requests are not streamed (Locust times whole
 responses). Environment: `PREFIXROUTE_SEED` (default 0) picks the sequence,
 `PREFIXROUTE_MODEL` the model name (default `qwen3-0.6b`).
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from locust import HttpUser, between, events, task
 
-from prefixroute.devtools.loadgen import MODEL, request_kind, seed_requests
+from prefixroute.devtools.bench import MODEL, request_kind, seed_requests
 
 _REQUESTS = seed_requests(
     int(os.environ.get("PREFIXROUTE_SEED", "0")),

@@ -1,7 +1,7 @@
 """Routers side by side in front of the same fake engines: hit rate, TTFT, overhead, throughput.
 
     python -m benchmarks.side_by_side [--quick] [--routers ours,sglang-cache-aware,...]
-                                      [--json PATH] [--engines 4]
+                                      [--json PATH] [--engines 4] [--scenario NAME|FILE]
 
 Routers (`--routers`, default all five):
 
@@ -9,9 +9,9 @@ Routers (`--routers`, default all five):
   itself, round robin. It measures the engines (and the generator) alone.
 - `ours`: `python -m prefixroute.drivers.gateway` with a generated config
   (the default router profile, the engines as endpoints).
-- `envoy`: a real Envoy (`.venv-envoy`, the version tests/envoy.py pins)
+- `envoy`: a real Envoy (`.venv-envoy`, the version prefixroute.devtools.envoy pins)
   loading the shipped `examples/envoy/envoy.yaml` with only its listener,
-  admin and ext_proc ports rewritten (`tests.envoy.render`, as the e2e
+  admin and ext_proc ports rewritten (`prefixroute.devtools.envoy.render`, as the e2e
   tests do; `run_envoy` starts it with `--concurrency 2`), and
   `python -m prefixroute.drivers.extproc` as its endpoint picker with the
   same generated config as `ours` (the `server` section aside) plus an
@@ -28,9 +28,11 @@ Routers (`--routers`, default all five):
 For each router the engines are restarted (fresh caches, same seeds) twice:
 
 1. engines at `--time-scale 1` (modelled Qwen3-0.6B on an H100):
-   a. `seed`: the seed experiment's traffic (`prefixroute.devtools.loadgen`,
+   a. `seed`: the seed experiment's traffic (`prefixroute.devtools.bench`,
       personas + cold questions 4:1, max_tokens 80/50), Poisson 32 req/s,
-      streamed. Engine-measured hit rate = delta of
+      streamed (`--scenario` replaces the seed traffic with another
+      scenario's or a trace's requests, in their order, at the same rate:
+      `prefixroute.devtools.bench.scenario_source`). Engine-measured hit rate = delta of
       `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`
       summed over the engines; client-measured TTFT p50/p99; failures
       (must be 0); per-engine request split (`vllm:request_success_total`).
@@ -77,28 +79,34 @@ from typing import Any
 import aiohttp
 import attrs
 import httpx
-from tests.envoy import ENVOY_VERSION, envoy_binary, free_ports, render, run_envoy
 
-from prefixroute.devtools.live import (
-    EngineSample,
-    fleet_delta,
-    free_port,
-    gateway_config,
-    log_tail,
-    sample_fleet,
-    start_engines,
-    start_gateway,
-    stop_process,
-    wait_ready,
-)
-from prefixroute.devtools.loadgen import (
+from prefixroute.devtools.bench import (
     MODEL,
     LoadReport,
     WireRequest,
     run_load,
     run_with_uvloop,
+    scenario_source,
     source_requests,
     summarise,
+)
+from prefixroute.devtools.envoy import (
+    ENVOY_VERSION,
+    envoy_binary,
+    free_ports,
+    render,
+    run_envoy,
+)
+from prefixroute.devtools.live import (
+    EngineSample,
+    fleet_delta,
+    free_port,
+    gateway_config,
+    sample_fleet,
+    start_engines,
+    start_gateway,
+    supervised,
+    wait_ready,
 )
 from prefixroute.sim.workload import OpenLoopSource, TenantKind, Tenants, WorkloadSpec
 
@@ -112,8 +120,9 @@ SUSTAINED_SHARE = 0.95
 
 @attrs.frozen
 class Plan:
-    """Phase lengths and loads (seconds, requests per second)."""
+    """Phase lengths and loads (seconds, requests per second); the first phase's scenario."""
 
+    scenario: str = "seed"
     seed_s: float = 30.0
     seed_rps: float = 32.0
     burst_tenants: int = 16
@@ -278,41 +287,32 @@ def fleet(
 
     Teardown in reverse: Envoy (if any) first, then the router, then the engines.
     """
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        with contextlib.ExitStack() as stack:  # Envoy, stopped before `procs`
-            engine_proc, addresses = start_engines(engines, workdir, time_scale=time_scale)
-            procs.append(engine_proc)
-            wait_ready([f"http://{a}/health" for a in addresses], procs)
-            if router == "direct":
-                urls = [f"http://{a}" for a in addresses]
-            elif router == "ours":
-                gateway, url = start_gateway(addresses, workdir)
-                procs.append(gateway)
-                wait_ready([f"{url}/health"], procs)
-                urls = [url]
-            elif router == "envoy":
-                ports = free_ports()
-                picker, health = start_extproc(addresses, ports.extproc, workdir)
-                procs.append(picker)
-                wait_ready([health], procs)
-                urls = [stack.enter_context(run_envoy(render("envoy.yaml", ports))).url]
-            else:
-                assert sglang is not None
-                policy = "cache_aware" if router == "sglang-cache-aware" else "round_robin"
-                proc, url = start_sglang(sglang, addresses, policy, workdir)
-                procs.append(proc)
-                wait_sglang_workers(url, engines, proc, timeout_s=60.0)
-                urls = [url]
-            _warm_up(urls, engines)
-            yield urls, addresses
-    except RuntimeError:
-        for log in sorted(workdir.glob("*.log")):
-            print(f"--- {log.name}\n{log_tail(log)}", file=sys.stderr)
-        raise
-    finally:
-        for proc in reversed(procs):
-            stop_process(proc)
+    with supervised(workdir) as procs, contextlib.ExitStack() as stack:  # Envoy stops first
+        engine_proc, addresses = start_engines(engines, workdir, time_scale=time_scale)
+        procs.append(engine_proc)
+        wait_ready([f"http://{a}/health" for a in addresses], procs)
+        if router == "direct":
+            urls = [f"http://{a}" for a in addresses]
+        elif router == "ours":
+            gateway, url = start_gateway(addresses, workdir)
+            procs.append(gateway)
+            wait_ready([f"{url}/health"], procs)
+            urls = [url]
+        elif router == "envoy":
+            ports = free_ports()
+            picker, health = start_extproc(addresses, ports.extproc, workdir)
+            procs.append(picker)
+            wait_ready([health], procs)
+            urls = [stack.enter_context(run_envoy(render("envoy.yaml", ports))).url]
+        else:
+            assert sglang is not None
+            policy = "cache_aware" if router == "sglang-cache-aware" else "round_robin"
+            proc, url = start_sglang(sglang, addresses, policy, workdir)
+            procs.append(proc)
+            wait_sglang_workers(url, engines, proc, timeout_s=60.0)
+            urls = [url]
+        _warm_up(urls, engines)
+        yield urls, addresses
 
 
 def _warm_up(urls: Sequence[str], n: int, timeout_s: float = 30.0) -> None:
@@ -371,7 +371,17 @@ def _phase(
 
 
 async def seed_phase(urls: list[str], addresses: list[str], plan: Plan) -> dict[str, Any]:
-    load = run_load(urls, rate_rps=plan.seed_rps, duration_s=plan.seed_s, seed=0, timeout_s=30)
+    source = None
+    if plan.scenario != "seed":
+        source = scenario_source(plan.scenario, model=MODEL, seed=0, timed=False).source
+    load = run_load(
+        urls,
+        rate_rps=plan.seed_rps,
+        duration_s=plan.seed_s,
+        seed=0,
+        source=source,
+        timeout_s=30,
+    )
     return _phase(*await _measured(addresses, load))
 
 
@@ -480,8 +490,10 @@ def _split(phase: dict[str, Any]) -> str:
 def markdown(results: dict[str, dict[str, Any]], plan: Plan) -> str:
     """The results as markdown tables."""
     direct = results.get("direct", {}).get("overhead")
+    traffic = "Seed" if plan.scenario == "seed" else f"`{plan.scenario}`"
     lines = [
-        f"Seed traffic at {plan.seed_rps:g} req/s for {plan.seed_s:g} s (engines at time-scale 1);"
+        f"{traffic} traffic at {plan.seed_rps:g} req/s for {plan.seed_s:g} s"
+        " (engines at time-scale 1);"
         f" overhead at {plan.overhead_rps:g} req/s and the ramp with engines at time-scale 0.",
         "",
         "| router | engine hit rate | TTFT p50 (ms) | TTFT p99 (ms) | failures | split % "
@@ -562,6 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--routers", default=",".join(ROUTERS), help=",".join(ROUTERS))
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--json", metavar="PATH", help="write every figure as JSON")
+    parser.add_argument(
+        "--scenario",
+        default="seed",
+        help="the first phase's traffic: a built-in scenario, a scenario file or a Mooncake "
+        "trace (prefixroute bench's --scenario; default seed)",
+    )
     args = parser.parse_args(argv)
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     unknown = [r for r in routers if r not in ROUTERS]
@@ -573,7 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # direct first: the other routers' added latency is measured against it
     routers.sort(key=lambda r: r != "direct")
-    plan = QUICK if args.quick else FULL
+    plan = attrs.evolve(QUICK if args.quick else FULL, scenario=args.scenario)
+    try:
+        scenario_source(plan.scenario, model=MODEL, timed=False)
+    except ValueError as exc:
+        print(f"side_by_side: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     results: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     started = time.monotonic()

@@ -11,13 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from tests.helpers import endpoint
 
-from prefixroute import Request, Router, Usage
+from prefixroute import EndpointState, Request, Router, Usage
 from prefixroute.drivers.metrics import GatewayMetrics
 
 BATCH = 1000
 USAGE = Usage(prompt_tokens=900, cached_tokens=500, completion_tokens=40, ttft_s=0.05)
+
+
+def endpoint(i: int) -> EndpointState:
+    """Endpoint `e{i}` on a loopback port, fresh metrics at t=0."""
+    return EndpointState(id=f"e{i}", address=f"127.0.0.1:{9000 + i}", observed_at=0.0)
 
 
 def _metrics(endpoints: int = 16, tenants: int = 128) -> GatewayMetrics:

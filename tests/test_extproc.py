@@ -35,12 +35,19 @@ from prefixroute.drivers.extproc import (
     HEALTH_SERVICES,
     ExtProcConfig,
     ExtProcServer,
+    _Stream,
     cli_arguments,
     cli_main,
 )
-from prefixroute.request import Request
+from prefixroute.openai import parse_openai
 from tests.helpers import chat_body, pool
-from tests.servers import ScriptedStream, free_port, run_process, serve_in_thread
+from tests.servers import (
+    ScriptedStream,
+    free_port,
+    run_process,
+    serve_in_thread,
+    wait_until_async,
+)
 
 SYSTEM = "You are a meticulous assistant for the ext_proc tests; answer briefly. " * 12
 USAGE = {"include_usage": True}
@@ -591,7 +598,7 @@ def test_the_served_endpoint_is_credited(engines: list[str]) -> None:
             credited = await proxy.send(raw, served=other)
             await settled(server)
             router = server.processor.router
-            keys = router.blocker.keys(Request.from_openai(body)).tolist()
+            keys = router.blocker.keys(parse_openai(body)).tolist()
             holders = router.index.match(keys)
         assert credited.status == 200 and credited.destination == first.destination
         # the engine Envoy reports as the one that served holds the prefix now
@@ -653,7 +660,18 @@ def test_an_early_close_settles_the_decision_once(engines: list[str]) -> None:
     run(scenario())
 
 
-def test_a_stream_closed_before_the_body_ends_decides_nothing(engines: list[str]) -> None:
+def test_a_stream_closed_before_the_body_ends_decides_nothing(
+    engines: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finished: list[_Stream] = []
+    finish = _Stream.finish
+
+    def counted(stream: _Stream) -> None:
+        finish(stream)
+        finished.append(stream)
+
+    monkeypatch.setattr(_Stream, "finish", counted)
+
     async def scenario() -> None:
         async with picker(config({"endpoints": pool(*engines)})) as (server, proxy):
             call = proxy.stub.Process()
@@ -661,8 +679,10 @@ def test_a_stream_closed_before_the_body_ends_decides_nothing(engines: list[str]
             await call.write(pb.ProcessingRequest(request_headers=headers))
             await call.write(pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model"')))
             call.cancel()
-            await asyncio.sleep(0.1)
+            # the server has seen the stream end (its `finally` ran): nothing more can happen
+            await wait_until_async(lambda: bool(finished), message="the stream finished")
             assert server.processor.router.counters.decisions == 0
+            assert finished[0].decision is None and finished[0].closed is False
 
     run(scenario())
 
@@ -708,7 +728,7 @@ def test_config_sections_and_errors(tmp_path: Path) -> None:
     )
     assert cfg.extproc.max_body_bytes == 16 * 1024 * 1024 and not cfg.extproc.fallback_list
     shared = ExtProcConfig.from_document({"server": {"port": 8081}, "extproc": {"port": 9100}})
-    assert shared.gateway.server.port == 8081 and shared.extproc.port == 9100
+    assert shared.driver.server.port == 8081 and shared.extproc.port == 9100
     with pytest.raises(ConfigError) as bad:
         ExtProcConfig.from_document({"extproc": {"bogus": 1}})
     assert "extproc" in str(bad.value) and "bogus" in str(bad.value)

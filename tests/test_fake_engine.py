@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,13 @@ from prefixroute.devtools.fake_engine import (
     FakeEngine,
     FakeEngineConfig,
     create_app,
+)
+from prefixroute.devtools.fake_engine.engine import Job
+from prefixroute.devtools.fake_engine.streaming import (
+    CHAT_CHUNKS,
+    COMPLETION_CHUNKS,
+    ChunkShape,
+    stream,
 )
 from prefixroute.sim.engine import Engine, EngineConfig
 from prefixroute.sim.tokenizer import encode
@@ -141,6 +149,62 @@ def test_streaming_chat_sends_one_chunk_per_token(fast: str) -> None:
     whole = post(fast, "/v1/chat/completions", chat_body("Stream it.", max_tokens=12)).json()
     text = "".join(c["choices"][0]["delta"]["content"] for c in content)
     assert text == whole["choices"][0]["message"]["content"]
+
+
+class _StubEngine:
+    """What `stream` reads from a `FakeEngine`: the model, token counts as they grow, the hit."""
+
+    def __init__(self, counts: list[int]) -> None:
+        self.config = FakeEngineConfig(model='org/"quoted"')
+        self.counts = counts
+
+    async def tokens(self, job: Job) -> AsyncIterator[int]:
+        for n in self.counts:
+            yield n
+
+    def cached_tokens(self, job: Job) -> int:
+        return 32
+
+
+@pytest.mark.parametrize("shape", [CHAT_CHUNKS, COMPLETION_CHUNKS], ids=["chat", "completion"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_one_streamer_spells_both_shapes_and_batches_late_tokens(
+    shape: ChunkShape, include_usage: bool
+) -> None:
+    """Tokens that arrive together go out in one write, still one chunk per token."""
+    words = [" abcd", " efgh", " ijkl", " mnop", " qrst"]
+    job = Job(handle=None, sim=None, prompt_tokens=40, output_tokens=5, text="".join(words))  # type: ignore[arg-type]
+    fake = _StubEngine([2, 3, 5])  # a stream that fell behind: 2 tokens, then 1, then 2
+
+    async def collect() -> list[str]:
+        writes = stream(fake, job, shape, "rid-1", 7, include_usage)  # type: ignore[arg-type]
+        return [w async for w in writes]
+
+    writes = asyncio.run(collect())
+    chat = shape is CHAT_CHUNKS
+    per_write = [len(sse(w)) for w in writes[:3]]
+    assert per_write == ([3, 1, 2] if chat else [2, 1, 2])  # chat's role chunk rides with token 1
+    events = sse("".join(writes))
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    if include_usage:
+        usage = chunks.pop()
+        assert usage["choices"] == [] and usage["usage"] == {
+            "prompt_tokens": 40,
+            "completion_tokens": 5,
+            "total_tokens": 45,
+            "prompt_tokens_details": {"cached_tokens": 32},
+        }
+    assert all(c["id"] == "rid-1" and c["created"] == 7 for c in chunks)
+    assert all(c["model"] == 'org/"quoted"' and c["object"] == shape.kind for c in chunks)
+    choices = [c["choices"][0] for c in chunks]
+    if chat:
+        assert choices.pop(0)["delta"] == {"role": "assistant", "content": ""}
+        assert [c["delta"]["content"] for c in choices] == words
+    else:
+        assert [c["text"] for c in choices] == words
+        assert all(c["stop_reason"] is None for c in choices)
+    assert [c["finish_reason"] for c in choices] == [None] * 4 + ["length"]
 
 
 def test_streaming_usage_chunk_only_with_include_usage(fast: str) -> None:
@@ -347,7 +411,7 @@ def test_engine_follow_and_abort_api() -> None:
     """`Engine.emitted` counts a decoding request's tokens step by step; `abort` frees it."""
     from prefixroute.request import Request
     from prefixroute.sim.cost import cost_profile
-    from prefixroute.sim.workload import SimRequest
+    from prefixroute.sim.source import SimRequest
 
     engine = Engine(
         EngineConfig(kv_capacity_tokens=4096, max_num_batched_tokens=64, max_num_seqs=8),

@@ -124,7 +124,7 @@ def test_tail_pool_filter_memory_is_bounded() -> None:
     eps = [endpoint(i) for i in range(4)]
     for i in range(10_000):
         flt.filter(_tail_ctx(f"t{i}", float(i)), eps)
-    assert len(flt._s.rates) <= 64
+    assert flt.tracked_tenants() <= 64
 
 
 def test_tail_pool_filter_rejects_bad_parameters() -> None:

@@ -471,11 +471,26 @@ def test_user_is_the_tenant_only_when_enabled() -> None:
     assert info.value.field == "user"
 
 
-def test_from_openai_delegates_with_defaults() -> None:
+def test_default_header_names_are_the_conventional_ones() -> None:
     body = chat(user("x"), user="alice")
-    headers = {"X-Tenant-Id": "acme", "x-priority": "2"}
-    assert Request.from_openai(body, headers) == parse(body, headers)
-    assert Request.from_openai(body).tenant == "default"
+    headers = {"X-Tenant-Id": "acme", "x-priority": "2", "X-Session-Id": "s", "x-request-id": "r"}
+    assert parse_openai(body, headers) == parse(body, headers)
+    parsed = parse_openai(body, headers)
+    assert (parsed.tenant, parsed.priority, parsed.session, parsed.request_id) == (
+        "acme",
+        2,
+        "s",
+        "r",
+    )
+    assert parse_openai(body).tenant == "default"
+    assert parse_openai(body, None) == parse_openai(body, {})
+
+
+def test_the_package_exports_the_parser() -> None:
+    import prefixroute
+
+    assert prefixroute.parse_openai is parse_openai
+    assert not hasattr(Request, "from_openai")  # the value stays plain
 
 
 # --- render_messages --------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from prefixroute import (
     Filter,
     LoadTracker,
     Picker,
+    PluginError,
     PrefixMatch,
     Rejection,
     Request,
@@ -220,3 +222,55 @@ def test_admission_answers_none_a_deferral_or_a_complete_rejection(
 def test_every_builtin_implements_exactly_one_protocol() -> None:
     assert FILTERS and SCORERS and PICKERS and ADMISSIONS
     assert len(FILTERS) + len(SCORERS) + len(PICKERS) + len(ADMISSIONS) == len(PLUGINS)
+
+
+@pytest.mark.parametrize("type_name", sorted(PLUGINS))
+def test_plugin_state_is_declared_in_its_fields(type_name: str) -> None:
+    """Parameters are `init=True` fields; state is `init=False` fields, nothing else.
+
+    No base class holds slots of its own (state hidden from the registry), every
+    slot is an attrs field, and state takes no part in `==` or `repr`.
+    """
+    cls = type(PLUGINS[type_name])
+    assert attrs.has(cls)
+    for base in cls.__mro__[1:]:
+        assert not getattr(base, "__slots__", ()), f"{base.__name__} hides slots"
+    fields = attrs.fields(cls)
+    names = {f.name for f in fields}
+    assert set(getattr(cls, "__slots__", ())) - {"__weakref__"} <= names
+    for f in fields:
+        if not f.init:
+            assert not f.eq and not f.repr, f"state field {f.name} takes part in eq/repr"
+            with pytest.raises(PluginError) as err:  # state is no parameter
+                REGISTRY.create(type_name, {f.alias: None})
+            assert err.value.field == f.alias
+
+
+def test_used_stateful_plugins_still_equal_fresh_ones_and_share_no_state() -> None:
+    ctx, endpoints = _a_context()
+    picker = REGISTRY.create("round-robin-picker")
+    assert isinstance(picker, Picker)
+    first = picker.pick(ctx, [1.0] * len(endpoints))[0]
+    assert picker == REGISTRY.create("round-robin-picker")
+    fresh = REGISTRY.create("round-robin-picker")
+    assert isinstance(fresh, Picker)
+    assert fresh.pick(ctx, [1.0] * len(endpoints))[0] == first  # its own counter, at 0
+    assert "turn" not in repr(picker)
+
+
+def _a_context() -> tuple[RouteContext, list[EndpointState]]:
+    endpoints = [
+        EndpointState(id=EndpointId(f"e{i}"), address=f"127.0.0.1:{8000 + i}") for i in range(3)
+    ]
+    ctx = RouteContext(
+        request=Request(model="m", prompt="hi"),
+        now=0.0,
+        rng=random.Random(0),
+        block_keys=[],
+        prompt_tokens=1,
+        tokens_per_block=16.0,
+        matches={},
+        load=LoadTracker(),
+    )
+    ctx.candidates = endpoints
+    return ctx, endpoints

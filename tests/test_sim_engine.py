@@ -11,7 +11,7 @@ from prefixroute.blocks import Blocker
 from prefixroute.request import Request
 from prefixroute.sim.cost import PROFILES, cost_profile
 from prefixroute.sim.engine import Completion, Engine, EngineConfig
-from prefixroute.sim.workload import SimRequest
+from prefixroute.sim.source import SimRequest
 
 COST = PROFILES["qwen3-0.6b-h100"]
 BLOCKER = Blocker()

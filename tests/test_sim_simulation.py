@@ -161,7 +161,7 @@ def _pair_of_prompts(tenants: tuple[str, str], shared: int, total: int) -> Any:
     import numpy as np
 
     from prefixroute.request import Request
-    from prefixroute.sim.workload import SimRequest
+    from prefixroute.sim.source import SimRequest
 
     class Pair:
         def arrivals(self) -> Any:

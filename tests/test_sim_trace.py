@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from prefixroute.sim.schema import Fields, ScenarioError
+from prefixroute.sim.source import SimRequest
 from prefixroute.sim.tokenizer import synthetic_tokens
 from prefixroute.sim.trace import PAD_KEY_BASE, TraceSource
-from prefixroute.sim.workload import SimRequest, build_workload
+from prefixroute.sim.workload_schema import build_workload
 
 MOONCAKE = Path("/work/shared/data/traces/mooncake-conversation.jsonl")
 needs_mooncake = pytest.mark.skipif(not MOONCAKE.exists(), reason="shared trace not present")

@@ -1,4 +1,5 @@
-"""Simulated workloads (`prefixroute.sim.workload`): sources, request shapes, the schema."""
+"""Simulated workloads: the generators (`prefixroute.sim.workload`), request shapes, and
+the `workload` schema (`prefixroute.sim.workload_schema`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from prefixroute.sim.schema import Fields, ScenarioError
+from prefixroute.sim.source import SimRequest, Source
 from prefixroute.sim.tokenizer import IM_END, encode, encode_chat
 from prefixroute.sim.workload import (
     SEED_PERSONAS,
@@ -20,13 +22,11 @@ from prefixroute.sim.workload import (
     ChatKind,
     ClosedLoopSource,
     OpenLoopSource,
-    SimRequest,
-    Source,
     TenantKind,
     Tenants,
     WorkloadSpec,
-    build_workload,
 )
+from prefixroute.sim.workload_schema import build_workload
 
 SEED: dict[str, Any] = {
     "arrival": {"process": "closed-loop", "users": 55, "think_s": [0.5, 2.0]},

@@ -16,7 +16,7 @@ from prefixroute.admission import (
 from prefixroute.blocks import Blocker, BlockKey, HashMode
 from prefixroute.config import ConfigError, load_config
 from prefixroute.decision import Decision, Deferral, Rejection
-from prefixroute.endpoint import Endpoint, EndpointId, EndpointState, Role
+from prefixroute.endpoint import EndpointId, EndpointState, Role
 from prefixroute.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -28,6 +28,7 @@ from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.index import IndexStats, PrefixIndex, PrefixMatch, Tier
 from prefixroute.ledger import LedgerSnapshot, TenantLedger, TenantSnapshot
 from prefixroute.load import LoadTracker
+from prefixroute.openai import parse_openai
 from prefixroute.plugins import (
     AdmissionContext,
     AdmissionPolicy,
@@ -43,6 +44,7 @@ from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.registry import PluginError, Registry, default_registry
 from prefixroute.request import Request, RequestError, Usage
 from prefixroute.router import Router, RouterCounters, default_profile
+from prefixroute.schema import DocumentError
 
 __version__ = "0.1.0"
 
@@ -62,7 +64,7 @@ __all__ = [
     "Decision",
     "Deferral",
     "Deferring",
-    "Endpoint",
+    "DocumentError",
     "EndpointId",
     "EndpointRemoved",
     "EndpointState",
@@ -99,4 +101,5 @@ __all__ = [
     "default_profile",
     "default_registry",
     "load_config",
+    "parse_openai",
 ]

@@ -239,48 +239,6 @@ def _wait(level: float, cost: float, rate: float, burst: float) -> float:
     return (cost - level) / rate
 
 
-class _Buckets:
-    """TokenBucketAdmission's state, in slots of its own (its attrs fields are its parameters).
-
-    `_buckets` is an LRU (least recently used first) of at most `_capacity`
-    tenants; `_limits` holds the overridden tenants' limits, `_default` the rest's.
-    """
-
-    __slots__ = ("_buckets", "_capacity", "_default", "_limits")
-
-    def _reset_buckets(self, capacity: int, default: _Limits, limits: dict[str, _Limits]) -> None:
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
-        self._capacity = capacity
-        self._default = default
-        self._limits = limits
-
-    def _bucket(self, tenant: str, limits: _Limits, now: float) -> _Bucket:
-        """The tenant's bucket refilled to `now` and marked most recently used. O(1).
-
-        A tenant without one (new, or evicted) starts full at `now`. A `now`
-        earlier than the bucket's stamp refills nothing and keeps the stamp,
-        so a clock that steps back creates no tokens.
-        """
-        buckets = self._buckets
-        bucket = buckets.get(tenant)
-        if bucket is None:
-            bucket = buckets[tenant] = _Bucket(limits.request_burst, limits.token_burst, now)
-            if len(buckets) > self._capacity:
-                buckets.popitem(last=False)
-            return bucket
-        buckets.move_to_end(tenant)
-        elapsed = now - bucket.stamp
-        if elapsed > 0:
-            if limits.request_rate is not None:
-                bucket.requests = min(
-                    limits.request_burst, bucket.requests + limits.request_rate * elapsed
-                )
-            if limits.token_rate is not None:
-                bucket.tokens = min(limits.token_burst, bucket.tokens + limits.token_rate * elapsed)
-            bucket.stamp = now
-        return bucket
-
-
 def _effective(
     requests_per_s: float | None,
     request_burst: float | None,
@@ -297,7 +255,7 @@ def _effective(
 
 
 @attrs.define(on_setattr=attrs.setters.frozen)
-class TokenBucketAdmission(_Buckets):
+class TokenBucketAdmission:
     """Per-tenant token buckets on requests/s and tokens/s. Type `token-bucket-admission`.
 
     Each tenant has two buckets, refilled continuously from `ctx.now`: one of
@@ -348,6 +306,18 @@ class TokenBucketAdmission(_Buckets):
         factory=dict, converter=_bucket_overrides
     )
     max_tenants: int = attrs.field(default=DEFAULT_MAX_TENANTS, validator=attrs.validators.ge(1))
+    # State, not parameters. `_default` and `_limits` (the overridden tenants') are the
+    # effective limits, derived once after validation; `_buckets` is an LRU (least
+    # recently used first) of at most `max_tenants` tenants' buckets.
+    _default: _Limits = attrs.field(
+        init=False, eq=False, repr=False, on_setattr=attrs.setters.NO_OP
+    )
+    _limits: dict[str, _Limits] = attrs.field(
+        init=False, eq=False, repr=False, on_setattr=attrs.setters.NO_OP
+    )
+    _buckets: OrderedDict[str, _Bucket] = attrs.field(
+        init=False, factory=OrderedDict, eq=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         top = {
@@ -356,8 +326,34 @@ class TokenBucketAdmission(_Buckets):
             "tokens_per_s": self.tokens_per_s,
             "token_burst": self.token_burst,
         }
-        limits = {tenant: _effective(**{**top, **o}) for tenant, o in self.overrides.items()}
-        self._reset_buckets(self.max_tenants, _effective(**top), limits)
+        self._default = _effective(**top)
+        self._limits = {tenant: _effective(**{**top, **o}) for tenant, o in self.overrides.items()}
+
+    def _bucket(self, tenant: str, limits: _Limits, now: float) -> _Bucket:
+        """The tenant's bucket refilled to `now` and marked most recently used. O(1).
+
+        A tenant without one (new, or evicted) starts full at `now`. A `now`
+        earlier than the bucket's stamp refills nothing and keeps the stamp,
+        so a clock that steps back creates no tokens.
+        """
+        buckets = self._buckets
+        bucket = buckets.get(tenant)
+        if bucket is None:
+            bucket = buckets[tenant] = _Bucket(limits.request_burst, limits.token_burst, now)
+            if len(buckets) > self.max_tenants:
+                buckets.popitem(last=False)
+            return bucket
+        buckets.move_to_end(tenant)
+        elapsed = now - bucket.stamp
+        if elapsed > 0:
+            if limits.request_rate is not None:
+                bucket.requests = min(
+                    limits.request_burst, bucket.requests + limits.request_rate * elapsed
+                )
+            if limits.token_rate is not None:
+                bucket.tokens = min(limits.token_burst, bucket.tokens + limits.token_rate * elapsed)
+            bucket.stamp = now
+        return bucket
 
     def limits(self, tenant: str) -> tuple[float | None, float, float | None, float]:
         """`tenant`'s effective (requests_per_s, request_burst, tokens_per_s, token_burst)."""
@@ -401,8 +397,10 @@ class TokenBucketAdmission(_Buckets):
 
     def check_invariants(self) -> None:
         """Raise AssertionError unless the LRU is bounded and every level is in range."""
-        if len(self._buckets) > self._capacity:
-            raise AssertionError(f"{len(self._buckets)} buckets over max_tenants {self._capacity}")
+        if len(self._buckets) > self.max_tenants:
+            raise AssertionError(
+                f"{len(self._buckets)} buckets over max_tenants {self.max_tenants}"
+            )
         for tenant, b in self._buckets.items():
             lim = self._limits.get(tenant, self._default)
             if lim.unlimited:

@@ -38,8 +38,8 @@ Being a keyed PRF, namespaces of different models, adapters, salts or
 tenants are independent 64-bit values to anyone who does not know the seed.
 Not MurmurHash3 here: tenants choose `cache_salt` (and model names), and
 MurmurHash3 has multicollisions that hold whatever its seed (Aumasson and
-Bernstein, "SipHash: a fast short-input PRF", INDOCRYPT 2012). A miss costs
-about 2 us, and namespaces are memoised.
+Bernstein, "SipHash: a fast short-input PRF", INDOCRYPT 2012). A namespace
+is one BLAKE2b call over a few short fields, and namespaces are memoised.
 
 The chain (`Blocker.hash_tokens`; `reference_keys` is the same function in plain Python)
 -----------------------------------------------------------------------------------------
@@ -131,13 +131,9 @@ Limits: a keyed non-cryptographic hash, not a MAC
 Cost: O(values) for the dot product and O(blocks) for the rest, with no
 Python loop over blocks. Lane keys are memoised per (namespace, block size)
 and namespaces per request fields, in small bounded memos (cleared when
-full). Measured (`benchmarks/test_bench_hashing.py`, medians on the
-development machine): `keys` for 4,096 tokens takes about 8 us, of which the
-dot product is about 3.4 us and the per-block stage about 3 us; a namespace
-never seen before (a fresh `cache_salt` on every request) adds about 6.5 us;
-text mode on 16,384 characters about 15 us (four times the values); the
-plain-Python reference about 550 us; one `mmh3.hash_bytes` over the same
-16 KB, the floor for touching the bytes at all, about 1.7 us.
+full). The measured costs (token and text mode, a namespace never seen
+before, the plain-Python reference, and the floor of touching the bytes
+once) are in docs/performance.md, from `benchmarks/test_bench_hashing.py`.
 """
 
 from __future__ import annotations
@@ -228,8 +224,8 @@ def reference_keys(values: Sequence[int], namespace: int, block_size: int) -> li
 
     Bit-identical to the fast path (the tests hold them to it), one key per
     full block of `block_size` values. O(len(values)) Python big-int
-    operations: about a hundred times slower than the fast path, meant for
-    tests and for reading.
+    operations: far slower than the fast path (docs/performance.md), meant
+    for tests and for reading.
     """
     lanes = _lane_keys(_check_hash_args(namespace, block_size), block_size)
     keys: list[int] = []

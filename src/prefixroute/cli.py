@@ -27,8 +27,10 @@ from typing import Any
 from prefixroute import __version__
 from prefixroute.config import ConfigError, load_config
 from prefixroute.decision import Decision, Rejection
+from prefixroute.drivers.documents import read_document
 from prefixroute.endpoint import EndpointState
-from prefixroute.request import Request, RequestError, Usage
+from prefixroute.openai import parse_openai
+from prefixroute.request import RequestError, Usage
 from prefixroute.router import Router
 
 __all__ = ["demo_requests", "main"]
@@ -98,7 +100,7 @@ def run_demo(router: Router, *, quiet: bool = False, out: Any = None) -> list[De
         now += 0.25
         headers = {**headers, "x-request-id": f"demo-{i}"}
         try:
-            request = Request.from_openai(body, headers)
+            request = parse_openai(body, headers)
         except RequestError as exc:
             print(f"request demo-{i}: rejected with {exc.status}: {exc}", file=out)
             continue
@@ -260,8 +262,12 @@ def _sim_args(p: argparse.ArgumentParser) -> None:
 # Commands served by drivers and dev tools, which need the `gateway` extra: their modules are
 # imported only when the command runs, so the simulator's commands start fast.
 _DRIVER_COMMANDS = {
-    "serve": ("prefixroute.drivers.gateway", "run the OpenAI-compatible gateway"),
+    "serve": ("prefixroute.drivers.gateway.server", "run the OpenAI-compatible gateway"),
     "fake-engine": ("prefixroute.devtools.fake_engine", "run a stand-in vLLM server"),
+    "bench": (
+        "prefixroute.devtools.bench",
+        "replay a scenario or a Mooncake trace against OpenAI URLs and report",
+    ),
     "extproc": (
         "prefixroute.drivers.extproc",
         "run the Envoy ext_proc endpoint picker (Gateway API Inference Extension protocol)",
@@ -274,7 +280,7 @@ def _driver_module(name: str, module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        extra = "gateway,extproc" if module.endswith("extproc") else "gateway"
+        extra = "extproc" if module.endswith("extproc") else "gateway"
         return f"{name} needs the {extra} extra: pip install 'prefixroute[{extra}]' ({exc})"
 
 
@@ -329,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("version", help="print the version")
     for name, (module, text) in _DRIVER_COMMANDS.items():
         _driver_parser(sub, name, module, text, load=name in argv[:1])
-    args = parser.parse_args(argv)
+    # a driver whose extra is missing takes any arguments: its message says what to install
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "driver_error", ""):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     if args.command == "version":
         print(__version__)
@@ -345,10 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _simulate_command(args)
     try:
         if args.command == "check-config":
-            router = load_config(args.path)
+            router = load_config(read_document(args.path))
             print(f"{args.path}: ok (profile {router.profile.name})")
             return 0
-        router = load_config(args.config) if args.config else Router.default()
+        router = load_config(read_document(args.config)) if args.config else Router.default()
     except ConfigError as exc:
         print(f"prefixroute: invalid config: {exc}", file=sys.stderr)
         return 2

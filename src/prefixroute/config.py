@@ -1,4 +1,4 @@
-"""Build a `Router` from a config document (a mapping, or a YAML/JSON file).
+"""Build a `Router` from a config document: a mapping, as decoded from YAML or JSON.
 
 The document, every key optional:
 
@@ -20,20 +20,22 @@ Without `plugins` and `profiles` the router runs the built-in default profile.
 Plugin and profile entries follow the Gateway API Inference Extension's
 `EndpointPickerConfig` spelling (`type`, `name`, `parameters`, `pluginRef`,
 `weight`). Unknown keys anywhere are errors: every `ConfigError` names the
-field's path, e.g. `profiles[0].plugins[1].weight`.
+field's path, e.g. `profiles[0].plugins[1].weight`. The path comes from the
+structure (`prefixroute.schema`: `Fields` reads each mapping, `build` checks
+each argument against its field), never from an exception's message.
+
+The core reads no file: drivers and the CLI turn a YAML/JSON file into a
+mapping (`prefixroute.drivers.documents.read_document`) and pass it here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
-import yaml
 
 from prefixroute.admission import AdmissionChain
 from prefixroute.blocks import Blocker
@@ -41,27 +43,20 @@ from prefixroute.index import PrefixIndex, Tier
 from prefixroute.ledger import TenantLedger
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.profile import Profile, WeightedScorer
-from prefixroute.registry import (
-    PluginError,
-    Registry,
-    default_registry,
-    json_type_ok,
-    plugin_kind,
-)
+from prefixroute.registry import PluginError, Registry, default_registry, plugin_kind
 from prefixroute.router import Router, default_profile
+from prefixroute.schema import DocumentError, Fields, build, join
 
 __all__ = [
     "ConfigError",
+    "ConfigFields",
     "build_section",
     "load_config",
     "positive_number",
-    "read_document",
     "read_section",
 ]
 
-T = TypeVar("T")
-
-_TOP_KEYS = {"seed", "hashing", "index", "router", "tenants", "plugins", "profiles", "profile"}
+_TOP_KEYS = ("seed", "hashing", "index", "router", "tenants", "plugins", "profiles", "profile")
 # Section schemas: key -> the JSON type its value must have.
 _HASHING = {
     "mode": "str",
@@ -76,50 +71,21 @@ _TENANTS = {"top_k": "int", "pinned": "list", "tail_quantile": "float"}
 _ROUTER = {"speculative_ttl_s": "float", "confirm_on_complete": "bool", "engine_block_size": "int"}
 
 
-class ConfigError(ValueError):
+class ConfigError(DocumentError):
     """An invalid config document; `path` names the field (e.g. `plugins[2].type`)."""
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
 
+class ConfigFields(Fields):
+    """`Fields` over a config document: its errors are `ConfigError`s."""
 
-def _mapping(value: object, path: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(path, f"must be a mapping, got {type(value).__name__}")
-    for key in value:
-        if not isinstance(key, str):
-            raise ConfigError(path, f"keys must be strings, got {key!r}")
-    return value
-
-
-def _only(doc: Mapping[str, Any], allowed: set[str], path: str) -> None:
-    for key in doc:
-        if key not in allowed:
-            where = f"{path}.{key}" if path else key
-            raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _build(path: str, make: Callable[..., T], **kwargs: Any) -> T:
-    """Call `make`; a refusal becomes a ConfigError naming the argument it mentions."""
-    try:
-        return make(**kwargs)
-    except (TypeError, ValueError) as exc:
-        msg = str(exc)
-        named = [k for k in kwargs if f"'{k}'" in msg or msg.startswith(k)]
-        raise ConfigError(f"{path}.{named[0]}" if named else path, msg) from exc
+    error = ConfigError
 
 
 def read_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -> dict[str, Any]:
     """The mapping at `doc[name]`, with only `schema`'s keys, each of its JSON type."""
-    section = _mapping(doc.get(name), name)
-    _only(section, set(schema), name)
-    for key, value in section.items():
-        if not json_type_ok(value, schema[key]):
-            raise ConfigError(f"{name}.{key}", f"must be of type {schema[key]}, got {value!r}")
-    return dict(section)
+    section = ConfigFields(doc.get(name), name)
+    section.allow(*schema)
+    return {key: section.typed(key, schema[key]) for key in section.doc}
 
 
 def positive_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
@@ -129,162 +95,119 @@ def positive_number(_inst: object, attr: attrs.Attribute[float], value: float) -
 
 
 def build_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:
-    """`cls(**read_section(doc, name, schema))`, its ValueError a ConfigError naming the field."""
-    section = read_section(doc, name, schema)
-    try:
-        return cls(**section)
-    except ValueError as exc:
-        field = str(exc).split(" ", 1)[0].strip("'")
-        raise ConfigError(f"{name}.{field}" if field in section else name, str(exc)) from exc
+    """`cls(**read_section(doc, name, schema))`; a refused value is a ConfigError at its path."""
+    return build(cls, read_section(doc, name, schema), name, error=ConfigError)
 
 
-def _str(value: object, path: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(path, "must be a non-empty string")
-    return value
-
-
-def _number(value: object, path: str) -> float:
-    if not json_type_ok(value, "float"):
-        raise ConfigError(path, f"must be a number, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def read_document(source: str | os.PathLike[str]) -> Mapping[str, Any]:
-    """The mapping in a YAML/JSON file (empty for an empty file); ConfigError otherwise."""
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("", f"config file {path} is not UTF-8 text: {exc}") from exc
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path} is not valid YAML/JSON: {exc}") from exc
-    return _mapping(doc, "")
-
-
-def load_config(
-    source: Mapping[str, Any] | str | os.PathLike[str], *, registry: Registry | None = None
-) -> Router:
-    """Validate a config document (or read one from a YAML/JSON file) and build its `Router`.
+def load_config(source: Mapping[str, Any], *, registry: Registry | None = None) -> Router:
+    """Validate a config document (a mapping) and build its `Router`.
 
     Raises `ConfigError` naming the field for anything invalid; nothing is
-    half-built.
+    half-built. A file name is a TypeError: read the file first
+    (`prefixroute.drivers.documents.read_document`).
     """
-    doc = read_document(source) if isinstance(source, str | os.PathLike) else _mapping(source, "")
-    _only(doc, _TOP_KEYS, "")
+    if isinstance(source, str | bytes) or hasattr(source, "__fspath__"):
+        raise TypeError(
+            "load_config takes a mapping, not a file name: read the file with "
+            "prefixroute.drivers.documents.read_document"
+        )
+    top = ConfigFields(source, "")
+    top.allow(*_TOP_KEYS)
+    doc = top.doc
     registry = registry if registry is not None else default_registry()
+    seed = top.integer("seed", 0)
 
-    seed = doc.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError("seed", f"must be an integer, got {seed!r}")
-
-    blocker = _build("hashing", Blocker, **read_section(doc, "hashing", _HASHING))
-
+    blocker = build(Blocker, read_section(doc, "hashing", _HASHING), "hashing", error=ConfigError)
     index_kwargs = read_section(doc, "index", _INDEX)
     if "tier_weights" in index_kwargs:
-        weights = _mapping(index_kwargs["tier_weights"], "index.tier_weights")
+        weights = ConfigFields(index_kwargs["tier_weights"], "index.tier_weights")
         tiers = {t.name.lower(): t for t in Tier}
         parsed: dict[Tier, float] = {}
-        for name, value in weights.items():
+        for name in weights.doc:
             if name not in tiers:
-                raise ConfigError(
-                    f"index.tier_weights.{name}", f"unknown tier (use {sorted(tiers)})"
-                )
-            parsed[tiers[name]] = _number(value, f"index.tier_weights.{name}")
+                raise ConfigError(weights.where(name), f"unknown tier (use {sorted(tiers)})")
+            parsed[tiers[name]] = weights.number(name, 0.0)
         index_kwargs["tier_weights"] = parsed
-    index = _build("index", PrefixIndex, **index_kwargs)
+    index = build(PrefixIndex, index_kwargs, "index", error=ConfigError)
     router_kwargs = read_section(doc, "router", _ROUTER)
-    ledger = _build("tenants", TenantLedger, **read_section(doc, "tenants", _TENANTS))
-
-    profile, admission = _profiles(doc, registry)
-    return _build(
-        "router",
-        Router,
-        profile=profile,
-        blocker=blocker,
-        index=index,
-        admission=admission,
-        ledger=ledger,
-        rng=random.Random(seed),
-        **router_kwargs,
+    ledger = build(
+        TenantLedger, read_section(doc, "tenants", _TENANTS), "tenants", error=ConfigError
     )
 
+    profile, admission = _profiles(top, registry)
+    parts = {
+        "profile": profile,
+        "blocker": blocker,
+        "index": index,
+        "admission": admission,
+        "ledger": ledger,
+        "rng": random.Random(seed),
+    }
+    return build(Router, router_kwargs, "router", error=ConfigError, base=parts)
 
-def _plugins(doc: Mapping[str, Any], registry: Registry) -> dict[str, object]:
-    raw = doc.get("plugins", [])
-    if not isinstance(raw, list):
-        raise ConfigError("plugins", "must be a list")
+
+def _plugins(top: ConfigFields, registry: Registry) -> dict[str, object]:
     built: dict[str, object] = {}
-    for i, spec in enumerate(raw):
-        path = f"plugins[{i}]"
-        spec = _mapping(spec, path)
-        _only(spec, {"type", "name", "parameters"}, path)
-        type_name = _str(spec.get("type"), f"{path}.type")
-        name = _str(spec.get("name", type_name), f"{path}.name")
+    for i, raw in enumerate(top.items("plugins")):
+        spec = ConfigFields(raw, f"plugins[{i}]")
+        spec.allow("type", "name", "parameters")
+        type_name = spec.string("type", "")
+        name = spec.string("name", type_name)
         if name in built:
-            raise ConfigError(f"{path}.name", f"duplicate plugin name {name!r}")
-        params = _mapping(spec.get("parameters"), f"{path}.parameters")
+            raise ConfigError(spec.where("name"), f"duplicate plugin name {name!r}")
+        params = spec.sub("parameters")
+        if type_name not in registry:
+            known = ", ".join(registry.types())
+            raise ConfigError(
+                spec.where("type"), f"unknown plugin type {type_name!r}; known: {known}"
+            )
         try:
-            built[name] = registry.create(type_name, params)
+            built[name] = registry.create(type_name, params.doc)
         except PluginError as exc:
-            where = f"{path}.parameters.{exc.field}" if exc.field else path
-            if type_name not in registry:
-                where = f"{path}.type"
-            raise ConfigError(where, str(exc)) from exc
+            where = join(params.path, exc.path) if exc.path else spec.path
+            raise ConfigError(where, exc.message) from exc
     return built
 
 
-def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, AdmissionPolicy | None]:
-    plugins = _plugins(doc, registry)
-    raw = doc.get("profiles")
-    if raw is None:
+def _profiles(top: ConfigFields, registry: Registry) -> tuple[Profile, AdmissionPolicy | None]:
+    plugins = _plugins(top, registry)
+    if top.raw("profiles") is None:
         if plugins:
             raise ConfigError("profiles", "plugins are declared but no profile uses them")
-        if "profile" in doc:
+        if top.has("profile"):
             raise ConfigError("profile", "names a profile but no profiles are declared")
         return default_profile(), None
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("profiles", "must be a non-empty list")
 
     profiles: dict[str, tuple[Profile, AdmissionPolicy | None]] = {}
-    for i, spec in enumerate(raw):
-        path = f"profiles[{i}]"
-        spec = _mapping(spec, path)
-        _only(spec, {"name", "plugins", "max_fallbacks"}, path)
-        name = _str(spec.get("name"), f"{path}.name")
+    for i, raw in enumerate(top.items("profiles", required=True)):
+        spec = ConfigFields(raw, f"profiles[{i}]")
+        spec.allow("name", "plugins", "max_fallbacks")
+        name = spec.string("name", "")
         if name in profiles:
-            raise ConfigError(f"{path}.name", f"duplicate profile name {name!r}")
-        refs = spec.get("plugins")
-        if not isinstance(refs, list) or not refs:
-            raise ConfigError(f"{path}.plugins", "must be a non-empty list of plugin references")
+            raise ConfigError(spec.where("name"), f"duplicate profile name {name!r}")
         filters: list[tuple[str, Filter]] = []
         scorers: list[WeightedScorer] = []
         pickers: list[tuple[str, Picker]] = []
         admissions: list[AdmissionPolicy] = []
-        for j, ref in enumerate(refs):
-            rpath = f"{path}.plugins[{j}]"
-            ref = _mapping(ref, rpath)
-            _only(ref, {"pluginRef", "weight"}, rpath)
-            pname = _str(ref.get("pluginRef"), f"{rpath}.pluginRef")
+        for j, raw_ref in enumerate(spec.items("plugins", required=True)):
+            ref = ConfigFields(raw_ref, f"{spec.where('plugins')}[{j}]")
+            ref.allow("pluginRef", "weight")
+            pname = ref.string("pluginRef", "")
             if pname not in plugins:
-                raise ConfigError(f"{rpath}.pluginRef", f"no plugin named {pname!r} is declared")
+                raise ConfigError(ref.where("pluginRef"), f"no plugin named {pname!r} is declared")
             plugin = plugins[pname]
             kind = plugin_kind(plugin)
-            if kind != "scorer" and "weight" in ref:
+            if kind != "scorer" and ref.has("weight"):
                 raise ConfigError(
-                    f"{rpath}.weight", f"weight applies to scorers, {pname} is a {kind}"
+                    ref.where("weight"), f"weight applies to scorers, {pname} is a {kind}"
                 )
             if kind == "scorer":
-                weight = _number(ref.get("weight", 1.0), f"{rpath}.weight")
+                weight = ref.number("weight", 1.0)
                 assert isinstance(plugin, Scorer)
-                try:  # WeightedScorer owns the rule (finite, >= 0)
+                try:  # WeightedScorer owns the rule (>= 0); the weight is its only input here
                     scorers.append(WeightedScorer(pname, plugin, weight))
                 except ValueError as exc:
-                    raise ConfigError(f"{rpath}.weight", str(exc)) from exc
+                    raise ConfigError(ref.where("weight"), str(exc)) from exc
             elif kind == "filter":
                 assert isinstance(plugin, Filter)
                 filters.append((pname, plugin))
@@ -295,32 +218,22 @@ def _profiles(doc: Mapping[str, Any], registry: Registry) -> tuple[Profile, Admi
                 assert isinstance(plugin, AdmissionPolicy)
                 admissions.append(plugin)
         if len(pickers) > 1:
-            raise ConfigError(f"{path}.plugins", "a profile takes at most one picker")
+            raise ConfigError(spec.where("plugins"), "a profile takes at most one picker")
         if not scorers:
-            raise ConfigError(f"{path}.plugins", "a profile needs at least one scorer")
-        max_fallbacks = spec.get("max_fallbacks", 2)
-        if (
-            isinstance(max_fallbacks, bool)
-            or not isinstance(max_fallbacks, int)
-            or max_fallbacks < 0
-        ):
-            raise ConfigError(f"{path}.max_fallbacks", "must be an integer >= 0")
-        profile = _build(
-            path,
-            Profile,
-            name=name,
-            filters=filters,
-            scorers=scorers,
-            max_fallbacks=max_fallbacks,
-            **({"picker": pickers[0]} if pickers else {}),
+            raise ConfigError(spec.where("plugins"), "a profile needs at least one scorer")
+        parts: dict[str, Any] = {"name": name, "filters": filters, "scorers": scorers}
+        if pickers:
+            parts["picker"] = pickers[0]
+        max_fallbacks = spec.integer("max_fallbacks", 2, min=0)
+        profile = build(
+            Profile, {"max_fallbacks": max_fallbacks}, spec.path, error=ConfigError, base=parts
         )
         admission = AdmissionChain(admissions) if admissions else None
         profiles[name] = (profile, admission)
 
-    chosen = doc.get("profile")
-    if chosen is None:
+    if not top.has("profile"):
         return next(iter(profiles.values()))
-    chosen = _str(chosen, "profile")
+    chosen = top.string("profile", "")
     if chosen not in profiles:
         raise ConfigError("profile", f"no profile named {chosen!r} (have {', '.join(profiles)})")
     return profiles[chosen]

@@ -3,18 +3,17 @@
 `EndpointState` is a frozen snapshot that a driver builds from whatever it
 scrapes (Prometheus metrics, health checks, a simulator's engine). The core
 never fetches it; drivers pass a fresh sequence of snapshots to every
-`Router.route` call. `Endpoint` is the small protocol a driver-side object
-implements when it wants to hand out such snapshots itself.
+`Router.route` call.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import NewType, Protocol
+from typing import NewType
 
 import attrs
 
-__all__ = ["Endpoint", "EndpointId", "EndpointState", "Role"]
+__all__ = ["EndpointId", "EndpointState", "Role"]
 
 EndpointId = NewType("EndpointId", str)
 
@@ -80,16 +79,3 @@ class EndpointState:
     def serves(self, model: str) -> bool:
         """Whether this endpoint serves `model` (an empty `models` serves all)."""
         return not self.models or model in self.models
-
-
-class Endpoint(Protocol):
-    """A driver-side handle on one endpoint that can describe itself."""
-
-    @property
-    def id(self) -> EndpointId:
-        """The stable id the router keys its state by."""
-        ...
-
-    def snapshot(self, now: float) -> EndpointState:
-        """The endpoint's state as the driver knows it at `now`."""
-        ...

@@ -92,7 +92,7 @@ class _Item:
 
 
 class _State:
-    """FairQueueAdmission's mutable state (its attrs fields are its parameters)."""
+    """FairQueueAdmission's mutable state: its `_state` field (`init=False`)."""
 
     __slots__ = ("backlog", "counters", "heap", "last", "live", "queued", "seq", "waiting")
 
@@ -109,17 +109,8 @@ class _State:
         self.last = 0.0  # counter of the last tenant that left the queue
 
 
-class _Queues:
-    """Holds the state in a slot of its own, outside the attrs fields."""
-
-    __slots__ = ("_s",)
-
-    def _reset_queues(self) -> None:
-        self._s = _State()
-
-
 @attrs.define
-class FairQueueAdmission(_Queues):
+class FairQueueAdmission:
     """Defers requests when the fleet is full and releases them in VTC order.
 
     Type `fair-queue-admission`. See the module docstring for the algorithm.
@@ -144,27 +135,26 @@ class FairQueueAdmission(_Queues):
     input_weight: float = attrs.field(default=1.0, validator=[attrs.validators.ge(0.0), _finite])
     output_weight: float = attrs.field(default=2.0, validator=[attrs.validators.ge(0.0), _finite])
     weights: dict[str, float] = attrs.field(factory=dict, converter=_weights)
-
-    def __attrs_post_init__(self) -> None:
-        self._reset_queues()
+    # State, not a parameter: the counters and the queues.
+    _state: _State = attrs.field(init=False, factory=_State, eq=False, repr=False)
 
     # -- reading ------------------------------------------------------------------
 
     @property
     def queued(self) -> int:
         """Requests waiting in all queues."""
-        return self._s.queued
+        return self._state.queued
 
     def counter(self, tenant: str) -> float:
         """The tenant's virtual token counter (the lifting floor if it was forgotten)."""
-        return self._s.counters.get(tenant, self._floor())
+        return self._state.counters.get(tenant, self._floor())
 
     # -- the protocol -------------------------------------------------------------
 
     def admit(self, ctx: AdmissionContext) -> Rejection | Deferral | None:
         request = ctx.request
         tenant = request.tenant
-        st = self._s
+        st = self._state
         if not st.backlog and self._has_room(ctx.endpoints, ctx.load, 0):
             # Queued and dispatched at once: it becomes the last tenant to leave the queue.
             self._lift(tenant)
@@ -207,7 +197,7 @@ class FairQueueAdmission(_Queues):
     ) -> list[tuple[Request, Rejection | None]]:
         """Expired requests (503 `deadline`), then requests in VTC order while there is room."""
         out: list[tuple[Request, Rejection | None]] = []
-        st = self._s
+        st = self._state
         waiting = st.waiting
         while waiting and waiting[0].deadline <= now:
             item = waiting.popleft()
@@ -258,13 +248,13 @@ class FairQueueAdmission(_Queues):
         tenant = decision.request.tenant
         if usage.completion_tokens and self.output_weight:
             self._charge(tenant, self.output_weight * usage.completion_tokens)
-            if tenant in self._s.backlog:  # its heap entry is stale now: push the new counter
+            if tenant in self._state.backlog:  # its heap entry is stale now: push the new counter
                 self._push(tenant)
         self._prune()
 
     def check_invariants(self) -> None:
         """Queue counts agree, every backlogged tenant has one live heap entry. O(queued)."""
-        st = self._s
+        st = self._state
         assert st.queued == sum(len(q) for q in st.backlog.values())
         assert all(q for q in st.backlog.values()), "an empty queue is kept"
         live = {t for c, seq, t in st.heap if st.live.get(t) == seq}
@@ -284,13 +274,13 @@ class FairQueueAdmission(_Queues):
 
     def _push(self, tenant: str) -> None:
         """Make `tenant`'s heap entry the one with its current counter (older ones go stale)."""
-        seq = next(self._s.seq)
-        self._s.live[tenant] = seq
-        heapq.heappush(self._s.heap, (self._s.counters[tenant], seq, tenant))
+        seq = next(self._state.seq)
+        self._state.live[tenant] = seq
+        heapq.heappush(self._state.heap, (self._state.counters[tenant], seq, tenant))
 
     def _top(self) -> tuple[float, int, str] | None:
         """The live heap entry with the smallest counter, stale ones dropped on the way."""
-        st = self._s
+        st = self._state
         heap = st.heap
         while heap and st.live.get(heap[0][2]) != heap[0][1]:
             heapq.heappop(heap)
@@ -299,18 +289,18 @@ class FairQueueAdmission(_Queues):
     def _floor(self) -> float:
         """What a tenant becoming backlogged is lifted to (VTC's lifting rule)."""
         top = self._top()
-        return top[0] if top is not None else self._s.last
+        return top[0] if top is not None else self._state.last
 
     def _lift(self, tenant: str) -> None:
         floor = self._floor()
-        counters = self._s.counters
+        counters = self._state.counters
         if counters.get(tenant, floor) < floor:
             counters[tenant] = floor
         else:
             counters.setdefault(tenant, floor)
 
     def _charge(self, tenant: str, cost: float) -> None:
-        counters = self._s.counters
+        counters = self._state.counters
         base = counters.get(tenant)
         if base is None:  # forgotten while idle: it was at or below the floor
             base = self._floor()
@@ -321,19 +311,19 @@ class FairQueueAdmission(_Queues):
         top = self._top()
         if top is None:
             return None
-        heapq.heappop(self._s.heap)
-        del self._s.live[top[2]]
+        heapq.heappop(self._state.heap)
+        del self._state.live[top[2]]
         return top[2]
 
     def _leave(self, tenant: str) -> None:
-        st = self._s
+        st = self._state
         del st.backlog[tenant]
         st.live.pop(tenant, None)
         st.last = st.counters[tenant]
 
     def _prune(self) -> None:
         """Forget idle tenants at or below the floor (they would be lifted to it anyway)."""
-        st = self._s
+        st = self._state
         if len(st.counters) <= 2 * len(st.backlog) + 1024:
             return
         floor = self._floor()

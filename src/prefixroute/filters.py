@@ -154,7 +154,10 @@ def _pool_rank(endpoint: str) -> int:
 
 
 class _RateState:
-    """`rates`: tenant -> [decayed request count, time of last update, 1.0 if tail]."""
+    """TailPoolFilter's mutable state: its `_state` field (`init=False`).
+
+    `rates`: tenant -> [decayed request count, time of last update, 1.0 if tail].
+    """
 
     __slots__ = ("ranks", "rates", "seen")
 
@@ -164,17 +167,8 @@ class _RateState:
         self.ranks: dict[str, int] = {}  # endpoint id -> its pool rank (memoised hash)
 
 
-class _TenantRates:
-    """TailPoolFilter's state, in a slot of its own (its attrs fields are its parameters)."""
-
-    __slots__ = ("_s",)
-
-    def _reset_rates(self) -> None:
-        self._s = _RateState()
-
-
 @attrs.define
-class TailPoolFilter(_TenantRates):
+class TailPoolFilter:
     """Reserves a share of the endpoints for the long tail of tenants. Type `tail-pool-filter`.
 
     The filter counts every request per tenant, decayed with `half_life_s`,
@@ -213,13 +207,16 @@ class TailPoolFilter(_TenantRates):
     )
     min_endpoints: int = attrs.field(default=4, validator=attrs.validators.ge(2))
     max_tenants: int = attrs.field(default=65_536, validator=attrs.validators.ge(16))
+    # State, not a parameter: the tenants' decayed rates and the endpoints' pool ranks.
+    _state: _RateState = attrs.field(init=False, factory=_RateState, eq=False, repr=False)
 
-    def __attrs_post_init__(self) -> None:
-        self._reset_rates()
+    def tracked_tenants(self) -> int:
+        """Tenants whose rates are kept now (at most `max_tenants`)."""
+        return len(self._state.rates)
 
     def is_tail(self, tenant: str) -> bool:
         """Whether `tenant` is currently in the tail (unknown tenants are)."""
-        entry = self._s.rates.get(tenant)
+        entry = self._state.rates.get(tenant)
         return entry is None or entry[2] > 0
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
@@ -229,7 +226,7 @@ class TailPoolFilter(_TenantRates):
         if n < self.min_endpoints:
             return list(candidates)
         k = min(n - 1, max(1, math.floor(self.pool_fraction * n + 0.5)))
-        ranks = self._s.ranks
+        ranks = self._state.ranks
         if len(ranks) > 4 * n + 1024:
             ranks.clear()
         for e in fleet:
@@ -244,7 +241,7 @@ class TailPoolFilter(_TenantRates):
 
     def _observe(self, tenant: str, now: float) -> bool:
         """Count one request of `tenant` at `now`; whether it is a tail tenant."""
-        rates = self._s.rates
+        rates = self._state.rates
         entry = rates.get(tenant)
         if entry is None:
             if len(rates) >= self.max_tenants:
@@ -252,16 +249,16 @@ class TailPoolFilter(_TenantRates):
             entry = rates[tenant] = [0.0, now, 1.0]
         entry[0] = self._decayed(entry, now) + 1.0
         entry[1] = now
-        self._s.seen += 1
-        if self._s.seen % _REFRESH == 0:
+        self._state.seen += 1
+        if self._state.seen % _REFRESH == 0:
             self._reclassify(now)
-        if self._s.seen < _REFRESH:
+        if self._state.seen < _REFRESH:
             return False  # not enough traffic seen to tell the tail apart
         return entry[2] > 0
 
     def _reclassify(self, now: float) -> None:
         """Rank the tenants by rate; the bottom `tail_tenants` share is the tail (with a band)."""
-        ranked = sorted(self._s.rates.values(), key=lambda e: self._decayed(e, now))
+        ranked = sorted(self._state.rates.values(), key=lambda e: self._decayed(e, now))
         n = len(ranked)
         low, high = self.tail_tenants - self.band, self.tail_tenants + self.band
         for i, entry in enumerate(ranked):
@@ -273,6 +270,6 @@ class TailPoolFilter(_TenantRates):
 
     def _shrink(self, now: float) -> None:
         """Drop the least active half of the counters (tail tenants: the default for unknowns)."""
-        ranked = sorted(self._s.rates, key=lambda t: self._decayed(self._s.rates[t], now))
+        ranked = sorted(self._state.rates, key=lambda t: self._decayed(self._state.rates[t], now))
         for tenant in ranked[: len(ranked) // 2]:
-            del self._s.rates[tenant]
+            del self._state.rates[tenant]

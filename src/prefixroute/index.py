@@ -24,8 +24,9 @@ the speed of `match` and `insert`, which run on every request:
   is compacted (each held key's last occurrence kept, found in C by
   ``dict.fromkeys(reversed(deque))``) once it is longer than
   ``2 * size + 1024``, so it stays O(capacity) and compaction is amortised
-  O(1) per touch. An `OrderedDict` LRU costs about 91 B per entry, a dict
-  plus a deque about 50 B; vLLM's `FreeKVCacheBlockQueue` builds its own
+  O(1) per touch. An `OrderedDict` LRU would add a linked-list node to every
+  entry, which a dict plus a deque does not (bytes per entry measured in
+  docs/performance.md); vLLM's `FreeKVCacheBlockQueue` builds its own
   doubly linked list for O(1) removal from the middle, which the lazy
   deletion here gets without a node object per block.
 - **Reverse touch order.** `insert` touches a chain's keys from last to
@@ -51,14 +52,14 @@ the speed of `match` and `insert`, which run on every request:
   its bit leaves the AND. When no entry anywhere is held outside GPU-only,
   the weighted length is ``blocks * weight[GPU]`` without looking at tiers.
   This measured faster than ``itertools.accumulate(masks, and_)`` plus a
-  bisection over the popcounts (17 us against 25 us for a 256-block full hit
-  on a 1M-entry index), and far faster than a per-key walk (112 us), which
+  bisection over the popcounts for a 256-block full hit on a 1M-entry
+  index, and far faster than a per-key walk (docs/performance.md), which
   is kept as `_match_walk`, the reference the tests hold `match` to.
 - **`insert` in C-level passes too.** The router records every decision, a
   256-key chain, speculatively, and confirms it on completion. A per-key
-  loop costs some 150 ns a key; `insert` makes a few passes over the chain
-  with `map`, `compress` and dict methods instead, 5 to 30 ns a key each
-  when the dict slots are in cache. One ``holders.setdefault(k, bit)`` pass
+  Python loop pays the interpreter for every key; `insert` makes a few
+  passes over the chain with `map`, `compress` and dict methods instead,
+  each looping in C. One ``holders.setdefault(k, bit)`` pass
   reads every mask and adds the keys nobody held, which are then the last
   keys of the dict (insertion order); when they are the chain's tail, the
   usual shape (a known prompt, then new blocks), the keys `ep` holds and the
@@ -72,16 +73,11 @@ the speed of `match` and `insert`, which run on every request:
   per-key walk, kept as `_record_walk`, the reference the tests hold
   `insert` to. Eviction pops the ``size - capacity`` oldest deque items in
   one call and, when none is stale, drops them with ``map(dict.pop, ...)``;
-  otherwise a loop walks the deque in order. Measured when this design was
-  chosen, on the warm 1M-entry, 64-endpoint index
-  (`benchmarks/test_bench_index.py`, medians of one run; current figures are
-  in docs/performance.md), a speculative insert of 256 new keys, evicting 256, went from 119 us to
-  74 us; of 256 held ones from 48 us to 37 us; a confirmed insert of new
-  keys from 91 us to 48 us. A 128-held, 128-new chain went only from 96 us
-  to 83 us (86 us with the walk): what is left is mostly the dict work
-  itself, memory-bound at this size (about 75 ns to add a key to a
-  1M-entry dict and 115 ns to evict a cold one, even in C), plus a Python
-  walk over the stale items a hot re-touched prefix leaves along the deque.
+  otherwise a loop walks the deque in order. `benchmarks/test_bench_index.py`
+  measures these passes against the per-key walk (figures in
+  docs/performance.md). On a large index what is left is mostly the dict
+  work itself, memory-bound even in C, plus a Python walk over the stale
+  items a hot re-touched prefix leaves along the deque.
 
 Memory is bounded by the sum of the endpoints' capacities whatever the
 traffic: a flood of unique keys only cycles the LRUs.

@@ -1,6 +1,6 @@
 """The router's own load accounting: in-flight work, cold placements, sessions.
 
-Scraped engine metrics are tens of milliseconds stale; what the router itself
+Scraped engine metrics are as old as the last scrape; what the router itself
 sent and has not yet seen complete is exact. `LoadTracker` keeps that per
 endpoint (requests and tokens), when each endpoint last received a cold
 request (for the cold-request spreader), and a bounded session -> endpoint

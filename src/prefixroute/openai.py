@@ -62,15 +62,20 @@ _PRIORITY = re.compile(r"[+-]?[0-9]{1,10}")
 
 def parse_openai(
     body: Mapping[str, object],
-    headers: Mapping[str, str],
+    headers: Mapping[str, str] | None = None,
     *,
-    tenant_header: str | None,
-    session_header: str | None,
-    priority_header: str | None,
-    request_id_header: str | None,
-    tenant_from_user: bool,
+    tenant_header: str | None = "x-tenant-id",
+    session_header: str | None = "x-session-id",
+    priority_header: str | None = "x-priority",
+    request_id_header: str | None = "x-request-id",
+    tenant_from_user: bool = False,
 ) -> Request:
     """Build a `Request` from a decoded chat-completions or completions body and its headers.
+
+    The header names default to `x-tenant-id`, `x-session-id`, `x-priority`
+    and `x-request-id`; a name of None means that header is not read (the
+    drivers resolve identity themselves and pass None). `headers` None is no
+    headers.
 
     Chat bodies (`messages`) become `prompt` via `render_messages`; completions
     bodies (`prompt`) give text or, for token-id prompts, `token_ids`. A body
@@ -93,7 +98,7 @@ def parse_openai(
     """
     if not isinstance(body, Mapping):
         raise RequestError("request body must be a JSON object")
-    lowered = {k.lower(): v for k, v in headers.items() if isinstance(k, str)}
+    lowered = {k.lower(): v for k, v in (headers or {}).items() if isinstance(k, str)}
 
     model = body.get("model")
     if not isinstance(model, str) or not model:

@@ -159,22 +159,8 @@ class RandomPicker:
         return _ranked(totals, ctx.rng.randrange(len(totals)))
 
 
-class _Turns:
-    """RoundRobinPicker's counter, in a slot of its own (its attrs fields are its parameters)."""
-
-    __slots__ = ("_turn",)
-
-    def _reset_turns(self) -> None:
-        self._turn = 0
-
-    def _take_turn(self) -> int:
-        turn = self._turn
-        self._turn = turn + 1
-        return turn
-
-
 @attrs.define
-class RoundRobinPicker(_Turns):
+class RoundRobinPicker:
     """Candidate `turn mod n`, then `turn += 1`, ignoring the totals. Type `round-robin-picker`.
 
     One counter over all decisions, as SGLang's and production-stack's
@@ -183,21 +169,45 @@ class RoundRobinPicker(_Turns):
     fallback ranking.
     """
 
-    def __attrs_post_init__(self) -> None:
-        self._reset_turns()
+    # State, not a parameter: decisions taken so far.
+    _turn: int = attrs.field(init=False, default=0, eq=False, repr=False)
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
-        return _ranked(totals, self._take_turn() % len(totals))
+        turn = self._turn
+        self._turn = turn + 1
+        return _ranked(totals, turn % len(totals))
 
 
-class _Trees:
-    """CacheAwarePicker's trees (one per model) and eviction clock, in slots of their own."""
+def _least(values: Sequence[int], ctx: RouteContext) -> int:
+    """The index of the smallest value, ties at random by `ctx.rng`."""
+    low = min(values)
+    tied = [i for i, v in enumerate(values) if v == low]
+    return tied[0] if len(tied) == 1 else tied[ctx.rng.randrange(len(tied))]
 
-    __slots__ = ("_evicted_at", "_trees")
 
-    def _reset_trees(self) -> None:
-        self._trees: dict[str, RadixTree] = {}
-        self._evicted_at: float | None = None
+@attrs.define
+class CacheAwarePicker:
+    """SGLang router's `cache_aware` policy (see the module docstring). Type `cache-aware-picker`.
+
+    Needs `ctx.candidates` (one per total). Cost per pick: O(candidates) for
+    the loads, one tree walk and one insert, O(len(sequence)); every
+    `eviction_interval_s`, one eviction pass over each tree.
+    """
+
+    cache_threshold: float = attrs.field(
+        default=0.3, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
+    balance_abs_threshold: int = attrs.field(default=64, validator=attrs.validators.ge(0))
+    balance_rel_threshold: float = attrs.field(default=1.5, validator=attrs.validators.ge(0.0))
+    eviction_interval_s: float = attrs.field(default=60.0, validator=attrs.validators.ge(0.0))
+    max_tree_size: int = attrs.field(default=2**26, validator=attrs.validators.ge(1))
+    # State, not parameters: one tree per model, and when the trees were last evicted.
+    _trees: dict[str, RadixTree] = attrs.field(init=False, factory=dict, eq=False, repr=False)
+    _evicted_at: float | None = attrs.field(init=False, default=None, eq=False, repr=False)
+
+    def tree(self, model: str) -> RadixTree | None:
+        """The approximate tree kept for `model`, if any request for it was routed."""
+        return self._trees.get(model)
 
     def _tree(self, model: str) -> RadixTree:
         tree = self._trees.get(model)
@@ -218,38 +228,6 @@ class _Trees:
             for tree in self._trees.values():
                 tree.evict(max_size)
             self._evicted_at = now
-
-
-def _least(values: Sequence[int], ctx: RouteContext) -> int:
-    """The index of the smallest value, ties at random by `ctx.rng`."""
-    low = min(values)
-    tied = [i for i, v in enumerate(values) if v == low]
-    return tied[0] if len(tied) == 1 else tied[ctx.rng.randrange(len(tied))]
-
-
-@attrs.define
-class CacheAwarePicker(_Trees):
-    """SGLang router's `cache_aware` policy (see the module docstring). Type `cache-aware-picker`.
-
-    Needs `ctx.candidates` (one per total). Cost per pick: O(candidates) for
-    the loads, one tree walk and one insert, O(len(sequence)); every
-    `eviction_interval_s`, one eviction pass over each tree.
-    """
-
-    cache_threshold: float = attrs.field(
-        default=0.3, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
-    )
-    balance_abs_threshold: int = attrs.field(default=64, validator=attrs.validators.ge(0))
-    balance_rel_threshold: float = attrs.field(default=1.5, validator=attrs.validators.ge(0.0))
-    eviction_interval_s: float = attrs.field(default=60.0, validator=attrs.validators.ge(0.0))
-    max_tree_size: int = attrs.field(default=2**26, validator=attrs.validators.ge(1))
-
-    def __attrs_post_init__(self) -> None:
-        self._reset_trees()
-
-    def tree(self, model: str) -> RadixTree | None:
-        """The approximate tree kept for `model`, if any request for it was routed."""
-        return self._trees.get(model)
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
         candidates = ctx.candidates

@@ -12,8 +12,6 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import attrs
-
 from prefixroute.admission import (
     AlwaysAdmit,
     ConcurrencyAdmission,
@@ -40,6 +38,7 @@ from prefixroute.pickers import (
     WeightedRandomPicker,
 )
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
+from prefixroute.schema import DocumentError, build
 from prefixroute.scorers import (
     ColdSpreadScorer,
     ConsistentHashScorer,
@@ -57,7 +56,6 @@ __all__ = [
     "PluginKind",
     "Registry",
     "default_registry",
-    "json_type_ok",
     "plugin_kind",
 ]
 
@@ -65,12 +63,13 @@ PluginKind = Literal["filter", "scorer", "picker", "admission"]
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
-class PluginError(ValueError):
-    """A plugin could not be built; `field` names the offending parameter, if any."""
+class PluginError(DocumentError):
+    """A plugin could not be built; `field` (= `path`) names the offending parameter, if any."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+    @property
+    def field(self) -> str | None:
+        """The parameter refused (None: the plugin type, or the parameters together)."""
+        return self.path or None
 
 
 def plugin_kind(plugin: object) -> PluginKind:
@@ -86,8 +85,9 @@ def plugin_kind(plugin: object) -> PluginKind:
         kinds.append("admission")
     if len(kinds) != 1:
         raise PluginError(
+            "",
             f"{type(plugin).__name__} must implement exactly one of filter/score/pick/admit, "
-            f"found {kinds or 'none'}"
+            f"found {kinds or 'none'}",
         )
     return kinds[0]
 
@@ -120,75 +120,23 @@ class Registry:
     def create(self, type_name: str, parameters: Mapping[str, Any] | None = None) -> object:
         """Build one plugin of `type_name` from `parameters`.
 
-        Raises `PluginError` naming the parameter for unknown types, unknown
-        parameters (checked against attrs fields when the factory is an attrs
-        class) and values the plugin's validators refuse.
+        Raises `PluginError` for an unknown type, and one whose `field` names
+        the parameter for an unknown parameter (attrs classes: checked
+        against their `init=True` fields; `init=False` fields are state) or a
+        value its field refuses (`prefixroute.schema.build` checks each one on
+        its own). A refusal of the parameters together has no `field`.
         """
         factory = self._factories.get(type_name)
         if factory is None:
             raise PluginError(
-                f"unknown plugin type {type_name!r}; known: {', '.join(self.types())}"
+                "", f"unknown plugin type {type_name!r}; known: {', '.join(self.types())}"
             )
-        params = dict(parameters or {})
-        if isinstance(factory, type) and attrs.has(factory):
-            fields = {f.alias: f for f in attrs.fields(factory)}
-            for key, value in params.items():
-                field = fields.get(key)
-                if field is None:
-                    hint = ", ".join(sorted(fields)) or "none"
-                    raise PluginError(
-                        f"unknown parameter {key!r} for {type_name} (parameters: {hint})", field=key
-                    )
-                _check_type(type_name, key, field.type, value)
         try:
-            plugin = factory(**params)
-        except (TypeError, ValueError) as exc:
-            # The parameter the message names; failing that, the only one given.
-            named = [k for k in params if f"'{k}'" in str(exc) or str(exc).startswith(k)]
-            named = named or (list(params) if len(params) == 1 else [])
-            raise PluginError(
-                f"invalid parameters for {type_name}: {exc}", field=named[0] if named else None
-            ) from exc
+            plugin = build(factory, dict(parameters or {}), "", error=PluginError)
+        except PluginError as exc:
+            raise PluginError(exc.path, f"{type_name}: {exc.message}") from exc
         plugin_kind(plugin)
         return plugin
-
-
-def json_type_ok(value: object, expected: str) -> bool | None:
-    """Whether a decoded JSON/YAML `value` can be of type `expected`.
-
-    `expected` is `bool`, `int`, `float` (an int is fine), `str`, `list` or `mapping`;
-    None for any other name (not checked). Booleans are not numbers here:
-    YAML's `true` must not pass for 1, nor the string "false" for a boolean.
-    """
-    if expected == "bool":
-        return isinstance(value, bool)
-    if expected == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
-        try:
-            float(value)  # a 400-digit int is no float
-        except OverflowError:
-            return False
-        return True
-    if expected == "str":
-        return isinstance(value, str)
-    if expected == "mapping":
-        return isinstance(value, Mapping)
-    if expected == "list":
-        return isinstance(value, list)
-    return None
-
-
-def _check_type(type_name: str, key: str, annotation: object, value: object) -> None:
-    """Refuse a parameter whose JSON type cannot be the field's annotated type."""
-    expected = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    if json_type_ok(value, expected) is False:
-        raise PluginError(
-            f"parameter {key!r} of {type_name} must be of type {expected}, got {value!r}",
-            field=key,
-        )
 
 
 _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (

@@ -1,15 +1,16 @@
 """The request model: `Request` (what to route), `Usage` (what happened).
 
-`Request.from_openai` is the one pure parser from an OpenAI chat-completions
-or completions body (plus HTTP headers) to a `Request`; every driver uses it,
-so the gateway, the ext_proc server and the simulator see identical requests.
-Malformed input raises `RequestError`, whose `status` is the HTTP status a
-driver answers with (400 for the client's mistakes).
+Both are plain frozen values: they check their own fields and parse no wire
+format. The OpenAI parser, `prefixroute.openai.parse_openai`, builds a
+`Request` from a chat-completions or completions body (plus HTTP headers);
+every driver uses it, so the gateway, the ext_proc server and the simulator
+see identical requests. Invalid fields raise `RequestError`, whose `status` is
+the HTTP status a driver answers with (400 for the client's mistakes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -67,7 +68,7 @@ def _tokens_eq(a: TokenIds | None, b: TokenIds | None) -> bool:
 class Request:
     """One inference request, as the router sees it.
 
-    Give `prompt` (text; chat messages rendered by `render_messages`) or
+    Give `prompt` (text; `prefixroute.openai.render_messages` renders chat messages) or
     `token_ids` (any integer sequence, stored as a read-only uint32 array),
     or both. `priority` below zero marks the request sheddable. `cache_salt`
     and `lora` are folded into the block keys, so requests with different
@@ -110,31 +111,6 @@ class Request:
                 raise RequestError(f"{name} must be a string or None", field=name)
         if not isinstance(self.stream, bool):
             raise RequestError("stream must be a boolean", field="stream")
-
-    @classmethod
-    def from_openai(
-        cls,
-        body: Mapping[str, Any],
-        headers: Mapping[str, str] | None = None,
-        *,
-        tenant_header: str | None = "x-tenant-id",
-        session_header: str | None = "x-session-id",
-        priority_header: str | None = "x-priority",
-        request_id_header: str | None = "x-request-id",
-        tenant_from_user: bool = False,
-    ) -> Request:
-        """Parse an OpenAI chat-completions or completions body (see `prefixroute.openai`)."""
-        from prefixroute.openai import parse_openai
-
-        return parse_openai(
-            body,
-            headers or {},
-            tenant_header=tenant_header,
-            session_header=session_header,
-            priority_header=priority_header,
-            request_id_header=request_id_header,
-            tenant_from_user=tenant_from_user,
-        )
 
 
 @attrs.frozen(slots=True)

@@ -172,7 +172,7 @@ class Router:
         self.blocker = blocker if blocker is not None else Blocker()
         self.index = index if index is not None else PrefixIndex()
         self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
-        # runtime-checkable isinstance costs microseconds: decide once
+        # a runtime-checkable isinstance inspects every protocol member: decide once
         self._deferring = isinstance(self.admission, Deferring)
         self._listening = isinstance(self.admission, CompletionListener)
         self.load = LoadTracker()

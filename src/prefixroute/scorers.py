@@ -215,7 +215,7 @@ class ConsistentHashScorer:
     "session-or-tenant" (the session if set, else the tenant). A request
     without its key (no session, for "session") scores 0 everywhere.
     blake2b, not Python's `hash()`, so placements agree across processes.
-    O(candidates) hashes, about a microsecond each.
+    O(candidates) hashes.
     """
 
     key: str = attrs.field(default="session-or-tenant", validator=attrs.validators.in_(_HASH_KEYS))

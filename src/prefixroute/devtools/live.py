@@ -6,7 +6,7 @@ Starts one `prefixroute.devtools.fake_engine` process serving `engines`
 engines on consecutive free 127.0.0.1 ports, then the gateway
 (`prefixroute.drivers.gateway`) with a generated config listing them, waits
 until every one answers `/health`, and drives the gateway in-process with the
-load generator (`prefixroute.devtools.loadgen`: the seed experiment's
+load tool (`prefixroute.devtools.bench`: the seed experiment's
 traffic, open loop at 32 req/s by default). Once a second it redraws a small
 view: elapsed time, req/s and TTFT percentiles over the last 5 s, failures,
 the hit rate the engines reported in each response's usage (overall and per
@@ -26,7 +26,7 @@ could not start: its log's tail goes to stderr), 2 for bad arguments.
 
 The process helpers (`start_engines`, `start_gateway`, `stop_process`,
 `wait_ready`, `sample_fleet`) are shared with `benchmarks/side_by_side.py`.
-The event loop is uvloop's when installed (`loadgen.run_with_uvloop`): the
+The event loop is uvloop's when installed (`bench.run_with_uvloop`): the
 load generator shares the CPU with the engines and the gateway it drives.
 """
 
@@ -48,14 +48,14 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 import attrs
 
-from prefixroute.devtools.loadgen import (
+from prefixroute.devtools.bench import (
     LoadReport,
     Result,
     percentile,
@@ -222,6 +222,25 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout_s: float = 10.0) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def supervised(workdir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """A list to append started processes to; all stopped on exit, last started first.
+
+    When a start fails (`RuntimeError`, as `wait_ready` raises), the tails of
+    every `*.log` in `workdir` are printed to stderr before it propagates.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    except RuntimeError:
+        for log in sorted(workdir.glob("*.log")):
+            print(f"--- {log.name}\n{log_tail(log)}", file=sys.stderr)
+        raise
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
 
 
 def log_tail(path: Path, lines: int = 20) -> str:

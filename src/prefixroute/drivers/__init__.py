@@ -3,9 +3,11 @@
 Each driver owns its I/O, clock and concurrency and calls the core's
 synchronous `Router` from one asyncio event loop:
 
-- `gateway`: `prefixroute serve`, an OpenAI-compatible HTTP gateway.
+- `gateway`: `prefixroute serve`, an OpenAI-compatible HTTP gateway (a
+  package: `app` the handlers, `server` the process and command line).
 - `extproc`: `prefixroute extproc`, the Envoy ext_proc endpoint picker (the
   Gateway API Inference Extension protocol).
+- `settings`: the configuration both read (`DriverConfig`).
 - `service`: what both run around the `Router` (pool, metrics, identity,
   deferrals); `deferral`: where deferred requests wait for a release.
 - `pool`: the endpoints a driver routes over: static or file-reloaded lists,
@@ -13,7 +15,7 @@ synchronous `Router` from one asyncio event loop:
 - `identity`: tenant, session and priority from headers and API keys.
 - `metrics`: the Prometheus exporter.
 - `sse`: the server-sent-events reader both drivers relay streams with.
-- `errors`: OpenAI-style error bodies, shared by both drivers.
+- `errors`: OpenAI-style error bodies (plain data), shared by both drivers.
 
 Nothing here imports the simulator or the dev tools. The gateway needs the
 `gateway` extra, the picker the `extproc` extra; neither extra's packages

@@ -1,20 +1,20 @@
-"""OpenAI-style error responses, shared by every HTTP driver.
+"""OpenAI-style error bodies, shared by every driver (importable without a web framework).
 
 The body is the OpenAI API's error object, which OpenAI SDKs parse:
 `{"error": {"message", "type", "param", "code"}}`. `type` follows the status
 (OpenAI's names: `invalid_request_error`, `authentication_error`,
 `rate_limit_error`, ...); `code` is a short stable label such as
 `rate-limit` or `upstream-timeout` that clients and dashboards can match on.
+The picker sends these bodies in Envoy `ImmediateResponse`s; the HTTP servers
+wrap them in a Starlette response (`prefixroute.drivers.gateway.responses`).
+Nothing here needs a web framework, so both drivers import it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
-from starlette.responses import JSONResponse
-
-__all__ = ["error_body", "error_response", "retry_after_header"]
+__all__ = ["error_body", "retry_after_header"]
 
 _TYPES = {
     400: "invalid_request_error",
@@ -44,19 +44,3 @@ def retry_after_header(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "1"
     return str(max(1, math.ceil(seconds)))
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    code: str | None = None,
-    param: str | None = None,
-    retry_after_s: float | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """An error response with an OpenAI-style body and, when given, a `Retry-After` header."""
-    out = dict(headers or {})
-    if retry_after_s is not None:
-        out["retry-after"] = retry_after_header(retry_after_s)
-    return JSONResponse(error_body(status, message, code=code, param=param), status, out)

@@ -76,12 +76,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from prefixroute.config import ConfigError, build_section, positive_number, read_document
+from prefixroute.config import ConfigError, build_section, positive_number
 from prefixroute.decision import Decision, Deferral, Rejection
+from prefixroute.drivers.documents import read_document
 from prefixroute.drivers.errors import error_body, retry_after_header
-from prefixroute.drivers.gateway import GatewayConfig
 from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.drivers.service import Refusal, RoutingService
+from prefixroute.drivers.settings import DriverConfig
 from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.request import Request, Usage
@@ -170,16 +171,17 @@ class ExtProcSettings:
 
 @attrs.frozen
 class ExtProcConfig:
-    """An ext_proc config: a gateway document plus the `extproc` section.
+    """An ext_proc config: the drivers' shared document plus the `extproc` section.
 
     The same file can configure `prefixroute serve` and `prefixroute
-    extproc`: `gateway` holds the router document and the endpoints, scrape,
-    identity and metrics sections (read by `GatewayConfig`, whose `server`
-    section this server ignores); `extproc` is this server's own. Every
+    extproc`: `driver` holds the router document and the endpoints, scrape,
+    identity and metrics sections (read by
+    `prefixroute.drivers.settings.DriverConfig`, whose `server` section this
+    server validates but ignores); `extproc` is this server's own. Every
     error is a `ConfigError` naming the field.
     """
 
-    gateway: GatewayConfig = attrs.field(factory=GatewayConfig)
+    driver: DriverConfig = attrs.field(factory=DriverConfig)
     extproc: ExtProcSettings = attrs.field(factory=ExtProcSettings)
 
     @classmethod
@@ -191,12 +193,12 @@ class ExtProcConfig:
     def from_document(
         cls, doc: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = "."
     ) -> ExtProcConfig:
-        """Validate a whole document: the `extproc` section here, the rest by `GatewayConfig`."""
+        """Validate a whole document: the `extproc` section here, the rest by `DriverConfig`."""
         if not isinstance(doc, Mapping):
             raise ConfigError("", "a config document must be a mapping")
         rest = {k: v for k, v in doc.items() if k != "extproc"}
         settings = build_section(doc, "extproc", _EXTPROC_KEYS, ExtProcSettings)
-        return cls(GatewayConfig.from_document(rest, base_dir=base_dir), settings)
+        return cls(DriverConfig.from_document(rest, base_dir=base_dir), settings)
 
 
 # -- protobuf helpers ------------------------------------------------------------------
@@ -321,7 +323,7 @@ class ExtProcessor(RoutingService):
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(config.gateway, router=router, registry=registry, clock=clock)
+        super().__init__(config.driver, router=router, registry=registry, clock=clock)
         self.config = config
         self.settings = config.extproc
 

@@ -41,7 +41,8 @@ from typing import Any
 
 import attrs
 
-from prefixroute.config import ConfigError, read_document, read_section
+from prefixroute.config import ConfigError, read_section
+from prefixroute.drivers.documents import read_document
 from prefixroute.openai import identifier
 from prefixroute.request import RequestError
 

@@ -2,7 +2,7 @@
 
 The gateway (`prefixroute serve`) and the ext_proc server (`prefixroute
 extproc`) differ in their wire protocol only. Both read the same config
-(`GatewayConfig`), and both build from it, on one event loop and one
+(`prefixroute.drivers.settings.DriverConfig`), and both build from it, on one event loop and one
 monotonic clock: the `Router`, the `EndpointPool` that scrapes and health
 checks the engines (telling the router when an endpoint leaves), the
 `GatewayMetrics` exporter, the tenant `IdentityConfig`, and the `Deferrals`
@@ -18,7 +18,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
@@ -27,14 +27,12 @@ from prefixroute.blocks import Blocker
 from prefixroute.drivers.deferral import Deferrals
 from prefixroute.drivers.metrics import GatewayMetrics, RequestRecord
 from prefixroute.drivers.pool import EndpointPool
+from prefixroute.drivers.settings import DriverConfig
 from prefixroute.endpoint import EndpointId
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
 from prefixroute.request import Request, RequestError
 from prefixroute.router import Router
-
-if TYPE_CHECKING:  # gateway.py imports this module
-    from prefixroute.drivers.gateway import GatewayConfig
 
 __all__ = ["Prepared", "Refusal", "RoutingService", "isolation_salt"]
 
@@ -105,7 +103,7 @@ class RoutingService:
 
     def __init__(
         self,
-        config: GatewayConfig,
+        config: DriverConfig,
         *,
         router: Router | None = None,
         registry: CollectorRegistry | None = None,

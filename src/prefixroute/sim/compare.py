@@ -13,7 +13,8 @@ from prefixroute.sim.report import summarize
 from prefixroute.sim.scenario import Scenario
 from prefixroute.sim.schema import Fields
 from prefixroute.sim.simulation import Simulation
-from prefixroute.sim.workload import Source, build_workload
+from prefixroute.sim.source import Source
+from prefixroute.sim.workload_schema import build_workload
 
 __all__ = ["Run", "make_source", "run_policy"]
 

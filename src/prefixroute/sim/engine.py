@@ -55,7 +55,7 @@ from collections.abc import Sequence
 import attrs
 
 from prefixroute.sim.cost import CostModel
-from prefixroute.sim.workload import SimRequest
+from prefixroute.sim.source import SimRequest
 
 __all__ = ["Completion", "Engine", "EngineConfig", "EngineStats", "SeqHandle"]
 

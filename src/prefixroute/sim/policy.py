@@ -22,7 +22,8 @@ from typing import Any
 
 import attrs
 
-from prefixroute.config import ConfigError, load_config, read_document
+from prefixroute.config import ConfigError, ConfigFields, load_config
+from prefixroute.drivers.documents import read_document
 from prefixroute.router import Router
 
 __all__ = ["Policy", "builtin_policies", "load_policy"]
@@ -62,15 +63,9 @@ def load_policy(source: str | Path) -> Policy:
             known = ", ".join(builtin_policies())
             raise ConfigError("", f"unknown policy {str(source)!r} (built-in: {known})")
     doc = dict(read_document(path))
-    sim = doc.pop("simulator", None) or {}
-    if not isinstance(sim, dict):
-        raise ConfigError("simulator", "must be a mapping")
-    for key in sim:
-        if key != "kv_events":
-            raise ConfigError(f"simulator.{key}", "unknown key (allowed: kv_events)")
-    kv_events = sim.get("kv_events", False)
-    if not isinstance(kv_events, bool):
-        raise ConfigError("simulator.kv_events", "must be true or false")
+    sim = ConfigFields(doc.pop("simulator", None), "simulator")
+    kv_events = sim.boolean("kv_events", False)
+    sim.done()
     policy = Policy(name=name, document=doc, kv_events=kv_events)
     policy.build(0)  # validate now, with the file's name in the error
     return policy

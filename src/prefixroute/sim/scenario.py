@@ -12,7 +12,7 @@
       block_size: 16
       max_num_seqs: 1024          # vLLM's H100 defaults for the OpenAI server
       max_num_batched_tokens: 8192
-    workload: {...}               # see prefixroute.sim.workload
+    workload: {...}               # see prefixroute.sim.workload_schema
 
 Unknown keys are refused with their path. Built-in scenarios live in
 `prefixroute/sim/scenarios/NAME.yaml` and are named without the suffix; a
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
+from prefixroute.drivers.documents import read_document
 from prefixroute.sim.cost import PROFILES, CostModel
 from prefixroute.sim.engine import EngineConfig
 from prefixroute.sim.schema import Fields, ScenarioError
@@ -98,14 +98,7 @@ def load_scenario(source: str | Path | dict[str, Any]) -> Scenario:
             if not path.exists():
                 known = ", ".join(builtin_scenarios())
                 raise ScenarioError("", f"unknown scenario {source!r} (built-in: {known})")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ScenarioError("", f"cannot read scenario file {path}: {exc}") from exc
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ScenarioError("", f"{path} is not valid YAML/JSON: {exc}") from exc
+        doc = read_document(path, error=ScenarioError, what="scenario file")
         base = path.resolve().parent
     return _parse(doc, base)
 
@@ -113,9 +106,7 @@ def load_scenario(source: str | Path | dict[str, Any]) -> Scenario:
 def _parse(doc: object, base: Path) -> Scenario:
     top = Fields(doc, "")
     name = top.string("name", "")
-    description = top.raw("description", "")
-    if not isinstance(description, str):
-        raise ScenarioError("description", "must be a string")
+    description: str = top.typed("description", "str", "")
     duration = top.number("duration_s", 60.0, above=0.0)
     seed = top.integer("seed", 0, min=0)
     interval = top.number("metrics_interval_s", 0.05, above=0.0)

@@ -32,7 +32,7 @@ from prefixroute.request import Usage
 from prefixroute.router import Router
 from prefixroute.sim.cost import CostModel
 from prefixroute.sim.engine import Completion, Engine, EngineConfig
-from prefixroute.sim.workload import SimRequest, Source
+from prefixroute.sim.source import SimRequest, Source
 
 __all__ = ["Outcomes", "PolicyMismatch", "Simulation"]
 

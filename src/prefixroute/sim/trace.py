@@ -36,8 +36,8 @@ import numpy.typing as npt
 
 from prefixroute.request import Request
 from prefixroute.sim.schema import ScenarioError
+from prefixroute.sim.source import SimRequest
 from prefixroute.sim.tokenizer import synthetic_blocks, synthetic_tokens
-from prefixroute.sim.workload import SimRequest
 
 __all__ = ["PAD_KEY_BASE", "TraceSource"]
 

@@ -1,47 +1,13 @@
-"""Workloads: where simulated requests come from.
+"""Workload generators: synthetic sources of simulated requests.
 
-A `Source` hands the simulator requests in arrival order and hears back when
-each one finishes, so closed-loop users (who wait for an answer, think, and
-ask again) and multi-turn chats (whose next turn carries the previous reply)
-are modelled, not just open-loop arrivals.
-
-`build_workload` reads a scenario's `workload` mapping (every error a
-`ScenarioError` naming the field) into an `OpenLoopSource`, a
-`ClosedLoopSource` or a `TraceSource` (`prefixroute.sim.trace`)::
-
-    workload:
-      model: qwen3-0.6b            # default: the scenario's model
-      arrival:
-        process: closed-loop       # poisson | constant | closed-loop
-        users: 55                  # closed-loop: concurrent users
-        think_s: [0.5, 2.0]        # closed-loop: uniform wait after each answer
-        ramp_s: 1.0                # closed-loop: users start evenly over [0, ramp_s)
-        # rate_rps: 20.0           # poisson | constant: mean arrivals per second
-      tenants:
-        count: 3                   # default 1; names t0000, t0001, ...
-        zipf_exponent: 0.0         # tenant of rank r has weight 1/r**s (0: uniform)
-        personas: seed             # the seed experiment's three personas:
-                                   #   count must be 3; tenants finance/devops/datasci
-        # system_prompt_tokens: [200, 200]   # synthetic system prompt length (not with personas)
-        # priorities: {t0003: -1}  # per-tenant request priority (default 0; < 0 is sheddable)
-        # rates:                   # per-tenant Poisson streams on top of the arrival process
-        #   t0000: {rate_rps: 60, start_s: 60, end_s: 120}   # (a burst; default the whole run)
-      mix:                         # relative weights (default 1) of request kinds
-        tenant: {weight: 4, seed_questions: true, max_tokens: 80}
-        cold: {weight: 1, seed_questions: true, max_tokens: 50}
-        # tenant: {question_tokens: [6, 6], max_tokens: [80, 80], seed_questions: false}
-        # cold: {max_tokens: [50, 50], seed_questions: false, prompt_tokens: [8, 8]}
-        # chat: {turns: [2, 8], user_tokens: [30, 60], reply_tokens: [50, 150]}
-        # shared_prefix: {num_groups: 10, num_prompts_per_group: 10,
-        #                 system_prompt_len: 100, question_len: 50, output_len: 50}
-
-or, replaying a Mooncake trace (then `arrival`, `tenants` and `mix` must be
-absent): `workload: {trace: {path: conversation.jsonl.gz, time_scale: 1.0}}`
-(a `.gz` file is decompressed; see `prefixroute.sim.trace`).
-
-That example is the seed experiment's shape. Every `[low, high]` is an
-inclusive uniform integer range (one number means both); token counts are
-exact under `prefixroute.sim.tokenizer`.
+An `OpenLoopSource` (Poisson or evenly spaced arrivals) or a
+`ClosedLoopSource` (users who send, wait for the answer, think, and send
+again), optionally merged with per-tenant Poisson streams (`StreamsSource`),
+draws requests of the kinds a `WorkloadSpec` mixes, from the tenants it
+describes. Each is a `Source` (`prefixroute.sim.source`). A scenario's
+`workload` mapping is read into these by
+`prefixroute.sim.workload_schema.build_workload`, whose docstring gives the
+schema; a Mooncake trace is replayed by `prefixroute.sim.trace` instead.
 
 Request kinds (the `kind` label of each `SimRequest`):
 
@@ -102,7 +68,6 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Protocol
 
 import attrs
 import numpy as np
@@ -110,7 +75,7 @@ import numpy.typing as npt
 
 from prefixroute.openai import render_messages
 from prefixroute.request import Request
-from prefixroute.sim.schema import Fields, ScenarioError
+from prefixroute.sim.source import SimRequest
 from prefixroute.sim.tokenizer import (
     IM_END,
     LEXICON_SIZE,
@@ -127,52 +92,19 @@ __all__ = [
     "ChatKind",
     "ClosedLoopSource",
     "ColdKind",
+    "IntRange",
+    "Kind",
     "OpenLoopSource",
     "SharedPrefixKind",
-    "SimRequest",
-    "Source",
+    "StreamsSource",
     "TenantKind",
+    "TenantStream",
     "Tenants",
     "WorkloadSpec",
-    "build_workload",
 ]
 
 TokenIds = npt.NDArray[np.uint32]
 IntRange = tuple[int, int]
-
-
-@attrs.frozen(slots=True, eq=False)
-class SimRequest:
-    """One simulated request: when it arrives, what the router sees, what the engine does.
-
-    `request` carries `token_ids` always (the engine computes on tokens) and
-    `prompt` when the request was born as text (text-mode policies hash it).
-    The engine generates exactly `output_tokens` tokens; when
-    `output_token_ids` is given (a chat reply the next turn will resend) the
-    engine caches the blocks of prompt + output, as vLLM does. `user` is the
-    closed-loop user or conversation that sent it (None for open-loop
-    arrivals); `kind` labels the request for reports (`tenant`, `cold`,
-    `chat`, `shared-prefix`, `trace`).
-    """
-
-    arrival_s: float
-    request: Request
-    output_tokens: int
-    kind: str
-    user: int | None = None
-    output_token_ids: npt.NDArray[np.uint32] | None = None
-
-
-class Source(Protocol):
-    """A workload: arrivals in time order, and follow-ups when requests finish."""
-
-    def arrivals(self) -> Iterator[SimRequest]:
-        """Requests known ahead of time, in non-decreasing `arrival_s` (may be lazy)."""
-        ...
-
-    def follow_up(self, done: SimRequest, finished_s: float, ok: bool) -> SimRequest | None:
-        """The request `done`'s user sends next (arriving after `finished_s`), if any."""
-        ...
 
 
 # The seed experiment's personas and questions (as in `prefixroute.cli`'s demo).
@@ -188,7 +120,7 @@ SEED_QUESTIONS = (
 )
 
 
-# --- the parsed workload -----------------------------------------------------------------
+# --- what a workload is made of -----------------------------------------------------------
 
 
 @attrs.frozen
@@ -699,180 +631,6 @@ class ClosedLoopSource:
         if conv.turns_left <= 0:
             user.conv = None
         return sim
-
-
-# --- reading the scenario ----------------------------------------------------------------
-
-
-def _int_range(fields: Fields, key: str, default: IntRange, *, min: int = 0) -> IntRange:
-    low, high = fields.range(key, (float(default[0]), float(default[1])), min=min)
-    if not (low.is_integer() and high.is_integer()):
-        raise ScenarioError(fields.where(key), f"must be whole numbers, got [{low:g}, {high:g}]")
-    return int(low), int(high)
-
-
-def _required(fields: Fields, key: str) -> None:
-    if not fields.has(key):
-        raise ScenarioError(fields.where(key), "is required")
-
-
-def _refuse(fields: Fields, keys: Sequence[str], why: str) -> None:
-    for key in keys:
-        if fields.has(key):
-            raise ScenarioError(fields.where(key), why)
-
-
-def _read_mix(mix: Fields) -> tuple[Kind, ...]:
-    kinds: list[Kind] = []
-    if mix.has("tenant"):
-        f = mix.sub("tenant")
-        kinds.append(
-            TenantKind(
-                weight=f.number("weight", 1.0, min=0),
-                question_tokens=_int_range(f, "question_tokens", (6, 6)),
-                max_tokens=_int_range(f, "max_tokens", (80, 80), min=1),
-                seed_questions=f.boolean("seed_questions", False),
-            )
-        )
-        f.done()
-    if mix.has("cold"):
-        f = mix.sub("cold")
-        kinds.append(
-            ColdKind(
-                weight=f.number("weight", 1.0, min=0),
-                max_tokens=_int_range(f, "max_tokens", (50, 50), min=1),
-                seed_questions=f.boolean("seed_questions", False),
-                prompt_tokens=_int_range(f, "prompt_tokens", (8, 8), min=1),
-            )
-        )
-        f.done()
-    if mix.has("chat"):
-        f = mix.sub("chat")
-        kinds.append(
-            ChatKind(
-                weight=f.number("weight", 1.0, min=0),
-                turns=_int_range(f, "turns", (2, 8), min=1),
-                user_tokens=_int_range(f, "user_tokens", (30, 60)),
-                reply_tokens=_int_range(f, "reply_tokens", (50, 150), min=1),
-            )
-        )
-        f.done()
-    if mix.has("shared_prefix"):
-        f = mix.sub("shared_prefix")
-        kinds.append(
-            SharedPrefixKind(
-                weight=f.number("weight", 1.0, min=0),
-                num_groups=f.integer("num_groups", 10, min=1),
-                num_prompts_per_group=f.integer("num_prompts_per_group", 10, min=1),
-                system_prompt_len=_int_range(f, "system_prompt_len", (100, 100)),
-                question_len=_int_range(f, "question_len", (50, 50)),
-                output_len=_int_range(f, "output_len", (50, 50), min=1),
-            )
-        )
-        f.done()
-    mix.done()
-    if not any(kind.weight > 0 for kind in kinds):
-        raise ScenarioError(mix.path, "needs at least one kind with weight > 0")
-    return tuple(kinds)
-
-
-def _read_tenants(f: Fields) -> Tenants:
-    if f.has("personas"):
-        f.string("personas", "seed", choices=("seed",))
-        count = f.integer("count", len(SEED_PERSONAS), min=1)
-        if count != len(SEED_PERSONAS):
-            raise ScenarioError(f.where("count"), f"must be 3 with personas: seed, got {count}")
-        _refuse(f, ["system_prompt_tokens"], "cannot be combined with personas")
-        tenants = Tenants(
-            count=count, zipf_exponent=f.number("zipf_exponent", 0.0, min=0), seed_personas=True
-        )
-    else:
-        tenants = Tenants(
-            count=f.integer("count", 1, min=1),
-            zipf_exponent=f.number("zipf_exponent", 0.0, min=0),
-            system_prompt_tokens=_int_range(f, "system_prompt_tokens", (200, 200)),
-        )
-    names = set(tenants.names())
-    priorities = f.sub("priorities")
-    pairs = []
-    for name in list(priorities.doc):
-        if name not in names:
-            raise ScenarioError(priorities.where(name), "is not one of the scenario's tenants")
-        pairs.append((name, priorities.integer(name, 0)))
-    priorities.done()
-    rates = f.sub("rates")
-    streams = []
-    for name in list(rates.doc):
-        if name not in names:
-            raise ScenarioError(rates.where(name), "is not one of the scenario's tenants")
-        r = rates.sub(name)
-        rates.raw(name)
-        _required(r, "rate_rps")
-        start = r.number("start_s", 0.0, min=0)
-        end = r.number("end_s", float("inf"), above=start) if r.has("end_s") else float("inf")
-        rate = r.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
-        streams.append(TenantStream(name, rate, start, end))
-        r.done()
-    rates.done()
-    f.done()
-    return attrs.evolve(tenants, priorities=tuple(pairs), streams=tuple(streams))
-
-
-MAX_RATE_RPS = 1e6  # beyond this, arrival times stop advancing in floating point
-
-
-def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) -> Source:
-    """The `Source` a scenario's `workload` mapping describes (schema: module docstring).
-
-    Every mapping read is checked with `done()`, so an unknown key fails with
-    a `ScenarioError` naming its path (`workload.mix.chat.turn`). A `trace`
-    path is opened as given (resolve relative paths first).
-    """
-    model = fields.string("model", model)
-    if fields.has("trace"):
-        from prefixroute.sim.trace import TraceSource
-
-        _refuse(fields, ["arrival", "tenants", "mix"], "cannot be combined with workload.trace")
-        trace = fields.sub("trace")
-        _required(trace, "path")
-        path = trace.string("path", "")
-        time_scale = trace.number("time_scale", 1.0, above=0)
-        trace.done()
-        fields.done()
-        return TraceSource(path, time_scale=time_scale, model=model, duration_s=duration_s)
-
-    arrival = fields.sub("arrival")
-    _required(arrival, "process")
-    process = arrival.string("process", "poisson", choices=("poisson", "constant", "closed-loop"))
-    if process == "closed-loop":
-        _refuse(arrival, ["rate_rps"], "is only for poisson and constant arrivals")
-        _required(arrival, "users")
-        users = arrival.integer("users", 1, min=1)
-        think_s = arrival.range("think_s", (0.5, 2.0))
-        ramp_s = arrival.number("ramp_s", 1.0, min=0)
-    else:
-        _refuse(arrival, ["users", "think_s", "ramp_s"], "is only for closed-loop arrivals")
-        _required(arrival, "rate_rps")
-        rate_rps = arrival.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
-    arrival.done()
-    tenants = _read_tenants(fields.sub("tenants"))
-    if not fields.has("mix"):
-        raise ScenarioError(fields.where("mix"), "is required (at least one request kind)")
-    mix = _read_mix(fields.sub("mix"))
-    fields.done()
-    spec = WorkloadSpec(model=model, mix=mix, tenants=tenants)
-    base: ClosedLoopSource | OpenLoopSource
-    if process == "closed-loop":
-        base = ClosedLoopSource(
-            spec, users=users, think_s=think_s, ramp_s=ramp_s, seed=seed, duration_s=duration_s
-        )
-    else:
-        base = OpenLoopSource(
-            spec, process=process, rate_rps=rate_rps, seed=seed, duration_s=duration_s
-        )
-    if not tenants.streams:
-        return base
-    return StreamsSource(base, tenants.streams, seed=seed, duration_s=duration_s)
 
 
 class StreamsSource:

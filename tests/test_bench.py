@@ -1,10 +1,16 @@
-"""The load generator: the seed request sequence, and real runs against fake engines on loopback."""
+"""`prefixroute bench`: request sequences, prompt text for traces, real runs against fake engines.
+
+The fake engines run in threads on 127.0.0.1 (`tests.servers.serve_in_thread`);
+the command runs in-process through `prefixroute.cli.main`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
+import gzip
 import itertools
 import json
 import subprocess
@@ -21,8 +27,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from prefixroute.devtools.fake_engine import FakeEngineConfig, create_app
-from prefixroute.devtools.loadgen import (
+from prefixroute.cli import main as prefixroute_main
+from prefixroute.devtools.bench import (
+    MODEL,
     Result,
     WireRequest,
     cli_arguments,
@@ -30,10 +37,16 @@ from prefixroute.devtools.loadgen import (
     messages_of,
     run_load,
     run_with_uvloop,
+    scenario_source,
     seed_requests,
     summarise,
+    wire_request,
 )
+from prefixroute.devtools.fake_engine import FakeEngineConfig, create_app
+from prefixroute.devtools.prompts import WORDS, prompt_text
 from prefixroute.openai import render_messages
+from prefixroute.sim.tokenizer import encode
+from prefixroute.sim.trace import TraceSource
 from prefixroute.sim.workload import SEED_PERSONAS, SEED_QUESTIONS
 from tests.servers import free_port, serve_in_thread
 
@@ -215,7 +228,7 @@ def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     cli_arguments(parser)
     assert cli_main(parser.parse_args(["--url", "http://127.0.0.1:1", "--rate", "0"])) == 2
-    assert "rate_rps must be > 0" in capsys.readouterr().err
+    assert capsys.readouterr().err == "prefixroute bench: --rate must be > 0, got 0\n"
     with engines(1) as urls:
         args = parser.parse_args(
             ["--url", urls[0], "--rate", "100", "--max-requests", "10", "--max-tokens", "2"]
@@ -294,6 +307,241 @@ def test_run_with_uvloop_runs_on_uvloop() -> None:
     assert run_with_uvloop(loop_module()).startswith("uvloop")
 
 
+# --- prompt text for token-only requests -------------------------------------------------
+
+
+def test_prompt_text_is_one_fake_engine_token_per_id_and_prefix_stable() -> None:
+    assert len(set(WORDS)) == len(WORDS) > 500
+    assert all(w.isascii() and w.isalpha() and w.islower() and len(w) <= 9 for w in WORDS)
+    ids = list(range(0, 5000, 7))
+    text = prompt_text(ids)
+    assert len(encode(text)) == len(ids)  # the fake engine's tokenizer: one token per word
+    assert text.startswith(prompt_text(ids[:100]))
+    assert prompt_text([3, 3 + len(WORDS)]) == 2 * prompt_text([3])
+
+
+def _write_trace(path: Path, records: list[dict[str, object]]) -> None:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+TINY_TRACE = [  # 512-token hash blocks; 0, 1 and 3 share block 1, 0 and 1 share block 2 too
+    {"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [1, 2]},
+    {"timestamp": 400, "input_length": 1100, "output_length": 2, "hash_ids": [1, 2, 3]},
+    {"timestamp": 800, "input_length": 300, "output_length": 4, "hash_ids": [9]},
+    {"timestamp": 1200, "input_length": 600, "output_length": 1, "hash_ids": [1, 7]},
+]
+
+
+def test_trace_requests_become_text_sharing_leading_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.jsonl.gz"
+    _write_trace(path, TINY_TRACE)
+    workload = scenario_source(str(path), model="m", duration_s=10.0)
+    wires = [wire_request(sim) for sim in workload.source.arrivals()]
+    prompts = [body["prompt"] for _, body, _ in wires]
+    assert [body["max_tokens"] for _, body, _ in wires] == [3, 2, 4, 1]
+    assert [len(encode(p)) for p in prompts] == [700, 1100, 300, 600]
+    block = prompt_text(TraceSource(path, model="m").tokens(0)[:512])  # hash id 1
+    assert all(p.startswith(block) for p in (prompts[0], prompts[1], prompts[3]))
+    assert prompts[1].startswith(prompts[0])  # hash ids 1, 2 (request 0 ends inside 2)
+    assert not prompts[2].startswith(block[:40]) and not prompts[3].startswith(prompts[0])
+
+
+def _bench(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = prefixroute_main(["bench", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bench_replays_a_builtin_scenario_over_two_engines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json = tmp_path / "report.json"
+    with engines(2) as urls:
+        code, out, err = _bench(
+            [
+                *("--url", urls[0], "--url", urls[1], "--scenario", "seed"),
+                *("--rate", "60", "--duration", "5", "--max-requests", "60"),
+                *("--max-tokens", "4", "--json", str(out_json), "--progress"),
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("seed: 60 req/s open loop (poisson)")
+    assert "requests 60 (200: 60), failures 0" in out
+    assert "per engine: fake-0 30, fake-1 30" in out  # round robin per request
+    assert err.startswith("bench ") and " done (0 failed)" in err  # the progress line(s)
+    doc = json.loads(out_json.read_text())
+    assert (doc["requests"], doc["ok"], doc["failures"]) == (60, 60, 0)
+    assert doc["scenario"] == "seed" and doc["urls"] == urls
+    assert doc["engines"] == {"fake-0": 30, "fake-1": 30}
+    assert doc["by_url"] == {urls[0]: 30, urls[1]: 30}
+    assert doc["hit_rate"] > 0.3  # the personas repeat
+    assert set(doc["tenants"]) == {"finance", "devops", "datasci", "-"}
+    assert doc["by_kind"].keys() == {"tenant", "cold"}
+
+
+CHAT_SCENARIO = """
+name: tiny-chat
+duration_s: 60
+seed: 4
+endpoints: {count: 2}
+workload:
+  arrival: {process: closed-loop, users: 4, think_s: [0.05, 0.1], ramp_s: 0.2}
+  tenants: {count: 2, system_prompt_tokens: [200, 200]}
+  mix:
+    chat: {turns: [3, 3], user_tokens: [10, 20], reply_tokens: [5, 5]}
+"""
+
+
+def test_bench_scenario_file_timing_closed_loop_chats_sticky(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = tmp_path / "chat.yaml"
+    scenario.write_text(CHAT_SCENARIO)
+    out_json = tmp_path / "chat.json"
+    with engines(2) as urls:
+        code, out, err = _bench(
+            [
+                *("--url", urls[0], "--url", urls[1], "--scenario", str(scenario)),
+                *("--duration", "2", "--spread", "sticky", "--json", str(out_json)),
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    assert out.startswith("tiny-chat: scenario timing, 2 s")
+    assert err == ""  # no progress line when stderr is not a terminal
+    doc = json.loads(out_json.read_text())
+    assert doc["failures"] == 0 and doc["by_kind"] == {"chat": doc["requests"]}
+    assert doc["requests"] > 3 * 4  # the scenario's users came back after thinking
+    assert doc["hit_rate"] > 0.3  # later turns resend the conversation so far
+
+
+def test_sticky_spread_keeps_each_tenant_on_one_url() -> None:
+    workload = scenario_source("seed", model="qwen3-0.6b", timed=False)
+    with engines(2) as urls:
+        report = asyncio.run(
+            run_load(
+                urls,
+                rate_rps=100,
+                duration_s=5.0,
+                max_requests=60,
+                source=workload.source,
+                spread="sticky",
+                max_tokens=2,
+            )
+        )
+    assert report.failures == 0 and report.requests == 60
+    engines_of: dict[str, set[str | None]] = {}
+    for result in report.results:
+        engines_of.setdefault(result.tenant or "-", set()).add(result.engine)
+    assert all(len(engines_of[t]) == 1 for t in ("finance", "devops", "datasci"))
+    assert len(engines_of["-"]) == 2  # no tenant, no session: round robin
+
+
+def test_bench_replays_a_tiny_gz_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tiny.jsonl.gz"
+    _write_trace(path, TINY_TRACE)
+    out_json = tmp_path / "trace.json"
+    with engines(1) as urls:
+        code, out, err = _bench(
+            [
+                *("--url", urls[0], "--scenario", str(path), "--time-scale", "0.5"),
+                *("--duration", "3", "--json", str(out_json)),
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    assert out.startswith("tiny.jsonl.gz: scenario timing")
+    doc = json.loads(out_json.read_text())
+    assert (doc["requests"], doc["failures"], doc["by_kind"]) == (4, 0, {"trace": 4})
+    assert doc["prompt_tokens"] == 700 + 1100 + 300 + 600  # the trace's lengths, exactly
+    # request 1 finds request 0's 700 tokens (688 in whole 16-token engine blocks) and
+    # request 3 hash block 1 (512 tokens): the same hash ids became the same text
+    assert doc["cached_tokens"] >= 688 + 512
+    assert doc["engines"] == {"fake-0": 4}
+
+
+def test_trace_requests_leave_at_their_scaled_timestamps(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.jsonl.gz"
+    _write_trace(path, TINY_TRACE)
+    workload = scenario_source(str(path), model=MODEL, duration_s=5.0, time_scale=0.5)
+    with engines(1) as urls:
+        report = asyncio.run(run_load(urls, duration_s=5.0, source=workload.source, max_tokens=1))
+    assert report.failures == 0
+    sent = [r.sent_s for r in sorted(report.results, key=lambda r: r.index)]
+    assert sent == pytest.approx([0.0, 0.2, 0.4, 0.6], abs=0.1)  # timestamp ms / 1000 * 0.5
+
+
+def test_bench_replays_the_shipped_mooncake_trace(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).resolve().parent.parent / "src/prefixroute/sim/data"
+    trace = path / "mooncake-conversation.jsonl.gz"
+    with engines(2) as urls:
+        code, out, err = _bench(
+            [
+                *("--url", urls[0], "--url", urls[1], "--scenario", str(trace)),
+                *("--time-scale", "0.02", "--duration", "4", "--max-requests", "12"),
+                *("--json", "-"),
+            ],
+            capsys,
+        )
+    assert code == 0, err
+    doc = json.loads(out[out.index("{") :])
+    assert (doc["requests"], doc["failures"]) == (12, 0)
+    assert doc["engines"] == {"fake-0": 6, "fake-1": 6}
+    source = TraceSource(trace, model="m")
+    first = list(itertools.islice(source.arrivals(), 12))
+    lengths = [0 if s.request.token_ids is None else len(s.request.token_ids) for s in first]
+    assert doc["prompt_tokens"] == sum(lengths)  # one token per id, as the trace says
+    assert doc["hit_rate"] > 0  # the conversation trace repeats its prefixes
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--scenario", "no-such-scenario"], "unknown scenario 'no-such-scenario'"),
+        (["--scenario", "missing.jsonl.gz"], "cannot read trace"),
+        (["--scenario", "seed", "--time-scale", "2"], "--time-scale is for traces"),
+        (["--scenario", "BAD"], "not valid YAML/JSON"),
+        (["--rate", "-3"], "--rate must be > 0"),
+    ],
+)
+def test_bench_bad_input_is_one_line_and_exit_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a.endswith(".gz") else a for a in args]
+    with engines(1) as urls:
+        code, out, err = _bench(["--url", urls[0], *args], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("prefixroute bench: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_unreachable_url_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code, out, err = _bench(["--url", url, "--duration", "1"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"prefixroute bench: cannot reach {url}: ConnectError")
+    assert err.count("\n") == 1
+
+
+def test_benchmarks_do_not_import_tests() -> None:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tests"]
+    assert offenders == []
+
+
 # --- the side-by-side harness, restricted to what `make test` can run ---------------------
 
 
@@ -327,7 +575,7 @@ def test_side_by_side_quick_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_side_by_side_quick_smoke_envoy(tmp_path: Path) -> None:
     """The `envoy` router: the shipped Envoy config + `prefixroute extproc`, every phase."""
-    from tests.envoy import envoy_binary
+    from prefixroute.devtools.envoy import envoy_binary
 
     envoy_binary()  # make test installs Envoy: a missing one fails with the install command
     out = tmp_path / "result.json"

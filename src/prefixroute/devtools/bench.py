@@ -1,36 +1,54 @@
-"""A load generator: the seed experiment's traffic, replayed over HTTP against any OpenAI URL.
+"""`prefixroute bench`: replay a scenario or a trace over HTTP against any OpenAI URL.
 
-    python -m prefixroute.devtools.loadgen --url http://127.0.0.1:8080 --rate 32 --duration 10
+    prefixroute bench --url http://127.0.0.1:8080 [--url ...] --scenario seed --duration 10
+    prefixroute bench --url URL --scenario conversation.jsonl.gz --time-scale 0.1
+    prefixroute bench --url URL --scenario my-scenario.yaml --rate 32 --json out.json
 
-The requests are the simulator's own: `seed_requests(seed)` builds the
-`seed` scenario's workload (`prefixroute/sim/scenarios/seed.yaml`: the three
-tenant personas and their questions from `prefixroute.sim.workload`, 4 tenant
-requests : 1 cold "Question N", max_tokens 80 / 50) with
-`prefixroute.sim.workload.build_workload` and turns each `SimRequest` back
-into the OpenAI request it stands for (`wire_request`): a chat prompt
+What to send (`--scenario`): a built-in scenario name (`prefixroute/sim/
+scenarios/NAME.yaml`), a scenario file (YAML/JSON, docs/simulator.md), or
+a Mooncake-format trace (`.jsonl` / `.jsonl.gz`, `prefixroute.sim.trace`)
+given directly. `scenario_source` builds the scenario's workload with the
+simulator's own code (`build_workload`) and `wire_request` turns each
+`SimRequest` back into the OpenAI request it stands for: a chat prompt
 (rendered by `prefixroute.openai.render_messages`) is parsed back into its
-messages and sent to `/v1/chat/completions` with `x-tenant-id`; a cold prompt
-goes to `/v1/completions` as text, without a tenant. So the gateway renders
-exactly the prompt the simulator routed, and the Locust file
-(`benchmarks/locustfile.py`) and this generator send the same sequence.
+messages and sent to `/v1/chat/completions` with `x-tenant-id` (and
+`x-session-id` for a conversation); other text prompts go to
+`/v1/completions` untemplated, without a tenant. A token-only request (a
+trace's) gets a text prompt of one common English word per token id
+(`prefixroute.devtools.prompts`): the same ids give the same text, so
+requests sharing leading hash blocks share leading text, and the text is
+as many tokens as the trace says under GPT-2-style BPE tokenizers. Its
+`max_tokens` is the trace's `output_length`.
 
-Arrivals (`run_load`):
+When requests go (`run_load`):
 
-* open loop, `rate_rps`: Poisson (default) or evenly spaced arrivals, sent
-  whether or not earlier requests have finished, as inference-perf and
-  vLLM's `benchmark_serving.py` do. A request whose slot comes while
-  `max_in_flight` requests are outstanding is not sent and counts as a
-  failure (`in-flight-limit`): the target could not keep up.
+* scenario timing (neither `rate_rps` nor `users`; the command's default):
+  each request leaves at its own `arrival_s` (a trace's timestamps times
+  `time_scale`, a scenario's Poisson/constant arrivals), and a closed-loop
+  scenario's users send their next request a think time after the answer
+  (`Source.follow_up`, called when each request ends, as the simulator
+  does). Multi-turn chats continue only after their previous turn answered.
+* open loop, `rate_rps`: Poisson (default) or evenly spaced arrivals in the
+  scenario's request order, sent whether or not earlier requests have
+  finished, as inference-perf and vLLM's `benchmark_serving.py` do.
 * closed loop, `users`: Locust's model. Each user sends, waits for the
   answer, thinks a uniform `think_s` (0.5-2 s, the seed's Locust
   `between(0.5, 2)`), and sends again; users start evenly over `ramp_s`.
 
-Both are bounded: no request starts at or after `duration_s` or beyond
-`max_requests`, or after `stop` is set, and stragglers are waited for at most
-`timeout_s` (then cancelled, counting as failures). The request sequence is
-deterministic given `seed` (string-seeded `random.Random` streams); with
-several base URLs the generator itself spreads requests round robin (the
-"direct" baseline of `benchmarks/side_by_side.py`).
+In open loop and scenario timing a request whose slot comes while
+`max_in_flight` requests are outstanding is not sent and counts as a failure
+(`in-flight-limit`): the target could not keep up. Runs are bounded: no request starts at or
+after `duration_s` or beyond `max_requests`, or after `stop` is set, and
+stragglers are waited for at most `timeout_s` (then cancelled, counting as
+failures). The request sequence is deterministic given `seed`
+(string-seeded `random.Random` streams).
+
+Several base URLs (`spread`): `round-robin` (default) sends request i to URL
+i mod n, the "direct" baseline of `benchmarks/side_by_side.py`; `sticky`
+sends every request of one session (else of one tenant) to the same URL,
+chosen by a keyed hash, so a conversation's history stays on one engine
+the way a cache-aware router would place it; requests with neither go
+round robin.
 
 With `stream=True` (default) requests ask for `stream_options.include_usage`
 and TTFT is the time to the first chunk carrying content (vLLM's first chunk
@@ -39,48 +57,57 @@ tenant, TTFT, latency, the usage's prompt/cached/completion tokens
 (`usage.prompt_tokens_details.cached_tokens`, as vLLM reports it) and the
 `x-fake-engine-id` response header if any; `summarise` turns results into a
 `LoadReport` (counts by status, achieved req/s, TTFT and latency
-percentiles, hit rate = cached / prompt tokens, per tenant and per engine).
+percentiles, hit rate = cached / prompt tokens, per tenant, per engine and
+per URL).
 
-The generator shares the CPU with whatever it measures; its own ceiling is
+The tool shares the CPU with whatever it measures; its own ceiling is
 whatever rate it reaches against engines that answer instantly, and `lag`
 (how late requests left against their schedule) tells when it fell behind.
 So it spends as little CPU as it can per request: aiohttp's client on
 uvloop when installed (`run_with_uvloop`, which the command line, the live
-demo and the benchmarks use), 0.12 ms a non-streamed request (0.16 ms
-streamed) against httpx's 1.0-1.1 ms on asyncio, on the 2-core machine the
-benchmarks ran on. `timeout_s` limits how long a request may wait for a
-connection and then how long the server may stay silent (between any two
-bytes), not the whole response, so a long stream that keeps flowing is not
-cut; redirects are not followed.
+demo and the benchmarks use); docs/performance.md has its cost per request.
+`timeout_s` limits how long a request may wait for a connection and then how
+long the server may stay silent (between any two bytes), not the whole
+response, so a long stream that keeps flowing is not cut; redirects are not
+followed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import itertools
 import json
 import math
 import random
 import re
+import signal
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
 
 import aiohttp
 import attrs
 
+from prefixroute.devtools.prompts import prompt_text
 from prefixroute.sim.scenario import load_scenario
 from prefixroute.sim.schema import Fields
-from prefixroute.sim.workload import SimRequest, Source, build_workload
+from prefixroute.sim.source import SimRequest, Source
+from prefixroute.sim.trace import TraceSource
+from prefixroute.sim.workload_schema import build_workload
 
 __all__ = [
     "MODEL",
+    "SPREADS",
     "LoadReport",
     "Result",
     "WireRequest",
+    "Workload",
     "cli_arguments",
     "cli_main",
     "discover_model",
@@ -89,6 +116,7 @@ __all__ = [
     "request_kind",
     "run_load",
     "run_with_uvloop",
+    "scenario_source",
     "seed_requests",
     "source_requests",
     "summarise",
@@ -100,6 +128,12 @@ MODEL = "qwen3-0.6b"
 
 WireRequest = tuple[str, dict[str, Any], dict[str, str]]
 """(path, JSON body, headers) of one OpenAI request."""
+
+SPREADS = ("round-robin", "sticky")
+"""How requests are spread over several URLs (module docstring)."""
+
+TRACE_SUFFIXES = (".jsonl", ".jsonl.gz")
+"""A `--scenario` path ending so is read as a Mooncake-format trace."""
 
 _FOREVER_S = 1e12  # a workload "duration" no run reaches: the sources are lazy
 
@@ -139,7 +173,8 @@ def wire_request(sim: SimRequest) -> WireRequest:
     `tenant` and `chat` requests are chat completions with `x-tenant-id` (and
     `x-session-id` for a chat's conversation); the others (`cold`,
     `shared-prefix`, `trace`) are untemplated completions without a tenant,
-    their prompt the text (or, for token-only trace requests, the token ids).
+    their prompt the text, or for a token-only request (a trace's)
+    `prompt_text(token_ids)`: one word per token id. O(prompt length).
     """
     req = sim.request
     max_tokens = req.max_tokens if req.max_tokens is not None else sim.output_tokens
@@ -154,10 +189,10 @@ def wire_request(sim: SimRequest) -> WireRequest:
             headers["x-session-id"] = req.session
         return "/v1/chat/completions", body, headers
     if req.prompt is not None:
-        prompt: str | list[int] = req.prompt
+        prompt = req.prompt
     else:
         assert req.token_ids is not None
-        prompt = [int(t) for t in req.token_ids]
+        prompt = prompt_text(req.token_ids)
     return "/v1/completions", {"model": req.model, "prompt": prompt, "max_tokens": max_tokens}, {}
 
 
@@ -173,16 +208,87 @@ def seed_requests(
     """The seed experiment's request sequence, endless and deterministic given `seed`.
 
     Built from the built-in `scenario`'s workload (its personas, questions,
-    mix and max_tokens) with its arrival process replaced by a constant one:
-    only the order of requests matters here, `run_load` decides when they go.
-    O(1) per request after the first of each (tenant, question).
+    mix and max_tokens) with its arrival process replaced by a constant one
+    (`scenario_source(..., timed=False)`): only the order of requests matters
+    here, `run_load` decides when they go. O(1) per request after the first
+    of each (tenant, question).
     """
-    workload = dict(load_scenario(scenario).workload)
-    workload["arrival"] = {"process": "constant", "rate_rps": 1.0}
+    return source_requests(scenario_source(scenario, model=model, seed=seed, timed=False).source)
+
+
+@attrs.frozen
+class Workload:
+    """What `scenario_source` built: the source, and what to call it in reports.
+
+    `timed` is True when the source's own arrival times (and follow-ups)
+    are meant to drive the run; False for an endless source whose order
+    only matters (`--rate` / `--users` decide when requests go).
+    """
+
+    source: Source
+    name: str
+    description: str
+    timed: bool
+
+
+def _is_trace(scenario: str) -> bool:
+    return scenario.endswith(TRACE_SUFFIXES)
+
+
+def scenario_source(
+    scenario: str,
+    *,
+    model: str,
+    seed: int | None = None,
+    duration_s: float = 10.0,
+    time_scale: float | None = None,
+    timed: bool = True,
+) -> Workload:
+    """The requests of `scenario`: a built-in name, a scenario file or a trace (`.jsonl[.gz]`).
+
+    `timed`: keep the scenario's arrival process, up to `duration_s`
+    (scenario timing); otherwise the workload's arrival process is
+    replaced by a constant one and the source is endless: only the order of
+    requests matters, `run_load` decides when they go (a trace is replayed
+    in timestamp order). `model` replaces the workload's model; `seed`
+    (default: the scenario's) seeds it; `time_scale` multiplies a trace's
+    timestamps (a trace given directly, or a scenario's `workload.trace`;
+    ValueError for any other scenario). ScenarioError (a ValueError) names
+    what is wrong: unknown name, unreadable file, invalid field, bad trace
+    line. O(trace size) for a trace, read whole; lazy otherwise.
+    """
+    horizon = duration_s if timed else _FOREVER_S
+    if _is_trace(scenario):
+        trace = TraceSource(
+            scenario,
+            time_scale=1.0 if time_scale is None else time_scale,
+            model=model,
+            duration_s=horizon,
+        )
+        name = Path(scenario).name
+        return Workload(trace, name, f"Mooncake trace {name}, {len(trace)} records", timed)
+    loaded = load_scenario(scenario)
+    workload = dict(loaded.workload)
+    workload.pop("model", None)
+    if isinstance(workload.get("trace"), dict):
+        spec = dict(workload["trace"])
+        if isinstance(spec.get("path"), str):
+            spec["path"] = str(loaded.base_dir / spec["path"])
+        if time_scale is not None:
+            spec["time_scale"] = time_scale
+        workload["trace"] = spec
+    elif time_scale is not None:
+        raise ValueError(f"--time-scale is for traces; scenario {loaded.name!r} has no trace")
+    elif not timed:
+        workload["arrival"] = {"process": "constant", "rate_rps": 1.0}
     source = build_workload(
-        Fields(workload, "workload"), seed=seed, duration_s=_FOREVER_S, model=model
+        Fields(workload, "workload"),
+        seed=loaded.seed if seed is None else seed,
+        duration_s=horizon,
+        model=model,
     )
-    return source_requests(source)
+    description = " ".join(loaded.description.split())
+    return Workload(source, loaded.name or scenario, description, timed)
 
 
 def request_kind(path: str, headers: dict[str, str]) -> str:
@@ -237,7 +343,8 @@ class LoadReport:
     reported usage (None without usage). Percentiles are over successful
     requests, in seconds (None when there are none). `achieved_rps` is
     successful requests per second of `duration_s`, the time from the start
-    to the last completion.
+    to the last completion. `engines` counts requests by the engine that
+    answered (the `x-fake-engine-id` header), `by_url` by the URL they went to.
     """
 
     requests: int
@@ -258,6 +365,7 @@ class LoadReport:
     hit_rate: float | None
     tenants: dict[str, tuple[int, float | None]]
     engines: dict[str, int]
+    by_url: dict[str, int] = attrs.field(factory=dict)
     results: tuple[Result, ...] = attrs.field(repr=False, default=())
 
     def as_dict(self) -> dict[str, Any]:
@@ -288,6 +396,8 @@ class LoadReport:
             out.append(
                 "per engine: " + ", ".join(f"{e} {n}" for e, n in sorted(self.engines.items()))
             )
+        if len(self.by_url) > 1:
+            out.append("per URL: " + ", ".join(f"{u} {n}" for u, n in sorted(self.by_url.items())))
         return out
 
 
@@ -356,6 +466,7 @@ def summarise(
         hit_rate=cached / prompt if prompt else None,
         tenants=tenants,
         engines=dict(Counter(r.engine for r in results if r.engine is not None)),
+        by_url=dict(Counter(r.url for r in results if r.url)),
         results=tuple(results),
     )
 
@@ -383,8 +494,14 @@ def _has_content(chunk: Any) -> bool:
     return bool(choice.get("text"))
 
 
+def _sticky_slot(key: str, n: int) -> int:
+    """Which of `n` URLs `key` (a session or tenant) sticks to: a keyed hash, stable across runs."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, key=b"prefixroute.bench").digest()
+    return int.from_bytes(digest, "little") % n
+
+
 class _Sender:
-    """Sends one request and measures it; shared by both arrival loops."""
+    """Sends one request and measures it; shared by every arrival loop."""
 
     def __init__(
         self,
@@ -395,6 +512,7 @@ class _Sender:
         max_tokens: int | None,
         t0: float,
         on_result: Callable[[Result], None] | None,
+        spread: str = "round-robin",
     ) -> None:
         self.client = client
         self.urls = [u.rstrip("/") for u in urls]
@@ -402,16 +520,53 @@ class _Sender:
         self.max_tokens = max_tokens
         self.t0 = t0
         self.on_result = on_result
+        self.spread = spread
         self.results: list[Result] = []
+        self.in_flight = 0
 
-    def record(self, result: Result) -> None:
+    def record(self, result: Result) -> Result:
         self.results.append(result)
         if self.on_result is not None:
             self.on_result(result)
+        return result
 
-    async def send(self, index: int, wire: WireRequest, lag_s: float = 0.0) -> None:
+    def url_for(self, index: int, headers: dict[str, str]) -> str:
+        """The URL request `index` goes to (module docstring: `spread`). O(1)."""
+        n = len(self.urls)
+        if self.spread == "sticky" and n > 1:
+            key = headers.get("x-session-id") or headers.get("x-tenant-id")
+            if key:
+                return self.urls[_sticky_slot(key, n)]
+        return self.urls[index % n]
+
+    def refused(self, index: int, wire: WireRequest, due: float, lag: float, kind: str) -> None:
+        """Record request `index` as not sent: `max_in_flight` requests were outstanding."""
+        self.record(
+            Result(
+                index=index,
+                kind=kind,
+                tenant=wire[2].get("x-tenant-id"),
+                url="",
+                status=0,
+                sent_s=due,
+                latency_s=0.0,
+                lag_s=lag,
+                error="in-flight-limit",
+            )
+        )
+
+    async def send(
+        self, index: int, wire: WireRequest, lag_s: float = 0.0, kind: str | None = None
+    ) -> Result:
+        self.in_flight += 1
+        try:
+            return await self._send(index, wire, lag_s, kind)
+        finally:
+            self.in_flight -= 1
+
+    async def _send(self, index: int, wire: WireRequest, lag_s: float, kind: str | None) -> Result:
         path, body, headers = wire
-        url = self.urls[index % len(self.urls)]
+        url = self.url_for(index, headers)
         body = dict(body)
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
@@ -421,7 +576,7 @@ class _Sender:
         start = time.monotonic()
         base: dict[str, Any] = {
             "index": index,
-            "kind": request_kind(path, headers),
+            "kind": kind or request_kind(path, headers),
             "tenant": headers.get("x-tenant-id"),
             "url": url,
             "sent_s": start - self.t0,
@@ -448,7 +603,7 @@ class _Sender:
             raise
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             fields["error"] = _error_name(exc)
-        self.record(Result(**base, **fields, latency_s=time.monotonic() - start))
+        return self.record(Result(**base, **fields, latency_s=time.monotonic() - start))
 
     @staticmethod
     async def _stream(resp: aiohttp.ClientResponse, start: float, fields: dict[str, Any]) -> None:
@@ -557,6 +712,10 @@ def run_with_uvloop(main: Coroutine[Any, Any, _T]) -> _T:
     return uvloop.run(main)
 
 
+_Job = tuple[WireRequest, SimRequest | None]
+"""One request to send, and the simulated request it came from (None for plain wire requests)."""
+
+
 async def run_load(
     base_url: str | Sequence[str],
     *,
@@ -570,19 +729,26 @@ async def run_load(
     think_s: tuple[float, float] = (0.5, 2.0),
     ramp_s: float = 1.0,
     requests: Iterable[WireRequest] | None = None,
+    source: Source | None = None,
     model: str | None = None,
     max_tokens: int | None = None,
     timeout_s: float = 30.0,
     max_in_flight: int = 4096,
+    spread: str = "round-robin",
     on_result: Callable[[Result], None] | None = None,
     stop: asyncio.Event | None = None,
     client: aiohttp.ClientSession | None = None,
 ) -> LoadReport:
-    """Send `requests` (default: `seed_requests(seed)`) to `base_url`; summarise what came back.
+    """Send `requests` or `source`'s (default: `seed_requests(seed)`) to `base_url`; summarise.
 
-    Exactly one of `rate_rps` (open loop, `process` poisson or constant) and
-    `users` (closed loop, `think_s` between answers) is given; see the module
-    docstring. Several base URLs are used round robin. `model` replaces the
+    At most one of `rate_rps` (open loop, `process` poisson or constant) and
+    `users` (closed loop, `think_s` between answers) is given; with neither,
+    `source` is required and its own arrival times and follow-ups drive the
+    run (scenario timing). See the module docstring. With a `source` and a
+    rate or users, its arrivals are taken in order (their times ignored) and
+    `follow_up` still hears of each answer (so open-loop chats continue):
+    give an endless open-loop source (`scenario_source(..., timed=False)`).
+    Several base URLs are shared as `spread` says. `model` replaces the
     seed requests' model (default: the first of the target's `/v1/models`,
     else `MODEL`); `max_tokens` overrides every request's. `on_result` is
     called for each result as it arrives (from the event loop); setting
@@ -592,8 +758,12 @@ async def run_load(
     one the run makes `_new_client(timeout_s, max_in_flight)` and closes it.
     ValueError for bad arguments.
     """
-    if (rate_rps is None) == (users is None):
-        raise ValueError("give exactly one of rate_rps (open loop) and users (closed loop)")
+    if rate_rps is not None and users is not None:
+        raise ValueError("give at most one of rate_rps (open loop) and users (closed loop)")
+    if rate_rps is None and users is None and source is None:
+        raise ValueError("give rate_rps (open loop), users (closed loop) or a timed source")
+    if requests is not None and source is not None:
+        raise ValueError("give requests or source, not both")
     if rate_rps is not None and not 0 < rate_rps < math.inf:
         raise ValueError(f"rate_rps must be > 0, got {rate_rps!r}")
     if users is not None and users < 1:
@@ -606,6 +776,8 @@ async def run_load(
         raise ValueError(f"process must be poisson or constant, got {process!r}")
     if not 0 <= think_s[0] <= think_s[1]:
         raise ValueError(f"think_s must be [low, high] with 0 <= low <= high, got {think_s!r}")
+    if spread not in SPREADS:
+        raise ValueError(f"spread must be one of {', '.join(SPREADS)}, got {spread!r}")
     urls = [base_url] if isinstance(base_url, str) else list(base_url)
     if not urls:
         raise ValueError("base_url: at least one URL")
@@ -613,13 +785,18 @@ async def run_load(
     if client is None:
         client = _new_client(timeout_s, max_in_flight)
     try:
-        if requests is None:
+        if requests is None and source is None:
             if model is None:
                 model = await discover_model(client, urls[0]) or MODEL
             requests = seed_requests(seed, model=model)
-        work: Iterator[WireRequest] = iter(requests)
+        jobs: Iterator[_Job]
+        if source is not None:
+            jobs = ((wire_request(sim), sim) for sim in source.arrivals())
+        else:
+            assert requests is not None
+            jobs = ((wire, None) for wire in requests)
         if max_requests is not None:
-            work = itertools.islice(work, max_requests)
+            jobs = itertools.islice(jobs, max_requests)
         sender = _Sender(
             client,
             urls,
@@ -627,16 +804,30 @@ async def run_load(
             max_tokens=max_tokens,
             t0=time.monotonic(),
             on_result=on_result,
+            spread=spread,
         )
         stop = stop or asyncio.Event()
         if rate_rps is not None:
             await _open_loop(
-                sender, work, rate_rps, process, seed, duration_s, timeout_s, stop, max_in_flight
+                sender,
+                jobs,
+                source,
+                rate_rps,
+                process,
+                seed,
+                duration_s,
+                timeout_s,
+                stop,
+                max_in_flight,
+            )
+        elif users is not None:
+            await _closed_loop(
+                sender, jobs, source, users, think_s, ramp_s, seed, duration_s, timeout_s, stop
             )
         else:
-            assert users is not None
-            await _closed_loop(
-                sender, work, users, think_s, ramp_s, seed, duration_s, timeout_s, stop
+            assert source is not None
+            await _timed_loop(
+                sender, jobs, source, duration_s, max_requests, timeout_s, stop, max_in_flight
             )
         results = sender.results
         end = max((r.sent_s + r.latency_s for r in results), default=0.0)
@@ -646,7 +837,7 @@ async def run_load(
             await client.close()
 
 
-async def _drain(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
+async def _drain(tasks: set[asyncio.Task[Any]], timeout_s: float) -> None:
     if not tasks:
         return
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -656,9 +847,26 @@ async def _drain(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
         await asyncio.wait(pending, timeout=1.0)
 
 
+def _kind(job: _Job) -> str:
+    wire, sim = job
+    return sim.kind if sim is not None else request_kind(wire[0], wire[2])
+
+
+async def _send_job(
+    sender: _Sender, index: int, job: _Job, source: Source | None, lag: float = 0.0
+) -> SimRequest | None:
+    """Send `job`; tell `source` how it ended; the follow-up the source answers with, if any."""
+    wire, sim = job
+    result = await sender.send(index, wire, lag, _kind(job))
+    if source is None or sim is None:
+        return None
+    return source.follow_up(sim, time.monotonic() - sender.t0, result.ok)
+
+
 async def _open_loop(
     sender: _Sender,
-    work: Iterator[WireRequest],
+    jobs: Iterator[_Job],
+    source: Source | None,
     rate: float,
     process: str,
     seed: int,
@@ -668,9 +876,9 @@ async def _open_loop(
     max_in_flight: int,
 ) -> None:
     rng = random.Random(f"prefixroute.loadgen/{seed}/arrivals")
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Task[Any]] = set()
     due = 0.0
-    for index, wire in enumerate(work):
+    for index, job in enumerate(jobs):
         if index > 0:
             due = due + rng.expovariate(rate) if process == "poisson" else index / rate
         if due >= duration_s:
@@ -681,21 +889,11 @@ async def _open_loop(
             break
         lag = time.monotonic() - sender.t0 - due
         if len(tasks) >= max_in_flight:
-            sender.record(
-                Result(
-                    index=index,
-                    kind=request_kind(wire[0], wire[2]),
-                    tenant=wire[2].get("x-tenant-id"),
-                    url="",
-                    status=0,
-                    sent_s=due,
-                    latency_s=0.0,
-                    lag_s=lag,
-                    error="in-flight-limit",
-                )
-            )
+            sender.refused(index, job[0], due, lag, _kind(job))
+            if source is not None and job[1] is not None:
+                source.follow_up(job[1], time.monotonic() - sender.t0, False)  # drop its chat
             continue
-        task = asyncio.create_task(sender.send(index, wire, lag))
+        task = asyncio.create_task(_send_job(sender, index, job, source, lag))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await _drain(tasks, timeout_s + 1.0)
@@ -703,7 +901,8 @@ async def _open_loop(
 
 async def _closed_loop(
     sender: _Sender,
-    work: Iterator[WireRequest],
+    jobs: Iterator[_Job],
+    source: Source | None,
     users: int,
     think_s: tuple[float, float],
     ramp_s: float,
@@ -725,10 +924,10 @@ async def _closed_loop(
         rng = random.Random(f"prefixroute.loadgen/{seed}/user/{u}")
         await pause(ramp_s * u / users)
         while time.monotonic() < end and not stop.is_set():
-            wire = next(work, None)
-            if wire is None:
+            job = next(jobs, None)
+            if job is None:
                 return
-            await sender.send(next(counter), wire)
+            await _send_job(sender, next(counter), job, source)
             low, high = think_s
             await pause(low if low == high else rng.uniform(low, high))
 
@@ -736,79 +935,302 @@ async def _closed_loop(
     await _drain(tasks, max(0.0, end - time.monotonic()) + timeout_s + 1.0)
 
 
+async def _timed_loop(
+    sender: _Sender,
+    jobs: Iterator[_Job],
+    source: Source,
+    duration_s: float,
+    max_requests: int | None,
+    timeout_s: float,
+    stop: asyncio.Event,
+    max_in_flight: int,
+) -> None:
+    """Scenario timing: each arrival at its `arrival_s`, each follow-up at its own.
+
+    An arrival starts a chain: send, then, while the source answers with a
+    follow-up (a closed-loop user's next request, a chat's next turn) due
+    before the end, wait for it and send it. `max_requests` bounds the
+    arrivals and follow-ups together.
+    """
+    counter = itertools.count()
+    end = sender.t0 + duration_s
+    budget = math.inf if max_requests is None else max_requests
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def until(at_s: float) -> float:
+        """Sleep until `at_s` after the start (or the end, or `stop`); how late it woke."""
+        target = sender.t0 + at_s
+        while (left := min(target, end) - time.monotonic()) > 0 and not stop.is_set():
+            await asyncio.sleep(min(left, 0.1))
+        return max(0.0, time.monotonic() - target)
+
+    async def chain(index: int, job: _Job, lag: float) -> None:
+        nonlocal budget
+        while True:
+            follow = await _send_job(sender, index, job, source, lag)
+            if follow is None or follow.arrival_s >= duration_s or budget <= 0:
+                return
+            lag = await until(follow.arrival_s)
+            if stop.is_set() or time.monotonic() >= end:
+                return
+            budget -= 1
+            index, job = next(counter), (wire_request(follow), follow)
+
+    for job in jobs:
+        sim = job[1]
+        assert sim is not None
+        if sim.arrival_s >= duration_s or budget <= 0:
+            break
+        lag = await until(sim.arrival_s)
+        if stop.is_set() or time.monotonic() >= end:
+            break
+        budget -= 1
+        index = next(counter)
+        if sender.in_flight >= max_in_flight:
+            sender.refused(index, job[0], sim.arrival_s, lag, sim.kind)
+            source.follow_up(sim, time.monotonic() - sender.t0, False)  # its chat is dropped
+            continue
+        task = asyncio.create_task(chain(index, job, lag))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await _drain(tasks, max(0.0, end - time.monotonic()) + timeout_s + 1.0)
+
+
 # --- command line ------------------------------------------------------------------------
 
 
+class _Progress:
+    """The progress line: elapsed time, requests answered, failures, req/s, hit rate so far.
+
+    Results are counted as they arrive (O(1) each); `draw` writes one line,
+    redrawn in place (carriage return) on a terminal, one line per call otherwise.
+    """
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out = out
+        self.tty = tty
+        self.t0 = time.monotonic()
+        self.done = self.failed = self.prompt = self.cached = 0
+
+    def add(self, result: Result) -> None:
+        self.done += 1
+        if not result.ok:
+            self.failed += 1
+        elif result.prompt_tokens is not None and result.cached_tokens is not None:
+            self.prompt += result.prompt_tokens
+            self.cached += result.cached_tokens
+
+    def draw(self, final: bool = False) -> None:
+        elapsed = time.monotonic() - self.t0
+        hit = _pct(self.cached / self.prompt if self.prompt else None)
+        line = (
+            f"bench {elapsed:6.1f} s  {self.done} done ({self.failed} failed),"
+            f" {self.done / max(elapsed, 1e-9):.1f} req/s, hit rate {hit}"
+        )
+        if self.tty:
+            self.out.write("\r\x1b[K" + line + ("\n" if final else ""))
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the load generator's options to `parser`."""
+    """Add `prefixroute bench`'s options to `parser`."""
     parser.add_argument(
         "--url",
         action="append",
         required=True,
-        help="OpenAI base URL, e.g. http://127.0.0.1:8080 (repeat: round robin over several)",
+        help="OpenAI base URL, e.g. http://127.0.0.1:8080 (repeat for several; see --spread)",
+    )
+    parser.add_argument(
+        "--scenario",
+        default="seed",
+        help="a built-in scenario name, a scenario file (YAML/JSON), or a Mooncake trace "
+        "(.jsonl or .jsonl.gz) (default: seed)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        help="multiply a trace's timestamps by this (e.g. 0.1: ten times faster; default 1)",
     )
     load = parser.add_mutually_exclusive_group()
-    load.add_argument("--rate", type=float, help="open loop: arrivals per second (default 32)")
-    load.add_argument("--users", type=int, help="closed loop: concurrent users")
-    parser.add_argument("--process", choices=("poisson", "constant"), default="poisson")
+    load.add_argument(
+        "--rate", type=float, help="open loop: arrivals per second, in the scenario's order"
+    )
+    load.add_argument(
+        "--users",
+        "--concurrency",
+        dest="users",
+        type=int,
+        help="closed loop: concurrent users, each waiting for its answer",
+    )
+    parser.add_argument(
+        "--process",
+        choices=("poisson", "constant"),
+        default="poisson",
+        help="--rate arrivals: Poisson or evenly spaced (default poisson)",
+    )
     parser.add_argument(
         "--think",
         type=float,
         nargs=2,
         default=(0.5, 2.0),
         metavar=("LOW", "HIGH"),
-        help="closed loop: think time range in seconds (default 0.5 2.0)",
+        help="--users: think time range in seconds (default 0.5 2.0)",
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     parser.add_argument("--max-requests", type=int, help="stop after this many requests")
+    parser.add_argument(
+        "--spread",
+        choices=SPREADS,
+        default="round-robin",
+        help="several URLs: round-robin per request, or sticky per session/tenant",
+    )
     parser.add_argument("--no-stream", action="store_true", help="non-streaming requests")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", help="model name (default: the target's first /v1/models)")
+    parser.add_argument("--seed", type=int, help="workload seed (default: the scenario's)")
+    parser.add_argument("--model", help="model name (default: the first URL's first /v1/models)")
     parser.add_argument("--max-tokens", type=int, help="override every request's max_tokens")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
     parser.add_argument("--json", metavar="PATH", help="write the summary as JSON ('-': stdout)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress line on stderr, once a second (default: when stderr is a terminal)",
+    )
+
+
+class _BadInput(Exception):
+    """A command-line input the run cannot start with (exit status 2)."""
+
+
+async def _probe(client: aiohttp.ClientSession, url: str) -> None:
+    """Check that `url` answers HTTP at all (any status): _BadInput if it does not."""
+    try:
+        async with client.get(url.rstrip("/") + "/v1/models", allow_redirects=False) as resp:
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _BadInput(f"cannot reach {url}: {_error_name(exc)} ({exc})") from exc
+
+
+def _check(args: argparse.Namespace) -> None:
+    """ValueError for an option out of range (or a --json file with no folder), before any URL
+    is tried."""
+    if args.rate is not None and not 0 < args.rate < math.inf:
+        raise ValueError(f"--rate must be > 0, got {args.rate:g}")
+    if args.users is not None and args.users < 1:
+        raise ValueError(f"--users must be >= 1, got {args.users}")
+    if not 0 < args.duration < math.inf:
+        raise ValueError(f"--duration must be finite and > 0, got {args.duration:g}")
+    if args.max_requests is not None and args.max_requests < 1:
+        raise ValueError(f"--max-requests must be >= 1, got {args.max_requests}")
+    if args.time_scale is not None and not 0 < args.time_scale < math.inf:
+        raise ValueError(f"--time-scale must be finite and > 0, got {args.time_scale:g}")
+    if args.json not in (None, "-") and not Path(args.json).resolve().parent.is_dir():
+        raise ValueError(f"--json: no directory for {args.json}")
+
+
+async def _bench(
+    args: argparse.Namespace, progress: _Progress | None
+) -> tuple[LoadReport, str, str]:
+    """Probe the URLs, build the workload, run it; (report, a title line, the description)."""
+    _check(args)
+    timed = args.rate is None and args.users is None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as probe:
+        for url in args.url:
+            await _probe(probe, url)
+        model = args.model or await discover_model(probe, args.url[0]) or MODEL
+    try:
+        workload = scenario_source(
+            args.scenario,
+            model=model,
+            seed=args.seed,
+            duration_s=args.duration,
+            time_scale=args.time_scale,
+            timed=timed,
+        )
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from exc
+    if timed:
+        how = "scenario timing"
+    elif args.rate is not None:
+        how = f"{args.rate:g} req/s open loop ({args.process})"
+    else:
+        how = f"{args.users} closed-loop users"
+    title = f"{workload.name}: {how}, {args.duration:g} s, model {model}, {len(args.url)} URL(s)"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(
+            signal.SIGINT, stop.set
+        )  # SIGINT: finish what is in flight, then report
+    run = asyncio.create_task(
+        run_load(
+            args.url,
+            rate_rps=args.rate,
+            users=args.users,
+            duration_s=args.duration,
+            max_requests=args.max_requests,
+            stream=not args.no_stream,
+            seed=0 if args.seed is None else args.seed,
+            process=args.process,
+            think_s=(args.think[0], args.think[1]),
+            source=workload.source,
+            model=model,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+            spread=args.spread,
+            on_result=None if progress is None else progress.add,
+            stop=stop,
+        )
+    )
+    try:
+        while not run.done():
+            await asyncio.wait({run}, timeout=1.0)
+            if progress is not None:
+                progress.draw(final=run.done())
+        return run.result(), title, workload.description
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run the load and print its summary; 0 if every request succeeded, 1 otherwise."""
-    rate = args.rate if args.users is None else None
-    if rate is None and args.users is None:
-        rate = 32.0
+    """Run the bench and print its report; 0 if every request succeeded, 1 otherwise, 2 for
+    bad input (unknown scenario, unreadable file, unreachable URL, bad option)."""
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _Progress(sys.stderr, sys.stderr.isatty()) if show else None
     try:
-        report = run_with_uvloop(
-            run_load(
-                args.url,
-                rate_rps=rate,
-                users=args.users,
-                duration_s=args.duration,
-                max_requests=args.max_requests,
-                stream=not args.no_stream,
-                seed=args.seed,
-                process=args.process,
-                think_s=(args.think[0], args.think[1]),
-                model=args.model,
-                max_tokens=args.max_tokens,
-                timeout_s=args.timeout,
-            )
-        )
-    except ValueError as exc:
-        print(f"loadgen: {exc}", file=sys.stderr)
+        report, title, description = run_with_uvloop(_bench(args, progress))
+    except (_BadInput, ValueError) as exc:
+        print(f"prefixroute bench: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         return 130
+    print(title)
     for line in report.lines():
         print(line)
     if args.json:
-        text = json.dumps(report.as_dict(), indent=2)
+        doc = {
+            "run": title,
+            "scenario": args.scenario,
+            "description": description,
+            "urls": args.url,
+            **report.as_dict(),
+        }
+        text = json.dumps(doc, indent=2)
         if args.json == "-":
             print(text)
         else:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            try:
+                Path(args.json).write_text(text + "\n", encoding="utf-8")
+            except OSError as exc:
+                print(f"prefixroute bench: cannot write {args.json}: {exc}", file=sys.stderr)
+                return 2
     return 0 if report.failures == 0 and report.ok > 0 else 1
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m prefixroute.devtools.loadgen")
+    _parser = argparse.ArgumentParser(prog="python -m prefixroute.devtools.bench")
     cli_arguments(_parser)
     sys.exit(cli_main(_parser.parse_args()))

@@ -1,0 +1,110 @@
+"""`prefixroute serve`: the gateway's process around its ASGI app.
+
+uvicorn (with uvloop and httptools when installed) runs the app from
+`prefixroute.drivers.gateway.app.create_app` on one event loop. SIGTERM or
+SIGINT starts a drain: `/health` answers 503 at once, uvicorn stops
+accepting connections and open requests get up to `server.drain_timeout_s`
+to finish; a completed drain exits with status 0. `cli_arguments` and
+`cli_main` are the `prefixroute serve` command (`prefixroute.cli`), also run
+by `python -m prefixroute.drivers.gateway`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import uvicorn
+
+from prefixroute.config import ConfigError
+from prefixroute.drivers.gateway.app import Gateway, create_app
+from prefixroute.drivers.settings import DriverConfig
+
+__all__ = ["cli_arguments", "cli_main", "serve"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the gateway when a drain starts (so /health says 503),
+    and exiting with status 0 once the drain is done."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.gateway.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutting down, so the process would
+        # die by SIGTERM; a completed drain is a clean exit (status 0) instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
+
+
+def serve(config: DriverConfig, *, log_level: str = "info") -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
+    app = create_app(config)
+    server = config.server
+    uv = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, math.ceil(server.drain_timeout_s)),
+        access_log=log_level == "debug",
+    )
+    _Server(uv, app.state.gateway).run()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """`prefixroute serve` arguments."""
+    parser.add_argument("--config", required=True, metavar="FILE", help="gateway config (YAML)")
+    parser.add_argument("--host", help="listen address (overrides server.host)")
+    parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default: info)",
+    )
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run `prefixroute serve`; 2 with a one-line message for a bad config."""
+    try:
+        config = DriverConfig.from_file(args.config)
+        overrides: dict[str, Any] = {}
+        if args.host is not None:
+            overrides["host"] = args.host
+        if args.port is not None:
+            overrides["port"] = args.port
+        if overrides:
+            try:
+                config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
+            except ValueError as exc:
+                raise ConfigError("--port", str(exc)) from exc
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        serve(config, log_level=args.log_level)
+    except ConfigError as exc:
+        print(f"prefixroute serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="prefixroute serve", description="run the OpenAI-compatible gateway"
+    )
+    cli_arguments(parser)
+    return cli_main(parser.parse_args(None if argv is None else list(argv)))
