@@ -87,11 +87,19 @@ MIN_PYTHON = (3, 12)  # inference-perf's Requires-Python
 ROUTERS = ("prefixroute", "round-robin")
 # The baseline router: healthy endpoints in turn (the gateway's router section).
 ROUND_ROBIN: dict[str, Any] = {
-    "plugins": [{"type": "healthy-filter"}, {"type": "round-robin-picker"}],
+    "plugins": [
+        {"type": "healthy-filter"},
+        {"type": "queue-depth-scorer"},  # a profile needs a scorer; the picker ignores it
+        {"type": "round-robin-picker"},
+    ],
     "profiles": [
         {
             "name": "rr",
-            "plugins": [{"pluginRef": "healthy-filter"}, {"pluginRef": "round-robin-picker"}],
+            "plugins": [
+                {"pluginRef": "healthy-filter"},
+                {"pluginRef": "queue-depth-scorer"},
+                {"pluginRef": "round-robin-picker"},
+            ],
         }
     ],
 }

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from prefixroute.devtools.fake_engine import FakeEngineConfig, create_app
 from tests.servers import serve_in_thread
+
+# `PREFIXROUTE_FUZZ=long` (docs/fuzzing.md): fuzz tests multiply their own counts
+# (tests.strategies.fuzz_settings); every other property test without an explicit
+# count runs this profile's.
+settings.register_profile(
+    "long",
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+if os.environ.get("PREFIXROUTE_FUZZ", "").strip().lower() == "long":
+    settings.load_profile("long")
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from starlette.routing import Route
 from prefixroute.cli import main as prefixroute_main
 from prefixroute.devtools.bench import (
     MODEL,
+    LoadConfigError,
     Result,
     WireRequest,
     cli_arguments,
@@ -207,6 +208,34 @@ def test_closed_loop_users_wait_for_answers() -> None:
     assert report.duration_s < 1.5 + 1.0
 
 
+def test_closed_loop_rate_is_over_the_runs_wall_clock_time() -> None:
+    """Users thinking until the end count in the run's time: not just up to the last answer."""
+    with engines(1) as urls:
+        report = asyncio.run(
+            run_load(urls[0], users=2, duration_s=1.0, think_s=(5, 5), ramp_s=0.1, max_tokens=2)
+        )
+    assert (report.requests, report.failures) == (2, 0)  # one each, then thinking to the end
+    assert 1.0 <= report.duration_s < 2.0
+    assert report.achieved_rps <= 2.0
+
+
+@pytest.mark.parametrize("max_requests", [3, 10])
+def test_scenario_timing_sends_exactly_max_requests(max_requests: int) -> None:
+    """Follow-ups that wait for their time reserve the budget first: none overshoots it."""
+    workload = scenario_source("seed", model=MODEL, duration_s=5.0)
+    with engines(2) as urls:
+        report = asyncio.run(
+            run_load(
+                urls,
+                duration_s=5.0,
+                source=workload.source,
+                max_requests=max_requests,
+                max_tokens=2,
+            )
+        )
+    assert (report.requests, report.failures) == (max_requests, 0)
+
+
 def test_an_unreachable_target_fails_every_request_quickly() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     report = asyncio.run(
@@ -224,11 +253,30 @@ def test_bad_arguments_are_value_errors() -> None:
         asyncio.run(run_load("http://127.0.0.1:1", rate_rps=1, duration_s=float("inf")))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "field", "message"),
+    [
+        ({"timeout_s": 0.0}, "timeout_s", "timeout_s must be finite and > 0, got 0"),
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1, got 0"),
+        ({"users": 1, "think_s": (2.0, 1.0)}, "think_s", "think_s must be LOW HIGH"),
+        ({"users": 1, "process": "constant"}, "process", "process is for open loop: give rate_rps"),
+        ({"rate_rps": 1.0, "think_s": (0.1, 0.2)}, "think_s", "think_s is for closed loop"),
+    ],
+)
+def test_run_load_refuses_what_it_would_ignore_or_misuse(
+    kwargs: dict[str, object], field: str, message: str
+) -> None:
+    """One check (`LoadConfig`) for the library and the command; the error names the field."""
+    with pytest.raises(LoadConfigError) as caught:
+        asyncio.run(run_load("http://127.0.0.1:1", duration_s=1, **kwargs))  # type: ignore[arg-type]
+    assert caught.value.field == field and str(caught.value).startswith(message)
+
+
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     cli_arguments(parser)
     assert cli_main(parser.parse_args(["--url", "http://127.0.0.1:1", "--rate", "0"])) == 2
-    assert capsys.readouterr().err == "prefixroute bench: --rate must be > 0, got 0\n"
+    assert capsys.readouterr().err == "prefixroute bench: --rate must be finite and > 0, got 0\n"
     with engines(1) as urls:
         args = parser.parse_args(
             ["--url", urls[0], "--rate", "100", "--max-requests", "10", "--max-tokens", "2"]
@@ -487,7 +535,8 @@ def test_bench_replays_the_shipped_mooncake_trace(capsys: pytest.CaptureFixture[
             capsys,
         )
     assert code == 0, err
-    doc = json.loads(out[out.index("{") :])
+    doc = json.loads(out)  # `--json -`: stdout is the JSON alone, the report goes to stderr
+    assert "requests 12 (200: 12), failures 0" in err
     assert (doc["requests"], doc["failures"]) == (12, 0)
     assert doc["engines"] == {"fake-0": 6, "fake-1": 6}
     source = TraceSource(trace, model="m")
@@ -504,7 +553,23 @@ def test_bench_replays_the_shipped_mooncake_trace(capsys: pytest.CaptureFixture[
         (["--scenario", "missing.jsonl.gz"], "cannot read trace"),
         (["--scenario", "seed", "--time-scale", "2"], "--time-scale is for traces"),
         (["--scenario", "BAD"], "not valid YAML/JSON"),
-        (["--rate", "-3"], "--rate must be > 0"),
+        (["--rate", "-3"], "--rate must be finite and > 0, got -3"),
+        (["--timeout", "0"], "--timeout must be finite and > 0, got 0"),
+        (["--timeout", "-1"], "--timeout must be finite and > 0, got -1"),
+        (["--max-tokens", "-5"], "--max-tokens must be >= 1, got -5"),
+        (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+        (["--users", "2", "--think", "2", "1"], "--think must be LOW HIGH with 0 <= LOW <= HIGH"),
+        (["--think", "0.1", "0.2"], "--think is for closed loop: give --users"),
+        (["--users", "3", "--process", "constant"], "--process is for open loop: give --rate"),
+        (
+            ["--scenario", "mooncake", "--rate", "5", "--time-scale", "0.5"],
+            "--time-scale is for scenario",
+        ),
+        (
+            ["--scenario", "mooncake", "--users", "2", "--time-scale", "2"],
+            "--time-scale is for scenario",
+        ),
+        (["--scenario", "EMPTY"], "empty.jsonl: no records"),
     ],
 )
 def test_bench_bad_input_is_one_line_and_exit_2(
@@ -512,7 +577,10 @@ def test_bench_bad_input_is_one_line_and_exit_2(
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    args = [str(bad) if a == "BAD" else str(tmp_path / a) if a.endswith(".gz") else a for a in args]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    names = {"BAD": str(bad), "EMPTY": str(empty)}
+    args = [names.get(a, str(tmp_path / a) if a.endswith(".gz") else a) for a in args]
     with engines(1) as urls:
         code, out, err = _bench(["--url", urls[0], *args], capsys)
     assert code == 2 and out == ""
@@ -525,6 +593,25 @@ def test_bench_unreachable_url_is_exit_2(capsys: pytest.CaptureFixture[str]) -> 
     code, out, err = _bench(["--url", url, "--duration", "1"], capsys)
     assert code == 2 and out == ""
     assert err.startswith(f"prefixroute bench: cannot reach {url}: ConnectError")
+    assert err.count("\n") == 1
+
+
+def test_bench_url_ending_in_v1_is_the_base_url(capsys: pytest.CaptureFixture[str]) -> None:
+    """The OpenAI SDK's `base_url` (`.../v1`) is taken, with a hint, not 404 on every request."""
+    with engines(1) as urls:
+        args = ["--url", urls[0] + "/v1/", "--rate", "50", "--max-requests", "4"]
+        code, out, err = _bench([*args, "--max-tokens", "2"], capsys)
+    assert code == 0, err
+    assert "requests 4 (200: 4), failures 0" in out
+    hint = f"--url {urls[0]}/v1/: using {urls[0]} (the bench adds /v1/... itself)"
+    assert err == f"prefixroute bench: {hint}\n"
+
+
+def test_bench_url_without_a_models_listing_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with serve_in_thread(Scripted("ok").app) as url:  # answers /v1/completions only
+        code, out, err = _bench(["--url", url + "/api", "--rate", "5"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"prefixroute bench: {url}/api/v1/models answered 404")
     assert err.count("\n") == 1
 
 

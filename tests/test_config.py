@@ -243,3 +243,33 @@ def test_config_and_scenario_errors_share_one_validation_system() -> None:
     with pytest.raises(DocumentError) as base:
         Fields({"a": 1, "z": 2}, "").allow("a")
     assert base.value.path == "z"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        ({"acme": {"requests_per_s": -1}}, "plugins[0].parameters.overrides.acme.requests_per_s"),
+        ({"acme": {"rps": 1}}, "plugins[0].parameters.overrides.acme.rps"),
+        ({"acme": 5}, "plugins[0].parameters.overrides.acme"),
+    ],
+)
+def test_a_refusal_deep_inside_plugin_parameters_names_its_whole_path(
+    overrides: dict[str, Any], path: str
+) -> None:
+    doc = {
+        "plugins": [{"type": "token-bucket-admission", "parameters": {"overrides": overrides}}],
+        "profiles": [{"name": "p", "plugins": [{"pluginRef": "token-bucket-admission"}]}],
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(doc)
+    assert info.value.path == path
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_position(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plugins: [\n  {type: x\nfoo: : bar\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        read_document(bad)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "line 3, column 4" in message

@@ -78,3 +78,28 @@ def test_simulator_docs_name_every_builtin() -> None:
     text = (ROOT / "docs" / "simulator.md").read_text(encoding="utf-8")
     for name in builtin_scenarios() + builtin_policies():
         assert f"| `{name}` |" in text, f"docs/simulator.md does not list {name}"
+
+
+NAMED_YAML = re.compile(r"```yaml\n# (\S+\.yaml)\n(.*?)```", re.S)
+
+
+def test_the_api_key_example_in_the_tenants_docs_loads(tmp_path: Path) -> None:
+    """docs/tenants.md's isolation example: check-config passes it; keys beat headers."""
+    from prefixroute.cli import check_config
+    from prefixroute.drivers.settings import DriverConfig
+    from prefixroute.request import RequestError
+
+    files = NAMED_YAML.findall((ROOT / "docs" / "tenants.md").read_text(encoding="utf-8"))
+    assert {name for name, _ in files} == {"gateway.yaml", "keys.yaml"}
+    for name, text in files:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    config = tmp_path / "gateway.yaml"
+    assert check_config(config)[0] == "gateway"
+    driver = DriverConfig.from_file(config)
+    assert driver.build_router().blocker.isolate_tenants
+    identity = driver.identity
+    keyed = {"authorization": "Bearer sk-acme-3f9a1c07e2b84d6f", "x-tenant-id": "globex"}
+    assert identity.resolve(keyed, {}).tenant == "acme"
+    with pytest.raises(RequestError) as refused:
+        identity.resolve({"x-tenant-id": "acme"}, {})
+    assert refused.value.status == 401

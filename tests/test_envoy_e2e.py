@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +134,7 @@ def post(envoy: Envoy, body: Any, **kwargs: Any) -> httpx.Response:
 # -- the configs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-failopen.yaml"])
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-failopen.yaml", "envoy-fallbacks.yaml"])
 def test_the_example_configs_are_valid(name: str) -> None:
     assert "OK" in validate(EXAMPLES / name)
 
@@ -150,8 +151,11 @@ def test_fail_open_differs_from_fail_closed_only_where_it_says() -> None:
         config = manager["typed_config"]
         (ext_proc,) = [f for f in config["http_filters"] if f["name"] == PICKER_FILTERS[0]]
         assert ext_proc["typed_config"].pop("failure_mode_allow") is allow
-        no_pick = config["route_config"]["virtual_hosts"][0]["routes"].pop()
-        assert ("direct_response" in no_pick) is not allow
+        routes = config["route_config"]["virtual_hosts"][0]["routes"]
+        for no_pick in routes[2:4]:  # completions, models
+            assert ("direct_response" in no_pick) is not allow
+            for key in ("direct_response", "response_headers_to_add", "route"):
+                no_pick.pop(key, None)
     assert closed == opened
 
 
@@ -365,3 +369,189 @@ def test_ports_are_what_the_tests_render(tmp_path: Path) -> None:
 def test_the_makefile_installs_the_envoy_the_tests_expect() -> None:
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     assert f"ENVOY_VERSION := {ENVOY_VERSION}\n" in makefile
+
+
+# -- only the gateway's routes reach an engine; what an engine's death costs ------------------
+
+
+def request(envoy: Envoy, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{envoy.url}{path}", timeout=30, **kwargs)
+
+
+def test_only_the_completion_routes_reach_an_engine(engines: list[str], tmp_path: Path) -> None:
+    body = {"json": chat("where to?")}
+    with stack({"endpoints": pool(*engines)}, tmp_path) as (envoy, _):
+        for method, path in [
+            ("POST", "/v1/anything"),
+            ("POST", "/metrics"),
+            ("POST", "/v1/chat/completions/"),
+            ("POST", "/v1/chat/completions/x"),
+            ("GET", "/metrics"),
+            ("GET", "/health"),
+        ]:
+            refused = request(envoy, method, path, **body)
+            assert_openai_error(refused, 404, "not-found")
+            assert refused.json()["error"]["message"] == "no such endpoint"  # Envoy's own
+        wrong = request(envoy, "GET", "/v1/chat/completions")
+        assert_openai_error(wrong, 405, "method-not-allowed")
+        assert wrong.headers["allow"] == "POST"
+        assert_openai_error(request(envoy, "POST", "/v1/models", **body), 405)
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0  # no engine saw any
+        assert engine_id(
+            request(
+                envoy,
+                "POST",
+                "/v1/completions?x=1",
+                json={"model": "qwen3-0.6b", "prompt": "hi", "max_tokens": 1},
+            )
+        ) in {"fake-a", "fake-b"}
+        models = request(envoy, "GET", "/v1/models")
+        assert models.status_code == 200, models.text
+        assert "qwen3-0.6b" in [m["id"] for m in models.json()["data"]]
+
+
+def test_the_picker_refuses_other_paths_behind_any_envoy(
+    engines: list[str], tmp_path: Path
+) -> None:
+    # An Envoy that sends every path through the picker (the routes this file shipped before):
+    # the picker itself answers 404/405, so no engine sees those requests either.
+    ports = free_ports()
+    doc = render("envoy.yaml", ports)
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = manager["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    routes[:] = [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": "x-gateway-destination-endpoint", "present_match": True}],
+            },
+            "route": {"cluster": "inference", "timeout": "0s"},
+        },
+        {**routes[2], "match": {"prefix": "/"}},  # let through without a pick: 503 here
+    ]
+    with picker({"endpoints": pool(*engines)}, ports.extproc, tmp_path), run_envoy(doc) as envoy:
+        for path in ("/v1/anything", "/metrics"):
+            refused = request(envoy, "POST", path, json=chat("sneaky"))
+            assert_openai_error(refused, 404, "not-found")
+            assert refused.json()["error"]["message"] == f"no such endpoint: POST {path}"
+        wrong = request(envoy, "PUT", "/v1/chat/completions", json=chat("sneaky"))
+        assert_openai_error(wrong, 405, "method-not-allowed")
+        assert wrong.headers["allow"] == "POST"
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0
+        assert engine_id(post(envoy, chat("allowed"))) in {"fake-a", "fake-b"}
+
+
+def test_a_killed_engine_costs_at_most_one_request(engines: list[str], tmp_path: Path) -> None:
+    # The picker's health checks are slow here (5 s): what takes the dead engine out is Envoy's
+    # refused connection, reported to the picker (response.code_details), which marks it down.
+    port = free_port()
+    args = ["-m", "prefixroute.devtools.fake_engine", "--port", str(port), "--time-scale", "0"]
+    mortal = f"127.0.0.1:{port}"
+    doc = {
+        **ROUND_ROBIN,
+        "endpoints": [{"address": mortal, "id": "mortal"}, {"address": engines[0], "id": "live"}],
+        "scrape": {"health_interval_s": 5.0, "unhealthy_after": 3},
+    }
+    with (
+        run_process(args, ready_url=f"http://{mortal}/health") as engine,
+        stack(doc, tmp_path) as (envoy, metrics),
+    ):
+        before = {engine_id(post(envoy, chat(f"alive {i}"))) for i in range(4)}
+        engine.kill()
+        engine.wait(timeout=10)
+        after = [post(envoy, chat(f"after {i}")) for i in range(12)]
+        down = metric(metrics, "prefixroute_endpoint_healthy", endpoint="mortal")
+    assert before == {f"fake-{port}", "fake-a"}
+    failed = [a for a in after if a.status_code != 200]
+    assert len(failed) <= 1, [a.text for a in failed]
+    for answer in failed:
+        assert_openai_error(answer, 503)
+    assert [engine_id(a) for a in after[len(failed) :]] == ["fake-a"] * (12 - len(failed))
+    assert down == 0.0
+
+
+def test_fallbacks_differs_from_envoy_yaml_only_in_its_cluster() -> None:
+    closed = yaml.safe_load((EXAMPLES / "envoy.yaml").read_text())
+    listed = yaml.safe_load((EXAMPLES / "envoy-fallbacks.yaml").read_text())
+    for doc in (closed, listed):
+        (inference,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == "inference"]
+        doc["static_resources"]["clusters"].remove(inference)
+        doc["inference"] = inference
+    assert closed.pop("inference")["type"] == "ORIGINAL_DST"
+    policy = listed.pop("inference")["load_balancing_policy"]["policies"][0]
+    assert policy["typed_extension_config"]["name"] == "envoy.load_balancing_policies.override_host"
+    assert closed == listed
+
+
+def test_with_fallbacks_a_killed_engine_costs_no_request(
+    engines: list[str], tmp_path: Path
+) -> None:
+    # The picker sends `primary,fallback`; Envoy's override_host retries the refused request on
+    # the fallback. The picker's health checks are slow here (5 s), yet no client sees a failure.
+    port = free_port()
+    args = ["-m", "prefixroute.devtools.fake_engine", "--port", str(port), "--time-scale", "0"]
+    mortal = f"127.0.0.1:{port}"
+    doc = {
+        **ROUND_ROBIN,
+        "endpoints": [{"address": mortal, "id": "mortal"}, {"address": engines[0], "id": "live"}],
+        "scrape": {"health_interval_s": 5.0, "unhealthy_after": 3},
+        "extproc": {"fallback_list": True},
+    }
+    with (
+        run_process(args, ready_url=f"http://{mortal}/health") as engine,
+        stack(doc, tmp_path, config="envoy-fallbacks.yaml", fallback=[mortal, engines[0]]) as (
+            envoy,
+            _,
+        ),
+    ):
+        before = {engine_id(post(envoy, chat(f"alive {i}"))) for i in range(4)}
+        engine.kill()
+        engine.wait(timeout=10)
+        after = [engine_id(post(envoy, chat(f"after {i}"))) for i in range(12)]
+        retried = envoy.stat("cluster.inference.upstream_rq_retry")
+        log = envoy.log.read_text()
+    assert before == {f"fake-{port}", "fake-a"}
+    assert after == ["fake-a"] * 12
+    assert retried >= 1
+    assert f"picked={mortal},{engines[0]}" in log  # the list the retry went down
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-failopen.yaml", "envoy-fallbacks.yaml"])
+def test_the_examples_bound_what_a_client_may_hold(name: str) -> None:
+    # The limits docs/envoy.md and docs/extproc.md list (measured there with this Envoy).
+    doc = yaml.safe_load((EXAMPLES / name).read_text())
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    config = manager["typed_config"]
+    assert config["request_headers_timeout"] == "10s"
+    assert config["request_timeout"] == "60s"
+    assert config["stream_idle_timeout"] == "300s"
+    assert config["max_request_headers_kb"] == 60
+    assert config["common_http_protocol_options"] == {
+        "max_headers_count": 100,
+        "idle_timeout": "300s",
+    }
+    (monitor,) = doc["overload_manager"]["resource_monitors"]
+    assert monitor["typed_config"]["max_active_downstream_connections"] == 10_000
+
+
+def test_a_client_silent_after_half_a_head_gets_a_json_408_quickly(
+    engines: list[str], tmp_path: Path
+) -> None:
+    # 10 s here would slow the suite: the same config with a 0.5 s request_headers_timeout.
+    ports = free_ports()
+    doc = render("envoy.yaml", ports)
+    manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager["typed_config"]["request_headers_timeout"] = "0.5s"
+    with (
+        picker({"endpoints": pool(*engines)}, ports.extproc, tmp_path),
+        run_envoy(doc),
+        socket.create_connection(("127.0.0.1", ports.listener)) as conn,
+    ):
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        conn.settimeout(10)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b"request-timeout" in body

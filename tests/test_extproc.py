@@ -843,3 +843,61 @@ def test_buffered_partial_request_bodies_are_refused_as_misconfigured(engines: l
         assert json.loads(result.immediate.body)["error"]["code"] == "misconfigured"
 
     run(scenario())
+
+
+# -- only the gateway's routes: 404/405 from the picker itself ------------------------------------
+
+
+def test_the_picker_refuses_paths_and_methods_the_gateway_does_not_serve(
+    engines: list[str],
+) -> None:
+    """Whatever the data plane's routes, only the completion routes are routed (issue 12)."""
+    refused = [
+        ("POST", "/v1/anything", 404),
+        ("POST", "/metrics", 404),
+        ("POST", "/v1/chat/completions/", 404),
+        ("POST", "", 404),  # no :path at all
+        ("GET", "/v1/chat/completions", 405),
+        ("PUT", "/v1/completions", 405),
+        ("POST", "/v1/models", 405),
+    ]
+
+    async def scenario() -> None:
+        async with picker(config({"endpoints": pool(*engines)})) as (server, proxy):
+            body = json.dumps(chat("where to?")).encode()
+            for method, path, status in refused:
+                headers = {":method": method, ":path": path}
+                result = await proxy.send(body, headers=headers)
+                assert result.immediate is not None, (method, path)
+                assert result.immediate.status.code == status, (method, path)
+                assert not result.forwarded
+                if status == 405:
+                    assert (
+                        set_headers(result.immediate)["allow"]
+                        == dict([("GET", "POST"), ("PUT", "POST"), ("POST", "GET, HEAD")])[method]
+                    )
+                    assert result.error["code"] == "method-not-allowed"
+                else:
+                    assert result.error["code"] == "not-found"
+            assert server.processor.router.counters.decisions == 0
+            with_query = {":path": "/v1/chat/completions?api-version=1"}
+            routed = await proxy.send(body, headers=with_query, forward=False)
+            assert routed.immediate is None and routed.destination in engines
+
+    run(scenario())
+
+
+def test_get_models_lists_the_configured_models(engines: list[str]) -> None:
+    endpoints = [{"address": engines[0], "models": ["qwen3-0.6b", "alias"]}]
+
+    async def scenario() -> None:
+        async with picker(config({"endpoints": endpoints})) as (server, proxy):
+            result = await proxy.send(None, headers={":method": "GET", ":path": "/v1/models"})
+            with_body = await proxy.send(b"{}", headers={":method": "GET", ":path": "/v1/models"})
+            assert server.processor.router.counters.decisions == 0
+        assert result.immediate is not None and result.immediate.status.code == 200
+        listing = json.loads(result.immediate.body)
+        assert [m["id"] for m in listing["data"]] == ["alias", "qwen3-0.6b"]
+        assert with_body.immediate is not None and with_body.immediate.status.code == 400
+
+    run(scenario())

@@ -335,9 +335,9 @@ def test_bad_requests_get_openai_errors(engines: list[str]) -> None:
         assert_openai_error(httpx.post(post, json=chat("x" * 5000)), 413, "body-too-large")
         chunked = httpx.post(post, content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
         assert_openai_error(chunked, 413)
-        assert_openai_error(httpx.get(f"{url}/v1/nothing"), 404)
+        assert_openai_error(httpx.get(f"{url}/v1/nothing"), 404, "not-found")
         wrong = httpx.get(post)
-        assert_openai_error(wrong, 405)
+        assert_openai_error(wrong, 405, "method-not-allowed")
         assert wrong.headers["allow"] == "POST"
 
 
@@ -446,7 +446,7 @@ def test_models_and_health(engines: list[str]) -> None:
     with gateway({"endpoints": listed}) as (url, _):
         names = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         health = httpx.get(f"{url}/health")
-    assert names == ["alpha", "beta"]
+    assert names == ["alpha", "beta", MODEL]  # configured, and what the other engine lists
     assert health.status_code == 200 and health.json()["healthy_endpoints"] == 2
     with gateway({"endpoints": pool(engines[0])}) as (url, _):
         proxied = httpx.get(f"{url}/v1/models").json()

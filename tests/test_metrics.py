@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixroute import Decision, EndpointState, Rejection, Request, Router, Usage
-from prefixroute.drivers.metrics import OTHER, BoundedLabel, GatewayMetrics
+from prefixroute.drivers.metrics import OTHER, BoundedLabel, GatewayMetrics, RequestRecord
 from prefixroute.ledger import TenantLedger
 from tests.helpers import endpoint
 
@@ -478,8 +478,9 @@ def test_folded_models_keep_the_running_gauge_balanced() -> None:
         metrics.request_started(model, "t")
     s = scrape(metrics)
     running = s.series("inference_objective_running_requests")
-    assert {dict(k)["model_name"] for k in running} == {"model-0", "model-1", OTHER}
-    assert s.get("inference_objective_running_requests", model_name=OTHER) == 4
+    # an empty name is "unknown", a fixed label outside the cap
+    assert {dict(k)["model_name"] for k in running} == {"model-0", "model-1", OTHER, "unknown"}
+    assert s.get("inference_objective_running_requests", model_name=OTHER) == 3
     for model in models:
         metrics.observe_request(
             model=model,
@@ -494,7 +495,7 @@ def test_folded_models_keep_the_running_gauge_balanced() -> None:
             response_bytes=1,
         )
     assert set(scrape(metrics).series("inference_objective_running_requests").values()) == {0.0}
-    assert len(metrics._by_model) == 3  # folded names are not cached one by one
+    assert len(metrics._by_model) == 4  # folded names are not cached one by one
 
 
 def test_bounded_label() -> None:
@@ -677,3 +678,28 @@ def test_dashboard_structure() -> None:
     titles = " ".join(str(p["title"]).lower() for p in panels(doc))
     for topic in ("hit rate", "tail", "ttft", "queue", "kv", "error", "decision", "rejection"):
         assert topic in titles, f"no panel about {topic}"
+
+
+def test_only_served_models_take_a_label_and_a_request_keeps_its_label() -> None:
+    served = {"served"}
+    metrics = GatewayMetrics(
+        CollectorRegistry(), Router.default(), list, served_models=lambda: served
+    )
+    assert [metrics.model_label(m) for m in ("served", "junk", "", "\ud800")] == [
+        "served",
+        OTHER,
+        "unknown",
+        OTHER,
+    ]
+    for i in range(100):  # junk never takes a slot, so a later served name still gets one
+        assert metrics.model_label(f"junk-{i}") == OTHER
+    served.add("late")
+    assert metrics.model_label("late") == "late"
+    # a request that started as "other" ends there, though its model became served meanwhile
+    record = RequestRecord(metrics, started=0.0)
+    record.model = "later"
+    record.begin()
+    served.add("later")
+    record.end(200, now=1.0)
+    running = scrape(metrics).series("inference_objective_running_requests")
+    assert set(running.values()) == {0.0}

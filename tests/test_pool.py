@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from prefixroute.config import ConfigError
 from prefixroute.drivers.pool import (
+    MAX_LISTED_MODELS,
     EndpointPool,
     EndpointSpec,
     EngineMetrics,
     ScrapeConfig,
     parse_metrics,
+    parse_model_names,
     read_endpoints,
 )
-from prefixroute.endpoint import EndpointId
+from prefixroute.endpoint import MAX_COUNT, EndpointId, EndpointState
 from tests.servers import free_port, serve_in_thread
 
 # The shape of vLLM v1's exposition (vllm/v1/metrics/loggers.py), two data-parallel engines.
@@ -57,6 +59,31 @@ def test_parse_vllm_metrics() -> None:
     m = parse_metrics(VLLM_TEXT)
     assert m == EngineMetrics(
         waiting=4, running=5, kv_usage=0.375, kv_capacity_blocks=3072, block_size=16
+    )
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        "vllm:num_requests_waiting 1e300\nvllm:num_requests_running 1e308\n"
+        "vllm:num_requests_running 1e308\n",
+        'vllm:num_requests_waiting 1\nvllm:cache_config_info{num_gpu_blocks="'
+        + "9" * 30
+        + '",block_size="'
+        + "9" * 30
+        + '"} 1\n',
+    ],
+)
+def test_absurd_engine_figures_saturate_and_still_make_an_endpoint_state(page: str) -> None:
+    m = parse_metrics(page)
+    assert 0 <= m.waiting <= MAX_COUNT and 0 <= m.running <= MAX_COUNT
+    assert m.kv_capacity_blocks is None and m.block_size is None
+    EndpointState(
+        id=EndpointId("e"),
+        address="127.0.0.1:1",
+        waiting=m.waiting,
+        running=m.running,
+        kv_capacity_blocks=m.kv_capacity_blocks or 1,
     )
 
 
@@ -266,5 +293,64 @@ def test_background_loops_scrape_without_being_asked() -> None:
                     break
             assert (pool.states()[0].observed_at or 0) > first
             await pool.stop()
+
+        asyncio.run(run())
+
+
+# -- models: configured, else listed by the engine --------------------------------------
+
+
+def test_parse_model_names() -> None:
+    listing = {"object": "list", "data": [{"id": "base"}, {"id": "lora-a"}, {"id": 7}, "x"]}
+    assert parse_model_names(listing) == frozenset({"base", "lora-a"})
+    assert parse_model_names({"data": []}) == frozenset()
+    assert parse_model_names(None) is None
+    assert parse_model_names({"models": []}) is None
+    many = {"data": [{"id": f"m{i}"} for i in range(MAX_LISTED_MODELS + 10)]}
+    assert len(parse_model_names(many) or ()) == MAX_LISTED_MODELS
+
+
+def test_served_models_come_from_config_else_the_listing() -> None:
+    class Listing:
+        def __init__(self) -> None:
+            self.names = ["listed-a"]
+            self.app = Starlette(
+                routes=[
+                    Route("/health", lambda r: Response()),
+                    Route("/v1/models", self.models),
+                ]
+            )
+
+        async def models(self, request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": n} for n in self.names]})
+
+    listing = Listing()
+    bare = FakeUpstream()  # no /v1/models route: serves any name
+    with serve_in_thread(listing.app) as lister, serve_in_thread(bare.app) as other:
+        configured = EndpointSpec(
+            lister.removeprefix("http://"), EndpointId("c"), frozenset({"conf"})
+        )
+        listed = EndpointSpec(lister.removeprefix("http://"), EndpointId("l"))
+        open_one = EndpointSpec(other.removeprefix("http://"), EndpointId("o"))
+
+        async def run() -> None:
+            closed = EndpointPool([configured, listed])
+            assert closed.serves("listed-a") is None  # nothing listed yet: any name
+            await closed.check_health_once()
+            assert closed.served_models() == {"conf", "listed-a"}
+            assert closed.serves("listed-a") is True and closed.serves("nope") is False
+            models = {s.id: s.models for s in closed.states()}
+            assert models == {"c": {"conf"}, "l": {"listed-a"}}  # the router's model-filter too
+            listing.names = ["listed-b"]
+            await closed.check_health_once()
+            assert closed.serves("listed-a") is False and closed.serves("listed-b") is True
+            await closed.stop()
+
+            mixed = EndpointPool([configured, open_one])
+            await mixed.check_health_once()
+            assert mixed.serves("conf") is True
+            assert mixed.serves("anything") is None  # an endpoint may serve any name
+            await mixed.stop()
+            assert EndpointPool([]).serves("m") is None  # no endpoints: the router says 503
 
         asyncio.run(run())

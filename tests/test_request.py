@@ -89,6 +89,13 @@ def test_ragged_token_ids_are_a_request_error() -> None:
         ({"prompt": "x", "session": ["a"]}, "session"),
         ({"prompt": "x", "request_id": 1}, "request_id"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "max_tokens": 2**63}, "max_tokens"),
+        ({"prompt": "x", "priority": 10**400}, "priority"),
+        ({"prompt": "x", "priority": -(2**63) - 1}, "priority"),
+        ({"prompt": "x", "tenant": "t\ud800"}, "tenant"),
+        ({"prompt": "x", "session": "\udfff"}, "session"),
+        ({"prompt": "x", "lora": "a\ud800"}, "lora"),
+        ({"prompt": "x", "request_id": "\ud800"}, "request_id"),
     ],
 )
 def test_more_invalid_values_are_request_errors(fields: dict[str, Any], field: str) -> None:
@@ -172,3 +179,37 @@ def test_usage_defaults_and_frozen() -> None:
     assert Usage(prompt_tokens=10, cached_tokens=4) == Usage(prompt_tokens=10, cached_tokens=4)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         usage.ok = False  # type: ignore[misc]
+
+
+def test_prompt_model_and_salt_may_hold_lone_surrogates() -> None:
+    """JSON can carry them; the blocker hashes them with `surrogatepass`."""
+    r = Request(model="m\ud800", prompt="a\ud800b", cache_salt="\udfff")
+    assert r.prompt == "a\ud800b"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt_tokens": -1}, "prompt_tokens"),
+        ({"cached_tokens": -5}, "cached_tokens"),
+        ({"completion_tokens": 1.5}, "completion_tokens"),
+        ({"cached_tokens": float("nan")}, "cached_tokens"),
+        ({"cached_tokens": True}, "cached_tokens"),
+        ({"prompt_tokens": "10"}, "prompt_tokens"),
+        ({"ttft_s": float("nan")}, "ttft_s"),
+        ({"ttft_s": -0.1}, "ttft_s"),
+        ({"e2e_s": float("inf")}, "e2e_s"),
+        ({"e2e_s": True}, "e2e_s"),
+        ({"ok": 1}, "ok"),
+    ],
+)
+def test_usage_refuses_negative_non_finite_and_mistyped_values(
+    fields: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValueError, match=f"Usage.{field} "):
+        Usage(**fields)
+
+
+def test_usage_accepts_cached_above_prompt_for_the_router_to_clamp() -> None:
+    assert Usage(prompt_tokens=10, cached_tokens=10**12).cached_tokens == 10**12
+    assert Usage(ttft_s=0, e2e_s=1.5).ttft_s == 0

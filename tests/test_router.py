@@ -20,6 +20,7 @@ from prefixroute import (
     Request,
     RouteContext,
     Router,
+    SettlementError,
     Usage,
     WeightedScorer,
 )
@@ -357,3 +358,98 @@ def test_a_released_request_that_fails_to_route_is_answered_not_lost() -> None:
     assert isinstance(outcome, Rejection) and (outcome.status, outcome.kind) == (503, "internal")
     ((request, decision),) = router.release(eps, 0.3)  # the slot is still free: "c" goes
     assert request.tenant == "c" and isinstance(decision, Decision)
+
+
+# -- misuse (issue 12, item 8): settling is exactly once per decision of this router ----
+
+
+def test_a_second_on_complete_raises_and_changes_nothing() -> None:
+    """Regression: a second settle drove in-flight 2 -> 0 with one request still open."""
+    router = Router.default()
+    eps = fleet(1)
+    d1 = decide(router, chat("x"), eps, 0.0)
+    d2 = decide(router, chat("y"), eps, 0.0)
+    assert router.load.requests(d1.endpoint) == 2 and router.open_decisions == 2
+    router.on_complete(d1, Usage(prompt_tokens=d1.prompt_tokens), 1.0)
+    with pytest.raises(SettlementError, match="already settled") as info:
+        router.on_complete(d1, Usage(prompt_tokens=d1.prompt_tokens), 1.0)
+    assert info.value.kind == "settled"
+    assert router.load.requests(d1.endpoint) == 1
+    assert router.ledger.in_flight("t") == 1
+    assert router.counters.completions == 1 and router.open_decisions == 1
+    router.on_complete(d2, Usage(), 2.0)
+    assert router.load.in_flight() == 0 and router.open_decisions == 0
+
+
+def test_a_decision_of_another_router_is_refused() -> None:
+    """Regression: a foreign decision was settled into this router's ledger."""
+    ours, theirs = Router.default(), Router.default()
+    eps = fleet(2)
+    mine = decide(ours, chat("x"), eps, 0.0)
+    foreign = decide(theirs, chat("x"), eps, 0.0)
+    assert foreign.serial == mine.serial  # serials alone cannot tell them apart
+    with pytest.raises(SettlementError, match="did not make") as info:
+        ours.on_complete(foreign, Usage(cached_tokens=5), 1.0)
+    assert info.value.kind == "foreign" and isinstance(info.value, ValueError)
+    assert ours.counters.completions == 0 and ours.ledger.in_flight("t") == 1
+    assert ours.ledger.snapshot().total.completed == 0
+    hand_made = attrs.evolve(mine, issuer=None)
+    with pytest.raises(SettlementError):
+        ours.on_complete(hand_made, Usage(), 1.0)
+    ours.on_complete(mine, Usage(), 1.0)  # its own decision still settles
+    assert ours.load.in_flight() == 0
+
+
+def test_reported_cached_tokens_are_clamped_to_the_prompt() -> None:
+    """Regression: `Usage(cached_tokens=10**12)` gave a tenant hit rate of 1.2e10."""
+    router = Router.default()
+    eps = fleet(1)
+    d = decide(router, chat("x"), eps, 0.0)
+    router.on_complete(d, Usage(cached_tokens=10**12), 1.0)  # the engine gave no prompt count
+    d2 = decide(router, chat("y"), eps, 1.0)
+    router.on_complete(d2, Usage(prompt_tokens=50, cached_tokens=10**12), 2.0)
+    tenant = router.ledger.snapshot().tenants[0]
+    assert tenant.cached_tokens == d.prompt_tokens + 50
+    assert tenant.hit_rate == 1.0
+    assert router.counters.actual_cached_tokens == d.prompt_tokens + 50
+    router.ledger.check_invariants()
+
+
+@pytest.mark.parametrize("now", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_now_is_refused(now: float) -> None:
+    router = Router.default()
+    eps = fleet(1)
+    with pytest.raises(ValueError, match="now must be a finite"):
+        router.route(chat("x"), eps, now)
+    d = decide(router, chat("x"), eps, 0.0)
+    with pytest.raises(ValueError, match="now must be a finite"):
+        router.on_complete(d, Usage(), now)
+    router.on_complete(d, Usage(), 1.0)  # the refused call settled nothing
+    assert router.counters.completions == 1
+
+
+def test_the_largest_expected_output_cannot_overflow_the_load_scorers() -> None:
+    """Regression: `max_tokens=10**400` was accepted and the next `route` raised OverflowError."""
+    router = Router.default()
+    eps = fleet(2)
+    for i in range(4):
+        decide(router, Request(model="m", prompt=f"{i}" * 100, max_tokens=2**63 - 1), eps, 0.0)
+    decide(router, chat("y"), eps, 0.0)
+
+
+def test_keys_hashed_ahead_give_the_same_decisions_as_keys_hashed_in_route() -> None:
+    here, ahead = Router.default(seed=3), Router.default(seed=3)
+    endpoints = fleet()
+    for i in range(12):
+        request = chat(f"question {i % 5}", tenant=f"t{i % 3}")
+        a = here.route(request, endpoints, now=float(i))
+        b = ahead.route(request, endpoints, now=float(i), keys=ahead.blocker.keys(request))
+        assert isinstance(a, Decision) and isinstance(b, Decision)
+        assert a.matched_blocks > 0 or i < 3
+        assert (a.endpoint, a.fallbacks, a.matched_blocks) == (
+            b.endpoint,
+            b.fallbacks,
+            b.matched_blocks,
+        )
+        here.on_complete(a, Usage(prompt_tokens=a.prompt_tokens), now=i + 0.5)
+        ahead.on_complete(b, Usage(prompt_tokens=b.prompt_tokens), now=i + 0.5)

@@ -15,7 +15,11 @@ step it checks that the router agrees:
 - every deferred request is answered by `release` exactly once, by its
   deadline at the latest, and the fair queue holds exactly the unanswered ones;
 - the index, ledger, load tracker and fair queue pass `check_invariants()`;
-- the counters add up.
+- the counters add up;
+- misuse changes nothing: settling a decision a second time, settling a
+  decision another router made, or passing a non-finite `now` raises (a
+  `SettlementError`, a `ValueError`), and the engine's absurd cached-token
+  reports (up to 10**12) are clamped, so no hit rate exceeds 1.
 
 Two configurations, one machine each: the default admission (admits all),
 and a chain of a per-tenant concurrency cap before a fair queue with one
@@ -26,6 +30,7 @@ slot per endpoint, so requests are rejected (429 `concurrency`, `queue-full`,
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 
 from hypothesis import event, settings
@@ -49,6 +54,7 @@ from prefixroute import (
     Rejection,
     Request,
     Router,
+    SettlementError,
     Tier,
     Usage,
 )
@@ -123,6 +129,8 @@ class RouterMachine(RuleBasedStateMachine):
         self.deferrals = 0
         self.completions = 0
         self.kinds: Counter[str] = Counter()
+        self.settled: list[Decision] = []  # a few decisions already settled, to settle again
+        self.stranger = build("plain")  # another router, whose decisions are foreign here
 
     @initialize(n=st.integers(1, 3))
     def start(self, n: int) -> None:
@@ -261,7 +269,7 @@ class RouterMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         ok=st.booleans(),
-        cached=st.integers(0, 12),
+        cached=st.integers(0, 12) | st.sampled_from([13, 10**6, 10**12]),
         completion=st.integers(0, 20),
         dt=st.sampled_from([0.0, 0.5, 3.5]),
         then_release=st.booleans(),
@@ -282,8 +290,8 @@ class RouterMachine(RuleBasedStateMachine):
         served = data.draw(st.none() | st.sampled_from(ENDPOINTS))
         self.now += dt
         usage = Usage(
-            prompt_tokens=decision.prompt_tokens,
-            cached_tokens=min(cached, decision.prompt_tokens),
+            prompt_tokens=data.draw(st.sampled_from([decision.prompt_tokens, 0])),
+            cached_tokens=cached,  # the router clamps it to the prompt
             completion_tokens=completion,
             ok=ok,
         )
@@ -294,8 +302,59 @@ class RouterMachine(RuleBasedStateMachine):
     def finish(self, decision: Decision, gen: int, usage: Usage, served: EndpointId | None) -> None:
         self.router.on_complete(decision, usage, self.now, served_by=served)
         self.completions += 1
+        self.settled = [*self.settled[-4:], decision]
         if self.generation[decision.endpoint] != gen:
             note("completed after its endpoint was removed")
+
+    # -- misuse ----------------------------------------------------------------------
+
+    @precondition(lambda self: bool(self.settled))
+    @rule(data=st.data(), ok=st.booleans())
+    def settle_twice(self, data: st.DataObject, ok: bool) -> None:
+        """A driver bug: `on_complete` again for a decision already settled."""
+        decision = data.draw(st.sampled_from(self.settled))
+        try:
+            self.router.on_complete(decision, Usage(cached_tokens=3, ok=ok), self.now)
+        except SettlementError as exc:
+            assert exc.kind == "settled"
+            note("misuse: settled twice")
+        else:
+            raise AssertionError("a second on_complete was accepted")
+
+    @rule(tokens=token_prompts(), served=st.none() | st.sampled_from(ENDPOINTS))
+    def settle_foreign(self, tokens: tuple[int, ...], served: EndpointId | None) -> None:
+        """A driver bug: settling a decision another router made (same ids, same serials)."""
+        request = Request(model="m", token_ids=tokens, tenant=TENANTS[0])
+        foreign = self.stranger.route(request, [endpoint(0), endpoint(1)], self.now)
+        assert isinstance(foreign, Decision)
+        try:
+            self.router.on_complete(
+                foreign, Usage(cached_tokens=10**12), self.now, served_by=served
+            )
+        except SettlementError as exc:
+            assert exc.kind == "foreign"
+            note("misuse: settled a foreign decision")
+        else:
+            raise AssertionError("a foreign decision was settled")
+        self.stranger.on_complete(foreign, Usage(), self.now)
+
+    @rule(now=st.sampled_from([math.nan, math.inf, -math.inf]), data=st.data())
+    def non_finite_now(self, now: float, data: st.DataObject) -> None:
+        """A driver bug: a broken clock. `route`, `release` and `on_complete` refuse it."""
+        request = Request(model="m", token_ids=(1, 2, 3, 4, 5), tenant=TENANTS[1])
+        calls = [lambda: self.router.route(request, self.endpoints(), now)]
+        if fair_queue(self.router) is not None:
+            calls.append(lambda: self.router.release(self.endpoints(), now))
+        if self.open:
+            decision, _ = data.draw(st.sampled_from(self.open))
+            calls.append(lambda: self.router.on_complete(decision, Usage(), now))
+        for call in calls:
+            try:
+                call()
+            except ValueError as exc:
+                assert "now must be a finite" in str(exc)
+            else:
+                raise AssertionError("a non-finite now was accepted")
 
     # -- engine events -------------------------------------------------------------
 
@@ -355,6 +414,18 @@ class RouterMachine(RuleBasedStateMachine):
         for t in TENANTS:
             assert ledger.in_flight(t) == per_tenant[t]
         assert ledger.total_in_flight() == len(self.open)
+
+    @invariant()
+    def open_decisions_are_the_drivers(self) -> None:
+        assert self.router.open_decisions == len(self.open)
+
+    @invariant()
+    def hit_rates_stay_within_one(self) -> None:
+        snap = self.router.ledger.snapshot()
+        for row in (*snap.tenants, snap.other, snap.total):
+            assert row.cached_tokens <= row.completed_prompt_tokens, row
+        c = self.router.counters
+        assert c.actual_cached_tokens <= c.prompt_tokens  # the driver reports the decided prompt
 
     @invariant()
     def removed_endpoints_hold_nothing(self) -> None:

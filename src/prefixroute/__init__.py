@@ -43,7 +43,7 @@ from prefixroute.plugins import (
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.registry import PluginError, Registry, default_registry
 from prefixroute.request import Request, RequestError, Usage
-from prefixroute.router import Router, RouterCounters, default_profile
+from prefixroute.router import Router, RouterCounters, SettlementError, default_profile
 from prefixroute.schema import DocumentError
 
 __version__ = "0.1.0"
@@ -89,6 +89,7 @@ __all__ = [
     "Router",
     "RouterCounters",
     "Scorer",
+    "SettlementError",
     "SheddingAdmission",
     "TenantLedger",
     "TenantSnapshot",

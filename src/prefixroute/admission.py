@@ -42,6 +42,7 @@ from prefixroute.plugins import (
     TenantView,
 )
 from prefixroute.request import Request, Usage
+from prefixroute.schema import DocumentError, join
 
 __all__ = [
     "DEFAULT_MAX_TENANTS",
@@ -185,18 +186,20 @@ def _bucket_overrides(value: object) -> Mapping[str, Mapping[str, float | None]]
     for tenant, limits in value.items():
         _tenant_key("overrides", tenant)
         if not isinstance(limits, Mapping):
-            raise ValueError(f"overrides[{tenant!r}] must be a mapping, got {limits!r}")
+            raise DocumentError(tenant, f"must be a mapping, got {limits!r}")
         parsed: dict[str, float | None] = {}
         for key, limit in limits.items():
             if key not in _BUCKET_KEYS:
-                raise ValueError(
-                    f"overrides[{tenant!r}] has unknown key {key!r} (allowed: "
-                    f"{', '.join(_BUCKET_KEYS)})"
+                raise DocumentError(
+                    join(tenant, str(key)), f"unknown key (allowed: {', '.join(_BUCKET_KEYS)})"
                 )
-            parsed[key] = _rate(f"overrides[{tenant!r}].{key}", limit)
+            try:
+                parsed[key] = _rate(key, limit)
+            except ValueError as exc:
+                raise DocumentError(join(tenant, key), str(exc)) from exc
         burst = parsed.get("request_burst")
         if burst is not None and burst < 1:
-            raise ValueError(f"overrides[{tenant!r}].request_burst must be >= 1, got {burst!r}")
+            raise DocumentError(join(tenant, "request_burst"), f"must be >= 1, got {burst!r}")
         out[tenant] = MappingProxyType(parsed)
     return MappingProxyType(out)
 
@@ -448,12 +451,13 @@ def _check_cap(_inst: object, attr: attrs.Attribute[int | None], value: object) 
 def _cap_overrides(value: object) -> Mapping[str, int | None]:
     if not isinstance(value, Mapping):
         raise ValueError(f"overrides must map tenant names to in-flight caps, got {value!r}")
-    return MappingProxyType(
-        {
-            _tenant_key("overrides", tenant): _cap(f"overrides[{tenant!r}]", cap)
-            for tenant, cap in value.items()
-        }
-    )
+    out: dict[str, int | None] = {}
+    for tenant, cap in value.items():
+        try:
+            out[_tenant_key("overrides", tenant)] = _cap("cap", cap)
+        except ValueError as exc:
+            raise DocumentError(str(tenant), str(exc)) from exc
+    return MappingProxyType(out)
 
 
 def _check_retry_after(_inst: object, attr: attrs.Attribute[float], value: object) -> None:

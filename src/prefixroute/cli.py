@@ -6,7 +6,8 @@ prefixroute compare --scenario S --policies a,b,c
                                              simulate several policies, print one table
 prefixroute explain [--config FILE] [--quiet]
                                              route a built-in request set, explain each decision
-prefixroute check-config FILE                validate a config document
+prefixroute check-config FILE [--kind K]     validate a router, gateway, ext_proc, simulator
+                                             policy or scenario document, say which it is
 prefixroute serve --config FILE              run the OpenAI-compatible gateway
 prefixroute extproc --config FILE            run the Envoy ext_proc endpoint picker
 prefixroute fake-engine [--port P]           run a stand-in vLLM server (the simulator's model)
@@ -21,7 +22,8 @@ import importlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefixroute import __version__
@@ -32,8 +34,9 @@ from prefixroute.endpoint import EndpointState
 from prefixroute.openai import parse_openai
 from prefixroute.request import RequestError, Usage
 from prefixroute.router import Router
+from prefixroute.schema import DocumentError
 
-__all__ = ["demo_requests", "main"]
+__all__ = ["CONFIG_KINDS", "check_config", "config_kind", "demo_requests", "main"]
 
 # The seed experiment's three tenant personas: one sentence repeated five times.
 PERSONAS = {
@@ -302,6 +305,145 @@ def _driver_parser(
     return p
 
 
+# -- check-config ----------------------------------------------------------------------
+
+CONFIG_KINDS = {
+    "router": "router config",
+    "gateway": "gateway config",
+    "extproc": "ext_proc config",
+    "policy": "simulator policy",
+    "scenario": "scenario",
+}
+"""The kinds of config document `check-config` knows (`--kind` values), with their names."""
+
+# The sections each kind has and the router document has not. The gateway's are
+# `prefixroute.drivers.settings.DRIVER_SECTIONS` (a test keeps them equal): spelled out here
+# so that recognising a document imports no driver.
+_GATEWAY_KEYS = ("server", "endpoints", "scrape", "identity", "metrics")
+_SCENARIO_KEYS = ("name", "description", "duration_s", "metrics_interval_s", "workload")
+
+
+def config_kind(doc: Mapping[str, Any]) -> str:
+    """The kind of config document `doc` is (a `CONFIG_KINDS` key), recognised by its keys.
+
+    `extproc` -> ext_proc config (it may hold the gateway's sections too);
+    `server`, `endpoints` (a list), `scrape`, `identity`, `metrics` ->
+    gateway config; `simulator` -> simulator policy; `name`, `description`,
+    `duration_s`, `metrics_interval_s`, `workload` or an `endpoints` mapping
+    (`{count, profile}`) -> scenario; otherwise a router config (which is
+    also a simulator policy without a `simulator` section). A document with
+    the keys of two kinds is a ConfigError naming both: `--kind` decides.
+    O(keys).
+    """
+    endpoints = doc.get("endpoints")
+    scenario = [k for k in _SCENARIO_KEYS if k in doc]
+    if isinstance(endpoints, Mapping):
+        scenario.append("endpoints")
+    gateway = [k for k in _GATEWAY_KEYS if k in doc and k not in scenario]
+    marks = {
+        "extproc": ["extproc"] if "extproc" in doc else [],
+        "gateway": gateway,
+        "policy": ["simulator"] if "simulator" in doc else [],
+        "scenario": scenario,
+    }
+    if marks["extproc"]:
+        marks["gateway"] = []  # an ext_proc config holds the drivers' shared sections
+    found = [kind for kind, keys in marks.items() if keys]
+    if len(found) > 1:
+        named = " and ".join(f"a {CONFIG_KINDS[kind]} ({', '.join(marks[kind])})" for kind in found)
+        raise ConfigError("", f"looks like {named}: pass --kind to say which")
+    return found[0] if found else "router"
+
+
+def check_config(path: str | Path, kind: str | None = None) -> tuple[str, str]:
+    """Validate the config document at `path` as `kind` (default: `config_kind`).
+
+    Returns (kind, a one-line summary). Each kind is read by the loader that
+    runs it (`load_config`, `DriverConfig.from_file`, `ExtProcConfig.from_file`,
+    `load_policy`, `load_scenario` and its workload), imported only for that
+    kind, so a router config is checked without the drivers' extras. Raises
+    a `DocumentError` (ConfigError or ScenarioError) naming the field, or
+    ImportError when the kind's extra is not installed.
+    """
+    if kind is None:
+        kind = config_kind(read_document(path))
+    if kind == "router":
+        router = load_config(read_document(path))
+        return kind, f"profile {router.profile.name}"
+    if kind == "gateway":
+        from prefixroute.drivers.settings import DriverConfig
+
+        driver = DriverConfig.from_file(path)
+        return kind, _driver_summary(
+            driver, f"listens on {driver.server.host}:{driver.server.port}"
+        )
+    if kind == "extproc":
+        from prefixroute.drivers.extproc import ExtProcConfig
+
+        config = ExtProcConfig.from_file(path)
+        where = f"gRPC on {config.extproc.host}:{config.extproc.port}"
+        return kind, _driver_summary(config.driver, where)
+    if kind == "policy":
+        from prefixroute.sim.policy import load_policy
+
+        policy = load_policy(Path(path))
+        router = policy.build(0)
+        events = "on" if policy.kv_events else "off"
+        return kind, f"profile {router.profile.name}, kv_events {events}"
+    if kind == "scenario":
+        from prefixroute.sim.compare import make_source
+        from prefixroute.sim.scenario import load_scenario
+
+        scenario = load_scenario(Path(path))
+        make_source(scenario)  # the workload (and a trace file) is read when a run builds it
+        return kind, (
+            f"{scenario.name or Path(path).stem}, {scenario.endpoints} x {scenario.cost.name}, "
+            f"{scenario.duration_s:g} s"
+        )
+    raise ValueError(f"unknown config kind {kind!r} (known: {', '.join(CONFIG_KINDS)})")
+
+
+def _driver_summary(driver: Any, where: str) -> str:
+    """'profile P, N endpoints (+F files), WHERE' for a `DriverConfig`."""
+    files = f" and {len(driver.endpoint_files)} endpoint files" if driver.endpoint_files else ""
+    count = len(driver.endpoints)
+    return (
+        f"profile {driver.build_router().profile.name}, "
+        f"{count} endpoint{'' if count == 1 else 's'}{files}, {where}"
+    )
+
+
+_EXTRAS = {"gateway": "gateway", "extproc": "extproc"}
+"""The extra each kind's loader needs (a gateway config: aiohttp and prometheus-client)."""
+
+
+def _check_config_command(path: str, kind: str | None) -> int:
+    """`check-config`: 'PATH: ok (KIND: summary)' and 0, or one line on stderr and 2."""
+    what = "config"
+    try:
+        kind = kind or config_kind(read_document(path))
+        what = CONFIG_KINDS[kind]
+        _, summary = check_config(path, kind)
+    except DocumentError as exc:
+        print(f"prefixroute: {path}: invalid {what}: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        extra = _EXTRAS.get(kind or "", "gateway")
+        print(
+            f"prefixroute: {path}: checking a {what} needs the {extra} extra: "
+            f"pip install 'prefixroute[{extra}]' ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"{path}: ok ({what}: {summary})")
+    return 0
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line (YAML errors span several)."""
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prefixroute` command."""
     parser = argparse.ArgumentParser(prog="prefixroute", description=__doc__.splitlines()[0])
@@ -330,8 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain = sub.add_parser("explain", help="route a built-in request set, explain each decision")
     explain.add_argument("--config", help="a router config (YAML/JSON); default: built-in profile")
     explain.add_argument("--quiet", action="store_true", help="print only the summary")
-    check = sub.add_parser("check-config", help="validate a router config document")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config document of any kind the project reads; say which kind it is",
+    )
     check.add_argument("path")
+    check.add_argument(
+        "--kind", choices=tuple(CONFIG_KINDS), help="check as this kind (default: recognise it)"
+    )
     sub.add_parser("version", help="print the version")
     for name, (module, text) in _DRIVER_COMMANDS.items():
         _driver_parser(sub, name, module, text, load=name in argv[:1])
@@ -352,11 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.driver_main(args))
     if args.command in ("demo", "simulate", "compare"):
         return _simulate_command(args)
+    if args.command == "check-config":
+        return _check_config_command(args.path, args.kind)
     try:
-        if args.command == "check-config":
-            router = load_config(read_document(args.path))
-            print(f"{args.path}: ok (profile {router.profile.name})")
-            return 0
         router = load_config(read_document(args.config)) if args.config else Router.default()
     except ConfigError as exc:
         print(f"prefixroute: invalid config: {exc}", file=sys.stderr)

@@ -30,12 +30,9 @@ mapping (`prefixroute.drivers.documents.read_document`) and pass it here.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping
 from typing import Any
-
-import attrs
 
 from prefixroute.admission import AdmissionChain
 from prefixroute.blocks import Blocker
@@ -50,9 +47,7 @@ from prefixroute.schema import DocumentError, Fields, build, join
 __all__ = [
     "ConfigError",
     "ConfigFields",
-    "build_section",
     "load_config",
-    "positive_number",
     "read_section",
 ]
 
@@ -86,17 +81,6 @@ def read_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str]) -
     section = ConfigFields(doc.get(name), name)
     section.allow(*schema)
     return {key: section.typed(key, schema[key]) for key in section.doc}
-
-
-def positive_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
-    """An attrs validator for drivers' config fields: a finite number > 0 (not a bool)."""
-    if isinstance(value, bool) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{attr.name} must be a finite number > 0, got {value!r}")
-
-
-def build_section(doc: Mapping[str, Any], name: str, schema: Mapping[str, str], cls: Any) -> Any:
-    """`cls(**read_section(doc, name, schema))`; a refused value is a ConfigError at its path."""
-    return build(cls, read_section(doc, name, schema), name, error=ConfigError)
 
 
 def load_config(source: Mapping[str, Any], *, registry: Registry | None = None) -> Router:

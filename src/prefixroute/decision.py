@@ -58,7 +58,11 @@ class Decision:
     `predicted_cached_tokens` describe the chosen endpoint's prefix match;
     `matches` every endpoint's. The driver passes the whole `Decision` back to
     `Router.on_complete`; `epoch` is the chosen endpoint's generation, so the
-    router can tell whether it was removed since. Equality is identity.
+    router can tell whether it was removed since. `serial` numbers the
+    decisions of the router that made it and `issuer` is that router's
+    private token: together they let the router settle each of its own
+    decisions exactly once (`Router.on_complete` raises `SettlementError`
+    otherwise). Equality is identity.
     """
 
     endpoint: EndpointId
@@ -80,6 +84,8 @@ class Decision:
     load_tokens: int = attrs.field(repr=False)
     block_keys: tuple[int, ...] = attrs.field(repr=False)
     epoch: int = attrs.field(default=0, repr=False)
+    serial: int = attrs.field(default=0, repr=False)
+    issuer: object = attrs.field(default=None, repr=False)
 
     @property
     def scores(self) -> dict[EndpointId, dict[str, float]]:

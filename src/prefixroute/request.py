@@ -10,6 +10,7 @@ the HTTP status a driver answers with (400 for the client's mistakes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,18 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
+_ID_FIELDS = ("tenant", "session", "lora", "request_id")
+_INT64 = 2**63  # counts and priorities stay int64, so the router's float arithmetic cannot overflow
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _tokens_eq(a: TokenIds | None, b: TokenIds | None) -> bool:
     if a is None or b is None:
         return a is b
@@ -73,7 +86,12 @@ class Request:
     or both. `priority` below zero marks the request sheddable. `cache_salt`
     and `lora` are folded into the block keys, so requests with different
     salts or adapters never share a prefix. `max_tokens` is the expected
-    output length, when known.
+    output length, when known (below 2**63, as `priority` lies in
+    [-2**63, 2**63)). Invalid fields raise `RequestError` naming the field;
+    ids (`tenant`, `session`, `lora`, `request_id`) must be valid text (a
+    lone surrogate, which JSON can carry, is refused: ids are hashed and
+    exported as UTF-8), while `prompt`, `model` and `cache_salt` may hold
+    any string.
     """
 
     model: str
@@ -99,18 +117,44 @@ class Request:
             raise RequestError("model must be a non-empty string", field="model")
         if self.prompt is None and self.token_ids is None:
             raise RequestError("a request needs a prompt or token_ids", field="prompt")
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 0):
-            raise RequestError("max_tokens must be an integer >= 0", field="max_tokens")
-        if not _is_int(self.priority):
-            raise RequestError("priority must be an integer", field="priority")
+        max_tokens = self.max_tokens
+        if max_tokens is not None and not (_is_int(max_tokens) and 0 <= max_tokens < _INT64):
+            raise RequestError(
+                "max_tokens must be an integer >= 0, below 2**63", field="max_tokens"
+            )
+        if not (_is_int(self.priority) and -_INT64 <= self.priority < _INT64):
+            raise RequestError("priority must be an integer in [-2**63, 2**63)", field="priority")
         if not isinstance(self.tenant, str) or not self.tenant:
             raise RequestError("tenant must be a non-empty string", field="tenant")
         for name in ("prompt", "session", "cache_salt", "lora", "request_id"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise RequestError(f"{name} must be a string or None", field=name)
+        for name in _ID_FIELDS:  # ids are hashed and exported as UTF-8
+            value = getattr(self, name)
+            if value is not None and not _encodable(value):
+                raise RequestError(f"{name} must be valid text (no lone surrogates)", field=name)
         if not isinstance(self.stream, bool):
             raise RequestError("stream must be a boolean", field="stream")
+
+
+def _check_tokens(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"Usage.{attr.name} must be an integer >= 0, got {value!r}")
+
+
+def _check_seconds(_inst: object, attr: attrs.Attribute[float | None], value: float | None) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, int | float) and not isinstance(value, bool)) or not (
+        0.0 <= value < math.inf
+    ):
+        raise ValueError(f"Usage.{attr.name} must be a finite number >= 0 or None, got {value!r}")
+
+
+def _check_ok(_inst: object, attr: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Usage.{attr.name} must be a boolean, got {value!r}")
 
 
 @attrs.frozen(slots=True)
@@ -121,11 +165,17 @@ class Usage:
     (`usage.prompt_tokens_details.cached_tokens` in vLLM's OpenAI API).
     Latencies are seconds, None when unknown; `ok` is False for a failed
     request (an error or a dropped stream).
+
+    Checked at construction (ValueError naming the field): token counts are
+    integers >= 0, latencies finite and >= 0 (or None), `ok` a boolean.
+    `cached_tokens` above the prompt is accepted here and clamped to the
+    prompt when `Router.on_complete` settles it (an engine's report cannot
+    make a hit rate exceed 1).
     """
 
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    ok: bool = True
+    prompt_tokens: int = attrs.field(default=0, validator=_check_tokens)
+    cached_tokens: int = attrs.field(default=0, validator=_check_tokens)
+    completion_tokens: int = attrs.field(default=0, validator=_check_tokens)
+    ttft_s: float | None = attrs.field(default=None, validator=_check_seconds)
+    e2e_s: float | None = attrs.field(default=None, validator=_check_seconds)
+    ok: bool = attrs.field(default=True, validator=_check_ok)

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from prefixroute.admission import AlwaysAdmit
 from prefixroute.blocks import Blocker, HashMode
@@ -62,12 +64,18 @@ __all__ = [
     "DEFAULT_SPECULATIVE_TTL_S",
     "Router",
     "RouterCounters",
+    "SettlementError",
     "default_profile",
 ]
 
 DEFAULT_SPECULATIVE_TTL_S = 30.0
 REMOVED_MEMORY = 4096  # removed endpoint ids remembered, to ignore their late events
 DEFAULT_ENGINE_BLOCK_SIZE = 16
+
+
+def _check_now(now: float) -> None:
+    if not math.isfinite(now):
+        raise ValueError(f"now must be a finite number of seconds, got {now!r}")
 
 
 def default_profile() -> Profile:
@@ -121,6 +129,21 @@ class RouterCounters:
     actual_cached_tokens: int = 0
 
 
+class SettlementError(ValueError):
+    """`Router.on_complete` got a decision it must not settle: a driver bug.
+
+    Raised, with the router's state untouched, for a decision already
+    settled (a second `on_complete`) or made by another `Router` (or built
+    by hand). Settling either would corrupt the in-flight counts the
+    admission policies and load scorers rely on, and count a completion
+    twice. `kind` is ``"settled"`` or ``"foreign"``.
+    """
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class Router:
     """Decides which endpoint serves each request, and learns from what happened.
 
@@ -132,6 +155,9 @@ class Router:
       and, if the request succeeded and `confirm_on_complete`, confirms its
       blocks on the endpoint that served it (the engine has just computed
       them). With KV events from the engines, `observe` confirms instead.
+      Exactly once per decision of this router (`SettlementError`
+      otherwise); `open_decisions` counts those not yet settled (one int
+      each is kept, so memory is O(requests in flight)).
     - `observe(event)`: applies an index event.
     - `release(endpoints, now)`: when the admission policy defers requests
       (`route` answered a `Deferral`), the driver calls this when capacity
@@ -182,6 +208,10 @@ class Router:
         self.confirm_on_complete = confirm_on_complete
         self.engine_block_size = engine_block_size
         self.counters = RouterCounters()
+        # Decisions made and not yet settled, by serial; `_token` marks this router's.
+        self._token = object()
+        self._serial = 0
+        self._open: set[int] = set()
         self._capacity_seen: dict[EndpointId, int] = {}
         # A generation per live endpoint (a new one when a removed id returns), so a
         # late completion settles nothing against a pod that is gone; and the ids
@@ -200,7 +230,12 @@ class Router:
         return cls(default_profile(), blocker=Blocker(seed=seed), rng=random.Random(seed))
 
     def route(
-        self, request: Request, endpoints: Sequence[EndpointState], now: float
+        self,
+        request: Request,
+        endpoints: Sequence[EndpointState],
+        now: float,
+        *,
+        keys: npt.NDArray[np.uint64] | None = None,
     ) -> Decision | Rejection | Deferral:
         """Choose an endpoint for `request` among `endpoints` at time `now`.
 
@@ -208,11 +243,19 @@ class Router:
         the request waits in the admission policy's queue until `release`
         hands it back.
 
+        `keys`: the request's block keys when the driver hashed them ahead,
+        which must be `self.blocker.keys(request)` (`Blocker.keys` touches no
+        router state, so a driver may call it in a worker thread for a large
+        prompt); hashed here when None. A deferred request is hashed again
+        when released.
+
         `endpoints` must have distinct ids (ValueError otherwise: a driver
         bug). Cost: hashing the prompt once (O(tokens), vectorised), one
         index walk (O(matched blocks)), O(endpoints) per filter and scorer,
-        and recording the chosen endpoint's blocks (O(blocks)).
+        and recording the chosen endpoint's blocks (O(blocks)). `now` must
+        be finite (ValueError).
         """
+        _check_now(now)
         self.index.expire(now)
         self._sync_capacities(endpoints)
         prompt_tokens = self.blocker.prompt_tokens(request)
@@ -231,7 +274,7 @@ class Router:
             return verdict
         if verdict is not None:
             return self._reject(request, verdict, now)
-        return self._route_admitted(request, endpoints, now, prompt_tokens)
+        return self._route_admitted(request, endpoints, now, prompt_tokens, keys)
 
     def release(
         self, endpoints: Sequence[EndpointState], now: float
@@ -249,6 +292,7 @@ class Router:
         if not self._deferring:
             return []
         assert isinstance(admission, Deferring)
+        _check_now(now)
         self.index.expire(now)
         self._sync_capacities(endpoints)
         out: list[tuple[Request, Decision | Rejection]] = []
@@ -278,6 +322,7 @@ class Router:
         endpoints: Sequence[EndpointState],
         now: float,
         prompt_tokens: int,
+        hashed: npt.NDArray[np.uint64] | None = None,
     ) -> Decision | Rejection:
         """Filters, scorers, picker and recording, for a request admission let through."""
         if not endpoints:
@@ -289,7 +334,7 @@ class Router:
                 now,
             )
         blocker = self.blocker
-        keys = blocker.keys(request).tolist()
+        keys = (blocker.keys(request) if hashed is None else hashed).tolist()
         tokens_per_block = blocker.tokens_per_block(request)
         matches = self.index.match(keys)
         ctx = RouteContext(
@@ -339,6 +384,8 @@ class Router:
         counters = self.counters
         counters.decisions += 1
         counters.prompt_tokens += prompt_tokens
+        self._serial += 1
+        self._open.add(self._serial)
         counters.predicted_cached_tokens += predicted
         self.ledger.on_decision(
             request.tenant, prompt_tokens=prompt_tokens, predicted_cached_tokens=predicted, now=now
@@ -364,6 +411,8 @@ class Router:
             load_tokens=load_tokens,
             block_keys=tuple(keys),
             epoch=self._generation(chosen.id),
+            serial=self._serial,
+            issuer=self._token,
         )
 
     def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> None:
@@ -415,19 +464,39 @@ class Router:
         endpoint was removed (`EndpointRemoved`) after it was made settles
         nothing: the pod it counted against is gone. Nor is a removed pod
         credited as `served_by`, and `BlockStored` events of a removed pod
-        are ignored until its id is passed to `route` again. The driver calls this
-        exactly once per decision; a second call would release the in-flight
-        count twice.
+        are ignored until its id is passed to `route` again.
+
+        Each decision is settled exactly once, by the router that made it:
+        a second `on_complete` for it, or a decision of another router,
+        raises `SettlementError` and changes nothing (drivers keep their own
+        exactly-once flag; this catches the bug loudly in tests). The
+        engine's `usage.cached_tokens` is clamped to the prompt
+        (`usage.prompt_tokens`, or the decision's count when the engine gave
+        none). `now` must be finite (ValueError). O(blocks) to confirm.
         """
+        if decision.issuer is not self._token:
+            raise SettlementError(
+                "on_complete got a decision this router did not make", kind="foreign"
+            )
+        if decision.serial not in self._open:
+            raise SettlementError(
+                f"decision {decision.serial} (request {decision.request.request_id!r}) "
+                "was already settled",
+                kind="settled",
+            )
+        _check_now(now)
+        self._open.remove(decision.serial)
+        prompt = usage.prompt_tokens or decision.prompt_tokens
+        cached = min(usage.cached_tokens, prompt)
         counters = self.counters
         counters.completions += 1
         if not usage.ok:
             counters.failures += 1
-        counters.actual_cached_tokens += usage.cached_tokens
+        counters.actual_cached_tokens += cached
         self.ledger.on_complete(
             decision.request.tenant,
-            prompt_tokens=usage.prompt_tokens or decision.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
             predicted_cached_tokens=decision.predicted_cached_tokens,
             ttft_s=usage.ttft_s,
             e2e_s=usage.e2e_s,
@@ -450,6 +519,11 @@ class Router:
             self.index.insert(served, keys)
         else:
             self.index.confirm(served, keys)
+
+    @property
+    def open_decisions(self) -> int:
+        """Decisions made and not yet settled by `on_complete`. O(1)."""
+        return len(self._open)
 
     def observe(self, event: IndexEvent) -> None:
         """Apply a KV-cache or endpoint event to the router's state."""

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 
-__all__ = ["DocumentError", "Fields", "build", "join", "json_type_ok", "parameters"]
+__all__ = ["DocumentError", "Fields", "build", "evolve", "join", "json_type_ok", "parameters"]
 
 T = TypeVar("T")
 
@@ -292,9 +292,35 @@ def build(
     for key, value in values.items():
         try:
             _check_alone(factory, key, value, base)
+        except DocumentError as exc:  # a structured value's own path, below the key
+            where = join(path, key)
+            raise error(join(where, exc.path) if exc.path else where, exc.message) from exc
         except (TypeError, ValueError) as exc:
             raise error(join(path, key), str(exc)) from exc
     try:
         return factory(**base, **values)
     except (TypeError, ValueError) as exc:
         raise error(path, str(exc)) from exc
+
+
+def evolve(
+    instance: T,
+    changes: Mapping[str, Any],
+    path: str,
+    *,
+    error: type[DocumentError] = DocumentError,
+) -> T:
+    """`attrs.evolve(instance, **changes)` checked as `build` checks: a refused change is
+    an `error` at `path.key`.
+
+    For overriding a part built from a document with values from elsewhere
+    (command-line flags). The unchanged fields pass through the class's
+    converters again, so use it on classes whose converters are idempotent.
+    """
+    cls = type(instance)
+    unchanged = {
+        alias: getattr(instance, field.name)
+        for alias, field in parameters(cls).items()
+        if alias not in changes
+    }
+    return build(cls, changes, path, error=error, base=unchanged)

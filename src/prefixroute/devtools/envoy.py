@@ -14,8 +14,8 @@ process we signal is Envoy itself).
 
 Configs are the shipped `examples/envoy/*.yaml`, loaded as YAML and changed in
 exactly the places a test must change (listener, admin and ext_proc ports,
-the fail-open fallback endpoints), so the files the tests use are the files
-users run.
+the model servers of the configs that list them), so the files the tests use
+are the files users run.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def render(
     without_filters: Sequence[str] = (),
     processing_mode: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """`examples/envoy/<name>` with `ports` (and `fallback` "host:port"s, for fail-open) put in.
+    """`examples/envoy/<name>` with `ports` (and `fallback` "host:port"s) put in.
+
+    `fallback` lists the model servers, for the configs that list them: the
+    fail-open fallback cluster, the `inference` cluster of envoy-fallbacks.yaml.
 
     `without_filters` drops HTTP filters (and early header mutations) by name:
     the cluster-only test removes ext_proc and the header scrubber to send its
@@ -138,10 +141,11 @@ def render(
     early[:] = [f for f in early if f["name"] not in without_filters]
     clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
     _endpoints(clusters["extproc"], [f"127.0.0.1:{ports.extproc}"])
-    if "inference_fallback" in clusters:
-        if not fallback:
-            raise ValueError(f"{name} has a fallback cluster: pass `fallback` endpoints")
-        _endpoints(clusters["inference_fallback"], fallback)
+    for listed in ("inference_fallback", "inference"):
+        if listed in clusters and clusters[listed].get("type") == "STATIC":
+            if not fallback:
+                raise ValueError(f"{name} lists the model servers: pass `fallback` endpoints")
+            _endpoints(clusters[listed], fallback)
     return doc
 
 

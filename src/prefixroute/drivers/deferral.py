@@ -24,7 +24,7 @@ from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.plugins import Deferring
 from prefixroute.request import Request, Usage
-from prefixroute.router import Router
+from prefixroute.router import Router, SettlementError
 
 __all__ = ["Deferrals"]
 
@@ -97,7 +97,7 @@ class Deferrals:
                 if waiter is not None and waiter[0] is request and not waiter[1].done():
                     waiter[1].set_result(outcome)
                 elif isinstance(outcome, Decision):
-                    self.router.on_complete(outcome, Usage(ok=False), self.clock())
+                    self._settle(outcome, Usage(ok=False), None)
                     abandoned = True
             if not abandoned:
                 return
@@ -123,5 +123,17 @@ class Deferrals:
 
     def complete(self, decision: Decision, usage: Usage, served_by: EndpointId | None) -> None:
         """`Router.on_complete`, then release what the freed capacity lets through."""
-        self.router.on_complete(decision, usage, self.clock(), served_by=served_by)
+        self._settle(decision, usage, served_by)
         self.release()
+
+    def _settle(self, decision: Decision, usage: Usage, served_by: EndpointId | None) -> None:
+        """`Router.on_complete`; a refused settlement (a driver bug) is logged, never raised.
+
+        The router refuses a second settlement or a foreign decision before
+        changing anything, so its counts stay right; the request in hand must
+        still be answered, so the error stops here.
+        """
+        try:
+            self.router.on_complete(decision, usage, self.clock(), served_by=served_by)
+        except SettlementError as exc:
+            log.error("settling a decision was refused (a driver bug): %s", exc)

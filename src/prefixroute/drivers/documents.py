@@ -42,7 +42,7 @@ def read_document(
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise error("", f"{path} is not valid YAML/JSON: {exc}") from exc
+        raise error("", f"{path} is not valid YAML/JSON: {_yaml_problem(exc)}") from exc
 
     if doc is None:
         return {}
@@ -52,3 +52,12 @@ def read_document(
         if not isinstance(key, str):
             raise error("", f"{path}: keys must be strings, got {key!r}")
     return doc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: `line L, column C: problem` (PyYAML's own is several)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"

@@ -6,15 +6,20 @@ endpoint-picker protocol) carries the bytes; this server only decides. One
 
 1. ``request_headers``: remember the headers, the path (``:path``, else
    ``x-original-path``), the subset hint and, from the first message's
-   ``protocol_config``, the body modes Envoy runs with. A request without a
-   body is a 400 (no model to route). In ``FULL_DUPLEX_STREAMED`` mode (or
+   ``protocol_config``, the body modes Envoy runs with. Only the gateway's
+   routes are served (`ROUTES`: 404 for another path, 405 for another
+   method, whatever the data plane's routes let through); ``GET /v1/models``
+   is answered with the configured models or sent to a healthy endpoint. A
+   completion request without a body is a 400 (no model to route). In
+   ``FULL_DUPLEX_STREAMED`` mode (or
    when Envoy does not say) the headers response is held until the body is
    complete; in ``BUFFERED`` mode it is answered at once, empty.
 2. ``request_body`` chunks are collected (``max_body_bytes``: 413). When the
    body is complete (``end_of_stream``, or the ``request_trailers`` message
    that ends a body with trailers) it is decoded (400), the identity resolved
-   (400/401), parsed with `prefixroute.openai.parse_openai` (400/413), salted
-   when ``hashing.isolate_tenants`` (as the gateway does), and routed among the
+   (400/401), parsed with `prefixroute.openai.parse_openai` (400/413; a large
+   body in a worker thread), refused 404 when no endpoint serves its model,
+   salted when ``hashing.isolate_tenants`` (as the gateway does), and routed among the
    pool's endpoints, or only those of the subset hint.
 3. A `Rejection` is an ``ImmediateResponse`` with its status, an OpenAI-style
    JSON body and ``retry-after``; a `Deferral` waits for `Router.release`; a
@@ -28,7 +33,9 @@ endpoint-picker protocol) carries the bytes; this server only decides. One
    carrying the header mutation, and a body mutation only when the body changed.
 4. The response: status and served endpoint from ``response_headers`` (the
    ``envoy.lb`` / ``x-gateway-destination-endpoint-served`` metadata, else
-   that header, else the ``upstream.address`` attribute), then the body
+   that header, else the ``upstream.address`` attribute; a
+   ``response.code_details`` attribute naming a connection failure marks the
+   picked endpoint unhealthy, as the gateway's failed connections do), then the body
    echoed chunk by chunk while usage is read from the JSON body or the SSE
    stream; `Router.on_complete` exactly once per `Decision`, also when the
    stream ends early (ok=False).
@@ -76,17 +83,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from prefixroute.config import ConfigError, build_section, positive_number
+from prefixroute.config import ConfigError
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.drivers.documents import read_document
-from prefixroute.drivers.errors import error_body, retry_after_header
+from prefixroute.drivers.errors import clip, error_body, retry_after_header
 from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
+from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.drivers.service import Refusal, RoutingService
 from prefixroute.drivers.settings import DriverConfig
 from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.request import Request, Usage
 from prefixroute.router import Router
+from prefixroute.schema import evolve
 
 __all__ = [
     "BODY_CHUNK_BYTES",
@@ -94,6 +103,7 @@ __all__ = [
     "EXT_PROC_SERVICE",
     "HEALTH_SERVICES",
     "LB_NAMESPACE",
+    "ROUTES",
     "SERVED_KEY",
     "SUBSET_KEY",
     "SUBSET_NAMESPACE",
@@ -120,6 +130,13 @@ BODY_CHUNK_BYTES = 62_000
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
 UPSTREAM_ADDRESS = "upstream.address"
+CODE_DETAILS = "response.code_details"
+ROUTES: Mapping[str, tuple[str, ...]] = {
+    "/v1/chat/completions": ("POST",),
+    "/v1/completions": ("POST",),
+    "/v1/models": ("GET", "HEAD"),
+}
+"""The paths the picker serves and their methods: the gateway's (404/405 for anything else)."""
 
 _MODE = processing_mode_pb2.ProcessingMode
 _DUPLEX = _MODE.FULL_DUPLEX_STREAMED
@@ -459,10 +476,18 @@ class _Stream:
             return self.fail(
                 503, "the endpoint picker is shutting down", code="draining", retry_after_s=1.0
             )
+        path = self.path.split("?", 1)[0]
+        refused = self._refuse_route(path)
+        if refused is not None:
+            return refused
+        if path == "/v1/models":
+            if not headers.end_of_stream:
+                return self.fail(400, "GET /v1/models takes no body", code="invalid-request")
+            return self._models()
         if headers.end_of_stream:
             return self.fail(
                 400,
-                f"{self.path or 'the request'} has no body: a model is required",
+                f"{clip(self.path) or 'the request'} has no body: a model is required",
                 code="invalid-request",
                 param="model",
             )
@@ -479,6 +504,65 @@ class _Stream:
             "use FULL_DUPLEX_STREAMED or BUFFERED",
             code="misconfigured",
         )
+
+    def _refuse_route(self, path: str) -> list[Any] | None:
+        """404 for a path the gateway does not serve, 405 for a wrong method, else None.
+
+        Whatever Envoy's routes say, a request reaches an engine only on a
+        completion route (and `GET /v1/models`): the picker is the last check.
+        A stream without `:method` (no data plane sends one) is judged by path.
+        """
+        method = self.headers.get(":method")
+        shown = clip(f"{method or ''} {path}".strip())
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            return self.fail(404, f"no such endpoint: {shown}", code="not-found")
+        if method is not None and method not in allowed:
+            response = self.fail(405, f"method not allowed: {shown}", code="method-not-allowed")
+            mutation = response[0].immediate_response.headers
+            mutation.set_headers.append(_header_option("allow", ", ".join(allowed)))
+            return response
+        return None
+
+    def _models(self) -> list[Any]:
+        """`GET /v1/models`, as the gateway answers it: the configured models (a 200 from
+        here), else the request goes to a healthy endpoint, else 503."""
+        states = self.owner.pool.states()
+        names = sorted({m for s in states for m in s.models})
+        if names:
+            self.closed = True
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "prefixroute"} for m in names
+            ]
+            body = json.dumps({"object": "list", "data": data}).encode()
+            headers = [_header_option("content-type", "application/json")]
+            answer = pb.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=200),
+                headers=pb.HeaderMutation(set_headers=headers),
+                body=body,
+            )
+            return [pb.ProcessingResponse(immediate_response=answer)]
+        healthy = [s for s in states if s.healthy]
+        if not healthy:
+            return self.fail(
+                503, "no healthy endpoint to list models", code="no-endpoint", retry_after_s=1.0
+            )
+        self.request_done = True
+        self.headers_answered = True
+        address = healthy[0].address
+        common = pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(
+                set_headers=[_header_option(DESTINATION_HEADER, address)]
+            ),
+            clear_route_cache=True,
+        )
+        metadata = struct_pb2.Struct()
+        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: address}})
+        return [
+            pb.ProcessingResponse(
+                request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
+            )
+        ]
 
     async def _request_body(self, body: Any) -> list[Any]:
         if self.request_done:
@@ -510,7 +594,7 @@ class _Stream:
         try:
             # ask a streaming engine for usage only where its usage-only chunk can be hidden
             # again: the response body comes back to us in FULL_DUPLEX_STREAMED mode
-            prepared = owner.prepare(
+            prepared = await owner.read_request(
                 body, self.headers, ex, may_ask_usage=self.response_mode == _DUPLEX
             )
         except Refusal as refusal:
@@ -533,7 +617,7 @@ class _Stream:
                 )
         ex.begin()
         t0 = time.perf_counter()
-        outcome = owner.router.route(request, states, owner.clock())
+        outcome = owner.router.route(request, states, owner.clock(), keys=prepared.keys)
         elapsed = time.perf_counter() - t0
         if isinstance(outcome, Decision):
             owner.metrics.observe_decision(elapsed, "decision", decision=outcome)
@@ -613,6 +697,11 @@ class _Stream:
         if not isinstance(served, str) or not served:
             served = headers.get(SERVED_KEY) or _attribute(message, UPSTREAM_ADDRESS)
         self.served = self._endpoint_at(served)
+        details = _attribute(message, CODE_DETAILS) or ""
+        if self.decision is not None and "connection_failure" in details:
+            # Envoy could not connect to the picked engine (the answer is its local reply):
+            # unhealthy until a health check passes, as the gateway's own connection failures
+            self.owner.pool.mark_failed(self.served or self.decision.endpoint)
         if headers.get("content-type", "").startswith("text/event-stream"):
             self.sse = SseRelay(keep_usage=not self.strip_usage)
         out = [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
@@ -860,11 +949,11 @@ def cli_main(args: argparse.Namespace) -> int:
                 overrides[name] = getattr(args, name)
         if overrides:
             try:
-                config = attrs.evolve(config, extproc=attrs.evolve(config.extproc, **overrides))
-            except ValueError as exc:
-                names = [n for n in overrides if repr(n) in str(exc) or str(exc).startswith(n)]
-                flag = "--" + (names[0] if names else "port").replace("_", "-")
-                raise ConfigError(flag, str(exc)) from exc
+                settings = evolve(config.extproc, overrides, "", error=ConfigError)
+            except ConfigError as exc:
+                flag = "--" + exc.path.replace("_", "-") if exc.path else "command line"
+                raise ConfigError(flag, exc.message) from exc
+            config = attrs.evolve(config, extproc=settings)
     except (ConfigError, OSError) as exc:
         print(f"prefixroute extproc: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ from prefixroute.config import ConfigError, read_section
 from prefixroute.drivers.documents import read_document
 from prefixroute.openai import identifier
 from prefixroute.request import RequestError
+from prefixroute.schema import build
 
 __all__ = ["DEFAULT_TENANT_HEADERS", "Identity", "IdentityConfig"]
 
@@ -145,22 +146,20 @@ class IdentityConfig:
             keys.update(_key_map(read_document(file), f"{path}.api_keys_file"))
         priorities = dict(section.get("priorities", {}))
         for name, value in priorities.items():
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{path}.priorities.{name}", f"must be an integer, got {value!r}")
-        try:
-            return cls(
-                tenant_headers=tuple(headers),
-                api_keys=keys,
-                require_api_key=section.get("require_api_key", False),
-                tenant_from_user=section.get("tenant_from_user", False),
-                session_header=section.get("session_header", "x-session-id"),
-                priority_header=section.get("priority_header", "x-priority"),
-                priorities=priorities,
-            )
-        except ValueError as exc:
-            field = str(exc).split(" ", 1)[0].split(".", 1)[0]
-            where = f"{path}.{field}" if field in _KEYS else path
-            raise ConfigError(where, str(exc)) from exc
+            if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _INT32_MAX:
+                raise ConfigError(
+                    f"{path}.priorities.{name}", f"must be a 32-bit integer, got {value!r}"
+                )
+        values: dict[str, Any] = {
+            key: section[key]
+            for key in ("require_api_key", "tenant_from_user", "session_header", "priority_header")
+            if key in section
+        }
+        if values.get("require_api_key") and not keys:
+            raise ConfigError(f"{path}.require_api_key", "needs api_keys or api_keys_file")
+        values.update(tenant_headers=tuple(headers), api_keys=keys, priorities=priorities)
+        config: IdentityConfig = build(cls, values, path, error=ConfigError)
+        return config
 
     def resolve(self, headers: Mapping[str, str], body: Mapping[str, object]) -> Identity:
         """The request's `Identity`; `RequestError` (400, or 401 for keys) otherwise.

@@ -26,11 +26,19 @@ The rest are ours, prefixed ``prefixroute_``. The per-tenant TTFT buckets are
 vLLM v1's ``vllm:time_to_first_token_seconds`` buckets
 (vllm-project/vllm `vllm/v1/metrics/loggers.py`).
 
-Cardinality is bounded whatever the traffic. Request-derived label values
-(model, tenant, error code, retry reason, endpoint) go through `BoundedLabel`:
-the first `cap` distinct values keep their own series, later ones share
+Cardinality is bounded whatever the traffic. Every label value that comes
+from a client or an engine passes `label_value` first: valid UTF-8 (a lone
+surrogate such as a JSON-escaped ``"\ud800"`` becomes the text ``\ud800``,
+which would otherwise make every later scrape fail) and at most
+`MAX_LABEL_CHARS` characters. Request-derived label values (model, tenant,
+error code, retry reason, endpoint) then go through `BoundedLabel`: the
+first `cap` distinct values keep their own series, later ones share
 ``"other"`` (llm-d-router's `pkg/epp/metrics/cardinality.go` does the same
-for model names). The tenant ledger is bounded by its own top-k (plus pinned
+for model names). A model name takes a slot only if an endpoint of the pool
+serves it (`served_models`, from the pool's configured and listed models);
+any other name is ``"other"`` (``"unknown"`` when empty), so names no
+endpoint serves can neither grow the series nor squat the slots real
+traffic needs. The tenant ledger is bounded by its own top-k (plus pinned
 tenants and ``"other"``), and per-endpoint series by the configured pool.
 
 `render` reads router state: call it on the thread (event loop) that owns the
@@ -41,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -64,11 +72,13 @@ __all__ = [
     "DECISION_BUCKETS",
     "DEFAULT_MAX_TENANTS",
     "GIE_LATENCY_BUCKETS",
+    "MAX_LABEL_CHARS",
     "OTHER",
     "OUTCOMES",
     "TTFT_BUCKETS",
     "BoundedLabel",
     "GatewayMetrics",
+    "label_value",
 ]
 
 OTHER = "other"
@@ -76,6 +86,9 @@ OTHER = "other"
 
 UNKNOWN = "unknown"
 """The label value of an empty model or tenant name."""
+
+MAX_LABEL_CHARS = 256
+"""Longest label value emitted (tenant ids are at most 256 characters: they fit whole)."""
 
 DEFAULT_MAX_TENANTS = 64
 DEFAULT_MAX_MODELS = 64
@@ -132,13 +145,34 @@ TTFT_QUANTILES = ("0.5", "0.95", "0.99")
 MODEL_LABELS = ("model_name", "target_model_name")
 
 
+def label_value(value: object) -> str:
+    """`value` as a label value Prometheus' text format can carry: valid UTF-8, bounded.
+
+    Lone surrogates (which `str.encode` refuses, failing the whole scrape)
+    become backslash escapes; a value longer than `MAX_LABEL_CHARS`
+    characters is cut to that length, ending in "...". O(`MAX_LABEL_CHARS`):
+    a megabyte value costs no more than a short one.
+    """
+    text = value if isinstance(value, str) else str(value)
+    cut = text[:MAX_LABEL_CHARS]
+    if cut.isascii():
+        if len(text) <= MAX_LABEL_CHARS:
+            return text
+    else:
+        cut = cut.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(cut) < len(text) or len(cut) > MAX_LABEL_CHARS:
+        cut = cut[: MAX_LABEL_CHARS - 3] + "..."
+    return cut
+
+
 class BoundedLabel:
     """Caps the distinct values of one label: the first `cap` keep themselves, the rest `OTHER`.
 
     A value once admitted always maps to itself, so paired updates (a
     running-requests increment and its decrement) stay balanced. `pinned`
     values always map to themselves without using the cap. An empty value
-    maps to `UNKNOWN` (which counts like any other). `bound` is O(1): one set
+    maps to `UNKNOWN` (which counts like any other). Values pass `label_value`
+    first (valid UTF-8, at most `MAX_LABEL_CHARS`). `bound` is O(1): one set
     look-up on the common path. Memory: at most `cap` values plus the pins.
     After llm-d-router's `BoundedLabel` (pkg/common/observability/metrics),
     without its lock: the gateway updates metrics from one event loop.
@@ -150,7 +184,7 @@ class BoundedLabel:
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             raise ValueError(f"a label cap must be an integer >= 1, got {cap!r}")
         self._cap = cap
-        self._pinned = frozenset(pinned)
+        self._pinned = frozenset(label_value(p) for p in pinned)
         self._seen: set[str] = set()
 
     @property
@@ -161,11 +195,10 @@ class BoundedLabel:
     def bound(self, value: str) -> str:
         """The label value to emit for `value`."""
         if value in self._seen or value in self._pinned:
+            return value  # only clean values are kept, so a hit is clean
+        value = label_value(value) if value else UNKNOWN
+        if value in self._seen or value in self._pinned:
             return value
-        if not value:
-            value = UNKNOWN
-            if value in self._seen:
-                return value
         if len(self._seen) >= self._cap:
             return OTHER
         self._seen.add(value)
@@ -219,7 +252,11 @@ class GatewayMetrics:
     `EndpointState`s) are read only when `render` runs. `max_tenants` caps
     the distinct tenant label values of the request-path series (tenants
     pinned in the router's ledger do not use the cap); `max_models` and
-    `max_endpoints` cap the model and endpoint labels likewise. An endpoint
+    `max_endpoints` cap the model and endpoint labels likewise.
+    `served_models` (a callable returning the names some endpoint serves,
+    cheap to call: the pool's cached set) decides which model names may take
+    a slot at all; every other name is `OTHER` (see `model_label`). None
+    lets every name take a slot (up to `max_models`). An endpoint
     is stale when its metrics were never observed or are older than
     `stale_after_s` by `clock` (the gateway's monotonic clock, the one its
     pool stamps `observed_at` with). `pool_name` is the ``name`` label of the
@@ -241,6 +278,7 @@ class GatewayMetrics:
         clock: Callable[[], float] = time.monotonic,
         max_models: int = DEFAULT_MAX_MODELS,
         max_endpoints: int = DEFAULT_MAX_ENDPOINTS,
+        served_models: Callable[[], Collection[str]] | None = None,
     ) -> None:
         for name, cap in (
             ("max_tenants", max_tenants),
@@ -260,6 +298,7 @@ class GatewayMetrics:
         self.stale_after_s = float(stale_after_s)
         self.tenants = BoundedLabel(max_tenants, pinned=router.ledger.pinned)
         self.models = BoundedLabel(max_models)
+        self._served = served_models
         self.endpoint_labels = BoundedLabel(max_endpoints)
         self.error_codes = BoundedLabel(MAX_ERROR_CODES)
         self.retry_reasons = BoundedLabel(MAX_RETRY_REASONS)
@@ -394,17 +433,37 @@ class GatewayMetrics:
 
     # -- the request path ---------------------------------------------------------------
 
+    def model_label(self, model: str) -> str:
+        """The `model_name` label of a request for `model`.
+
+        `UNKNOWN` for an empty name, `OTHER` for a name no endpoint serves
+        (when `served_models` was given) or beyond `max_models`, else the
+        name itself (through `label_value`). O(1) on average: one set
+        look-up in the served names and one in the admitted labels.
+        """
+        if not model:
+            return UNKNOWN
+        served = self._served
+        if served is not None and model not in served():
+            return OTHER
+        return self.models.bound(model)
+
     def _model(self, model: str) -> _ModelSeries:
         series = self._by_model.get(model)
         if series is None:
-            label = self.models.bound(model)
+            label = self.model_label(model)
             series = self._by_model.get(label)
             if series is None:  # keyed by label only: folded names add no entries
                 series = self._by_model[label] = _ModelSeries(self, label)
         return series
 
     def request_started(self, model: str, tenant: str) -> None:
-        """A request entered the gateway: the running-requests gauge goes up. O(1)."""
+        """A request entered the gateway: the running-requests gauge goes up. O(1).
+
+        Pass the same `model` to `observe_request`; drivers pass the label
+        `model_label` gave (`RequestRecord` does), so the gauge's increment
+        and decrement meet even if the pool's models change meanwhile.
+        """
         self._model(model).running.inc()
         self.tenants.bound(tenant)  # admit in arrival order
 
@@ -625,7 +684,7 @@ class _ScrapeCollector(Collector):
             ):
                 family.add_metric([], value)
             for eid, n in sorted(stats.per_endpoint.items()):
-                per_endpoint.add_metric([eid], n)
+                per_endpoint.add_metric([label_value(eid)], n)
         yield from (size, keys, spec, *moves, per_endpoint)
 
     def _pool_families(
@@ -689,19 +748,20 @@ class _ScrapeCollector(Collector):
             ready.add_metric([pool], sum(1 for e in eps if e.healthy))
             limit = owner.stale_after_s
             for e in eps:
-                per_pod.add_metric([pool, e.id], e.waiting)
-                running.add_metric([e.id], e.running)
-                kv.add_metric([e.id], e.kv_usage)
-                healthy.add_metric([e.id], 1.0 if e.healthy else 0.0)
+                eid = label_value(e.id)
+                per_pod.add_metric([pool, eid], e.waiting)
+                running.add_metric([eid], e.running)
+                kv.add_metric([eid], e.kv_usage)
+                healthy.add_metric([eid], 1.0 if e.healthy else 0.0)
                 seen = e.observed_at
-                stale.add_metric([e.id], 1.0 if seen is None or now - seen > limit else 0.0)
+                stale.add_metric([eid], 1.0 if seen is None or now - seen > limit else 0.0)
                 if seen is not None:
-                    age.add_metric([e.id], max(0.0, now - seen))
+                    age.add_metric([eid], max(0.0, now - seen))
             load = owner.router.load
             requests, tokens = load.requests_view(), load.tokens_view()
             for eid in sorted({e.id for e in eps} | requests.keys()):
-                inflight.add_metric([eid], requests.get(eid, 0))
-                inflight_tokens.add_metric([eid], tokens.get(eid, 0))
+                inflight.add_metric([label_value(eid)], requests.get(eid, 0))
+                inflight_tokens.add_metric([label_value(eid)], tokens.get(eid, 0))
         yield from (kv_avg, queue_avg, ready, per_pod, running, kv, healthy, stale, age)
         yield from (inflight, inflight_tokens)
 
@@ -771,7 +831,7 @@ class _ScrapeCollector(Collector):
         if snap is not None:
             total = snap.total
             for kind, n in total.rejections.items():
-                rejections.add_metric([kind], n)
+                rejections.add_metric([label_value(kind)], n)
             completed.add_metric([], total.completed_prompt_tokens)
             cached.add_metric([], total.cached_tokens)
             evictions.add_metric([], snap.evictions)
@@ -782,11 +842,12 @@ class _ScrapeCollector(Collector):
             tail_names = {s.tenant for s in tail_rows}
             head_rows = [s for s in rows if s.requests > 0 and s.tenant not in tail_names]
             for s in rows:
-                label = [s.tenant]
+                tenant = label_value(s.tenant)
+                label = [tenant]
                 for family, value in zip(counters, _tenant_figures(s), strict=True):
                     family.add_metric(label, value)
                 for kind, n in s.rejections.items():
-                    tenant_rejections.add_metric([s.tenant, kind], n)
+                    tenant_rejections.add_metric([tenant, label_value(kind)], n)
                 if s.hit_rate is not None:
                     hit.add_metric(label, s.hit_rate)
                 if s.predicted_hit_rate is not None:
@@ -801,7 +862,7 @@ class _ScrapeCollector(Collector):
                     ):
                         if v is not None:
                             ttft.samples.append(
-                                Sample(ttft.name, {"tenant": s.tenant, "quantile": q}, v)
+                                Sample(ttft.name, {"tenant": tenant, "quantile": q}, v)
                             )
             for name, actual, members in (
                 ("head", f.head_hit_rate, head_rows),
@@ -889,6 +950,7 @@ class RequestRecord:
     def begin(self) -> None:
         if not self.begun:
             self.begun = True
+            self.model = self.metrics.model_label(self.model)  # one label from start to end
             self.metrics.request_started(self.model, self.tenant)
 
     def end(

@@ -36,6 +36,27 @@ unhealthy, one success marks it healthy again. Passive: `mark_failed` (the
 gateway's connection failures) marks it unhealthy at once, until the next
 good health check. A new endpoint starts healthy.
 
+Context length. After each good health check (so at start-up and every
+`health_interval_s`, and at once when a restarted engine answers again),
+`GET /v1/models`: the largest `data[].max_model_len` (vLLM's `ModelCard`
+field, `vllm/entrypoints/openai/protocol.py`) becomes the endpoint's
+`max_model_len`. An answer without the field (an engine that does not say)
+clears it; a failed request keeps the last value. The drivers refuse prompts
+longer than every endpoint of the model takes (`prefixroute.drivers.context`).
+
+Models. Which model names the pool serves (`served_models`, `serves`) is
+what each endpoint's config says (`models`), else what its engine lists at
+`/v1/models` (the `id` of each entry: vLLM lists its served model names and
+loaded LoRA adapters), read with `max_model_len` above; an endpoint with
+neither (no `models` configured, no listing read yet, an engine without the
+route) may serve any name. The drivers answer 404 `model_not_found` for a
+name no endpoint serves (only when every endpoint's names are known), and
+only served names take a metrics label. The same names are the endpoint's
+`EndpointState.models`, so the router's `model-filter` never sends a model
+to an engine that does not list it (an adapter loaded at run time is served
+once the next listing shows it). A failed request keeps the last listing;
+an answer that is not a listing clears it.
+
 For tests and other drivers the timers are optional: `scrape_once()`,
 `check_health_once()` and `reload_if_changed()` do one round each.
 
@@ -51,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -64,8 +86,9 @@ import attrs
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixroute.config import ConfigError, positive_number, read_section
-from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.config import ConfigError
+from prefixroute.drivers.sections import build_section, positive_number
+from prefixroute.endpoint import MAX_COUNT, EndpointId, EndpointState
 
 __all__ = [
     "EndpointPool",
@@ -73,7 +96,9 @@ __all__ = [
     "EngineMetrics",
     "ScrapeConfig",
     "load_endpoint_file",
+    "parse_max_model_len",
     "parse_metrics",
+    "parse_model_names",
     "read_endpoints",
 ]
 
@@ -83,6 +108,8 @@ _WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 _RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 _CACHE_INFO = "vllm:cache_config_info"
+MODELS_PATH = "/v1/models"
+"""Where an OpenAI-compatible engine lists its models (with vLLM, their `max_model_len`)."""
 _WANTED = frozenset((*_WAITING, *_RUNNING, *_KV_USAGE, _CACHE_INFO))
 
 _SCRAPE_KEYS = {
@@ -126,14 +153,8 @@ class ScrapeConfig:
     @classmethod
     def from_document(cls, doc: Mapping[str, Any]) -> ScrapeConfig:
         """Read the config document's `scrape` section; ConfigError naming the field."""
-        section = read_section(doc, "scrape", _SCRAPE_KEYS)
-        try:
-            return cls(**section)
-        except ValueError as exc:
-            field = str(exc).split(" ", 1)[0].strip("'")
-            raise ConfigError(
-                f"scrape.{field}" if field in section else "scrape", str(exc)
-            ) from exc
+        config: ScrapeConfig = build_section(doc, "scrape", _SCRAPE_KEYS, cls)
+        return config
 
 
 @attrs.frozen
@@ -289,15 +310,68 @@ def parse_metrics(text: str) -> EngineMetrics:
             blocks_by_engine[labels.get("engine", "")] = int(labels["num_gpu_blocks"])
         with contextlib.suppress(KeyError, ValueError):
             block_size = block_size or int(labels["block_size"])
-    if blocks_by_engine and sum(blocks_by_engine.values()) > 0:
-        capacity = sum(blocks_by_engine.values())
+    if blocks_by_engine and 0 < sum(blocks_by_engine.values()) <= MAX_COUNT:
+        capacity = sum(blocks_by_engine.values())  # an absurd capacity is no capacity
+    if block_size is not None and not 0 < block_size <= MAX_COUNT:
+        block_size = None
     return EngineMetrics(
-        waiting=max(0, round(sum(waiting))),
-        running=max(0, round(sum(running))),
+        waiting=_count(waiting),
+        running=_count(running),
         kv_usage=kv_usage,
         kv_capacity_blocks=capacity,
         block_size=block_size,
     )
+
+
+def _count(values: Sequence[float]) -> int:
+    """A request count from summed samples, within what `EndpointState` accepts.
+
+    An engine reporting nonsense (1e300 waiting requests) saturates the
+    count rather than failing every routing decision.
+    """
+    total = sum(values)
+    if not math.isfinite(total):
+        return MAX_COUNT if total > 0 else 0
+    return min(MAX_COUNT, max(0, round(total)))
+
+
+def parse_max_model_len(doc: object) -> int | None:
+    """The largest `max_model_len` in a `GET /v1/models` answer, None if no card has one.
+
+    vLLM answers `{"object": "list", "data": [{"id", ..., "max_model_len"}]}`
+    (one card for the model, one per LoRA adapter, each with the engine's
+    limit). Anything else (not that shape, a value that is not a positive
+    integer) counts as not saying. O(cards).
+    """
+    cards = doc.get("data") if isinstance(doc, Mapping) else None
+    if not isinstance(cards, list):
+        return None
+    found = [
+        card["max_model_len"]
+        for card in cards
+        if isinstance(card, Mapping)
+        and isinstance(card.get("max_model_len"), int)
+        and not isinstance(card.get("max_model_len"), bool)
+        and 0 < card["max_model_len"] <= MAX_COUNT
+    ]
+    return max(found) if found else None
+
+
+MAX_LISTED_MODELS = 1024
+"""Most model names kept from one engine's listing (the rest are ignored)."""
+
+
+def parse_model_names(doc: object) -> frozenset[str] | None:
+    """The model names of a `GET /v1/models` answer (each `data[].id`); None if not a listing.
+
+    At most `MAX_LISTED_MODELS` entries are read; entries without a string
+    `id` are skipped. O(entries).
+    """
+    data = doc.get("data") if isinstance(doc, Mapping) else None
+    if not isinstance(data, list):
+        return None
+    names = (e.get("id") for e in data[:MAX_LISTED_MODELS] if isinstance(e, Mapping))
+    return frozenset(n for n in names if isinstance(n, str) and n)
 
 
 # -- the pool ---------------------------------------------------------------------
@@ -306,7 +380,16 @@ def parse_metrics(text: str) -> EngineMetrics:
 class _Slot:
     """One endpoint's mutable state (internal)."""
 
-    __slots__ = ("failures", "observed_at", "passive", "scraped", "source", "spec")
+    __slots__ = (
+        "failures",
+        "listed",
+        "max_model_len",
+        "observed_at",
+        "passive",
+        "scraped",
+        "source",
+        "spec",
+    )
 
     def __init__(self, spec: EndpointSpec, source: Path | None) -> None:
         self.spec = spec
@@ -315,9 +398,15 @@ class _Slot:
         self.observed_at: float | None = None
         self.failures = 0  # consecutive failed health checks
         self.passive = False  # marked failed by the gateway since the last good check
+        self.max_model_len: int | None = None  # from the engine's /v1/models
+        self.listed: frozenset[str] | None = None  # its model names, from the same answer
 
     def healthy(self, unhealthy_after: int) -> bool:
         return not self.passive and self.failures < unhealthy_after
+
+    def served(self) -> frozenset[str] | None:
+        """The names this endpoint serves: configured, else listed; None: any name."""
+        return self.spec.models or self.listed
 
 
 class EndpointPool:
@@ -350,6 +439,7 @@ class EndpointPool:
         self._files: dict[Path, tuple[int, int] | None] = {Path(f): None for f in files}
         self._pending: dict[Path, tuple[int, int]] = {}
         self._states: list[EndpointState] | None = None
+        self._catalog: tuple[frozenset[str], bool] | None = None  # (served names, all known)
         self._tasks: list[asyncio.Task[None]] = []
         for spec in endpoints:
             self._add(spec, None)
@@ -367,17 +457,46 @@ class EndpointPool:
                 EndpointState(
                     id=s.spec.id,
                     address=s.spec.address,
-                    models=s.spec.models,  # type: ignore[arg-type]  # generic converter
+                    models=s.served() or frozenset(),
                     waiting=s.scraped.waiting,
                     running=s.scraped.running,
                     kv_usage=s.scraped.kv_usage or 0.0,
                     kv_capacity_blocks=s.scraped.kv_capacity_blocks,
                     healthy=s.healthy(after),
                     observed_at=s.observed_at,
+                    max_model_len=s.max_model_len,
                 )
                 for s in self._slots.values()
             ]
         return states
+
+    def served_models(self) -> frozenset[str]:
+        """Every model name some endpoint serves (configured or listed; a cached set).
+
+        O(1) while nothing changed, O(endpoints x names) to rebuild after a
+        change of the pool or of a listing.
+        """
+        return self._models()[0]
+
+    def serves(self, model: str) -> bool | None:
+        """Whether some endpoint serves `model`: True, False, or None when unknowable.
+
+        False only when every endpoint's names are known (configured or
+        listed) and none has `model`; None when the pool is empty or an
+        endpoint may serve any name. O(1) on average.
+        """
+        names, closed = self._models()
+        if model in names:
+            return True
+        return False if closed and self._slots else None
+
+    def _models(self) -> tuple[frozenset[str], bool]:
+        catalog = self._catalog
+        if catalog is None:
+            served = [s.served() for s in self._slots.values()]
+            names = frozenset[str]().union(*(n for n in served if n is not None))
+            catalog = self._catalog = (names, all(n is not None for n in served))
+        return catalog
 
     def address(self, endpoint: EndpointId) -> str | None:
         """The `host:port` of `endpoint`, None if it is not (or no longer) in the pool."""
@@ -509,6 +628,7 @@ class EndpointPool:
         if ok:
             slot.failures = 0
             slot.passive = False
+            await self._read_models(slot)
         else:
             slot.failures += 1
         now = slot.healthy(after)
@@ -516,15 +636,43 @@ class EndpointPool:
             self._states = None
             log.warning("endpoint %s is %s", slot.spec.id, "healthy" if now else "unhealthy")
 
+    async def _read_models(self, slot: _Slot) -> None:
+        """Read the engine's `max_model_len` and model names from `/v1/models` (module doc)."""
+        url = f"http://{slot.spec.address}{MODELS_PATH}"
+        try:
+            async with self._http().get(
+                url, timeout=self._timeout, allow_redirects=False
+            ) as response:
+                body = await response.read()
+                if response.status == 404:  # no model list: an engine that does not say
+                    doc: object = None
+                else:
+                    response.raise_for_status()
+                    doc = json.loads(body)
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            log.debug("reading %s failed: %r", url, exc)
+            return
+        listed = parse_model_names(doc)
+        if listed != slot.listed:
+            slot.listed = listed
+            if self._slots.get(slot.spec.id) is slot:
+                self._states = self._catalog = None
+        found = parse_max_model_len(doc)
+        if found != slot.max_model_len:
+            slot.max_model_len = found
+            if self._slots.get(slot.spec.id) is slot:
+                self._states = None
+            log.info("endpoint %s: max_model_len %s", slot.spec.id, found)
+
     # -- membership -----------------------------------------------------------------
 
     def _add(self, spec: EndpointSpec, source: Path | None) -> None:
         self._slots[spec.id] = _Slot(spec, source)
-        self._states = None
+        self._states = self._catalog = None
 
     def _remove(self, endpoint: EndpointId) -> None:
         del self._slots[endpoint]
-        self._states = None
+        self._states = self._catalog = None
         if self._on_removed is not None:
             self._on_removed(endpoint)
 
@@ -570,7 +718,7 @@ class EndpointPool:
                 changed = True
             elif new != slot.spec:
                 slot.spec = new
-                self._states = None
+                self._states = self._catalog = None
                 changed = True
         for eid, spec in wanted.items():
             current = self._slots.get(eid)

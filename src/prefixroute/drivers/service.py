@@ -7,34 +7,61 @@ monotonic clock: the `Router`, the `EndpointPool` that scrapes and health
 checks the engines (telling the router when an endpoint leaves), the
 `GatewayMetrics` exporter, the tenant `IdentityConfig`, and the `Deferrals`
 where deferred requests wait; and they turn a request body into a routed
-`Request` the same way (`RoutingService.prepare`: JSON, identity, the
-OpenAI parser, tenant isolation salts, asking a streaming engine for usage).
-`RoutingService` is that shared part; each driver subclasses it.
+`Request` the same way (`RoutingService.read_request`: JSON, identity, the
+OpenAI parser, tenant isolation salts, asking a streaming engine for usage,
+then 404 for a model no endpoint serves). `RoutingService` is that shared
+part; each driver subclasses it.
+
+A body over `OFFLOAD_BYTES` is parsed (and re-serialised when it changes) in
+a worker thread, so one large request does not hold up every other request
+on the event loop; the router itself is only ever called on the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
 from prefixroute.blocks import Blocker
+from prefixroute.drivers.context import check_context
 from prefixroute.drivers.deferral import Deferrals
+from prefixroute.drivers.errors import clip
 from prefixroute.drivers.metrics import GatewayMetrics, RequestRecord
 from prefixroute.drivers.pool import EndpointPool
 from prefixroute.drivers.settings import DriverConfig
-from prefixroute.endpoint import EndpointId
+from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
 from prefixroute.request import Request, RequestError
 from prefixroute.router import Router
 
-__all__ = ["Prepared", "Refusal", "RoutingService", "isolation_salt"]
+__all__ = [
+    "MAX_MODEL_CHARS",
+    "OFFLOAD_BYTES",
+    "OFFLOAD_THREADS",
+    "Prepared",
+    "Refusal",
+    "RoutingService",
+    "isolation_salt",
+]
+
+MAX_MODEL_CHARS = 1024
+"""Longest model name accepted (400 beyond): longer than any served name or path."""
+OFFLOAD_BYTES = 256 * 1024
+"""Bodies larger than this are parsed in a worker thread, off the event loop."""
+OFFLOAD_THREADS = 2
+"""Worker threads for large bodies (more wait their turn: bounded CPU, a free loop)."""
 
 
 class Refusal(Exception):
@@ -62,6 +89,8 @@ class Prepared:
     payload: bytes
     usage_asked: bool
     changed: bool
+    keys: npt.NDArray[np.uint64] | None = None
+    """The request's block keys when hashed ahead (in the worker thread): pass to `route`."""
 
 
 def isolation_salt(blocker: Blocker, tenant: str, client_salt: str | None) -> str:
@@ -126,10 +155,12 @@ class RoutingService:
             pool_name=config.metrics.pool_name,
             stale_after_s=config.scrape.stale_after_s,
             clock=clock,
+            served_models=self.pool.served_models,
         )
         self.identity = config.identity
         self.deferrals = Deferrals(self.router, self.pool.states, clock)
         self.draining = False
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start_service(self, release_interval_s: float) -> None:
         """Start the pool (one scrape and health round first) and the release ticker."""
@@ -140,6 +171,9 @@ class RoutingService:
         """Answer requests still deferred with 503 (`reason`), stop the ticker and the pool."""
         await self.deferrals.stop(reason)
         await self.pool.stop()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers = None
 
     def _endpoint_removed(self, endpoint: EndpointId) -> None:
         self.router.observe(EndpointRemoved(endpoint=endpoint))
@@ -148,7 +182,7 @@ class RoutingService:
         """Hand released requests to their waiting handlers (`Deferrals.release`)."""
         self.deferrals.release()
 
-    def prepare(
+    async def read_request(
         self,
         body: bytes,
         headers: Mapping[str, str],
@@ -156,16 +190,88 @@ class RoutingService:
         *,
         may_ask_usage: bool,
     ) -> Prepared:
+        """`prepare`, in a worker thread for a body over `OFFLOAD_BYTES`; then the model check.
+
+        The check runs on the loop: `Refusal` 404 `model_not_found` (as vLLM
+        and the OpenAI API answer) when no endpoint of the pool serves the
+        requested model (`EndpointPool.serves` is False). When an endpoint
+        may serve any name (no `models` configured, none listed) the router
+        decides, and an engine answers for names it does not serve.
+        """
+        endpoints = self.pool.states()  # read on the loop: the pool is the loop's
+        if len(body) <= OFFLOAD_BYTES:
+            prepared = self.prepare(
+                body, headers, record, may_ask_usage=may_ask_usage, endpoints=endpoints
+            )
+        else:
+            if self._workers is None:
+                self._workers = concurrent.futures.ThreadPoolExecutor(
+                    OFFLOAD_THREADS, thread_name_prefix="prefixroute-parse"
+                )
+            # the thread fills a scratch record: `record` is the loop's alone
+            scratch = RequestRecord(record.metrics, record.started)
+            job = functools.partial(
+                self._prepare_and_hash,
+                body,
+                dict(headers),
+                scratch,
+                may_ask_usage=may_ask_usage,
+                endpoints=endpoints,
+            )
+            try:
+                prepared = await asyncio.get_running_loop().run_in_executor(self._workers, job)
+            finally:
+                record.model, record.tenant = scratch.model, scratch.tenant
+        model = prepared.request.model
+        if self.pool.serves(model) is False:
+            raise Refusal(
+                404,
+                f"The model `{clip(model)}` does not exist.",
+                code="model_not_found",
+                param="model",
+            )
+        return prepared
+
+    def _prepare_and_hash(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        record: RequestRecord,
+        *,
+        may_ask_usage: bool,
+        endpoints: Sequence[EndpointState],
+    ) -> Prepared:
+        """`prepare`, then the request's block keys (`Blocker.keys`): both off the loop."""
+        prepared = self.prepare(
+            body, headers, record, may_ask_usage=may_ask_usage, endpoints=endpoints
+        )
+        return attrs.evolve(prepared, keys=self.router.blocker.keys(prepared.request))
+
+    def prepare(
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        record: RequestRecord,
+        *,
+        may_ask_usage: bool,
+        endpoints: Sequence[EndpointState] | None = None,
+    ) -> Prepared:
         """Parse a completions body and its headers into what the router and the engine get.
 
         JSON (400 `invalid-json`), identity (400/401, `IdentityConfig.resolve`)
-        and `parse_openai` (400/413 naming the field) raise `Refusal`. With
+        and `parse_openai` (400/413 naming the field) raise `Refusal`, and so
+        does a model name that is not printable text (a lone surrogate, a
+        control character) or is over `MAX_MODEL_CHARS` (400), and a prompt
+        longer than any engine of its model takes (400
+        `context_length_exceeded`, `prefixroute.drivers.context`, judged
+        over `endpoints`, default the pool's states). With
         `hashing.isolate_tenants` the request and the payload carry the
         tenant's `isolation_salt`; a streaming request whose client did not
         ask for usage gets `stream_options.include_usage` when
         `may_ask_usage` (the driver can hide the usage chunk again). Sets
         `record.model` and `record.tenant` as soon as they are known.
-        O(body size).
+        Given `endpoints`, touches nothing but `record`: safe in a worker
+        thread. O(body size).
         """
         try:
             doc = json.loads(body)
@@ -175,6 +281,13 @@ class RoutingService:
             raise Refusal(400, "the request body must be a JSON object", code="invalid-json")
         model = doc.get("model")
         if isinstance(model, str) and model:
+            if len(model) > MAX_MODEL_CHARS or not model.isprintable():
+                raise Refusal(
+                    400,
+                    f"model must be at most {MAX_MODEL_CHARS} printable characters",
+                    code="invalid-request",
+                    param="model",
+                )
             record.model = model
         try:
             identity = self.identity.resolve(headers, doc)
@@ -196,6 +309,11 @@ class RoutingService:
         )
         forwarded: dict[str, Any] | None = None
         blocker = self.router.blocker
+        states = endpoints if endpoints is not None else self.pool.states()
+        too_long = check_context(request, blocker, states)
+        if too_long is not None:  # no engine of the model takes it: 400 as vLLM would
+            param = "messages" if "messages" in doc else "prompt"
+            raise Refusal(400, too_long.message, code=too_long.code, param=param)
         if blocker.isolate_tenants:
             salt = isolation_salt(blocker, request.tenant, request.cache_salt)
             request = attrs.evolve(request, cache_salt=salt)

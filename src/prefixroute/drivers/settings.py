@@ -20,10 +20,11 @@ from typing import Any
 
 import attrs
 
-from prefixroute.config import ConfigError, build_section, load_config, positive_number
+from prefixroute.config import ConfigError, load_config
 from prefixroute.drivers.documents import read_document
 from prefixroute.drivers.identity import IdentityConfig
 from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
+from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.router import Router
 
 __all__ = ["DRIVER_SECTIONS", "DriverConfig", "MetricsConfig", "ServerConfig"]
@@ -37,6 +38,11 @@ _SERVER_KEYS = {
     "drain_timeout_s": "float",
     "release_interval_s": "float",
     "explain_header": "bool",
+    "head_limit_bytes": "int",
+    "max_headers": "int",
+    "head_timeout_s": "float",
+    "body_timeout_s": "float",
+    "max_connections": "int",
 }
 _METRICS_KEYS = {"max_tenants": "int", "pool_name": "str"}
 DRIVER_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics")
@@ -52,8 +58,14 @@ class ServerConfig:
     an error event in the stream. `drain_timeout_s` bounds the graceful
     shutdown. `explain_header` adds `x-prefixroute-decision` to responses
     (it reveals cache state: keep it off where tenants must not learn it).
-    The picker validates this section but listens where its `extproc`
-    section says.
+    The client-side limits (`prefixroute.drivers.gateway.protocol`) bound a
+    request head's size (`head_limit_bytes`, 64 KiB: Envoy's 60 KiB rounded
+    up) and field count (`max_headers`, 100 as Envoy), the time to send a
+    head (`head_timeout_s`, 30 s) and the idle time between body reads
+    (`body_timeout_s`, 60 s as nginx), and the open client connections
+    (`max_connections`, 4096; the file-descriptor limit must leave room for
+    as many upstream connections). The picker validates this section but
+    listens where its `extproc` section says (Envoy holds the client side).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +78,11 @@ class ServerConfig:
     drain_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
     release_interval_s: float = attrs.field(default=0.05, validator=positive_number)
     explain_header: bool = False
+    head_limit_bytes: int = attrs.field(default=64 * 1024, validator=attrs.validators.ge(1024))
+    max_headers: int = attrs.field(default=100, validator=attrs.validators.ge(1))
+    head_timeout_s: float = attrs.field(default=30.0, validator=positive_number)
+    body_timeout_s: float = attrs.field(default=60.0, validator=positive_number)
+    max_connections: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
 
 
 @attrs.frozen

@@ -17,7 +17,9 @@ thus share exactly those token blocks, as in the serving system that recorded
 the trace.
 
 The file is read and checked whole at construction (a bad line raises
-`ScenarioError` naming `file:line`), into compact arrays (about 20 bytes per
+`ScenarioError` naming `file:line`; an unreadable, truncated or corrupt file
+`ScenarioError` naming the file; nothing else escapes; lengths are at most
+`MAX_LENGTH` tokens), into compact arrays (about 20 bytes per
 block id); the token arrays are made lazily, one request per `next`.
 """
 
@@ -27,6 +29,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -39,10 +42,14 @@ from prefixroute.sim.schema import ScenarioError
 from prefixroute.sim.source import SimRequest
 from prefixroute.sim.tokenizer import synthetic_blocks, synthetic_tokens
 
-__all__ = ["PAD_KEY_BASE", "TraceSource"]
+__all__ = ["MAX_LENGTH", "PAD_KEY_BASE", "TraceSource"]
 
 PAD_KEY_BASE = 1 << 31
 """Record `i` pads with `synthetic_tokens(PAD_KEY_BASE + i, ...)`; hash ids stay below."""
+
+MAX_LENGTH = 1 << 24
+"""Largest `input_length` or `output_length` accepted (16 Mi tokens): far beyond any
+context, and small enough that one request's tokens always fit in memory."""
 
 
 def _open(path: Path) -> IO[str]:
@@ -57,6 +64,10 @@ def _int(record: dict[str, Any], key: str, minimum: int, where: str) -> int:
         raise ScenarioError(where, f"{key} must be an integer, got {value!r}")
     if value < minimum:
         raise ScenarioError(where, f"{key} must be >= {minimum}, got {value}")
+    if value > MAX_LENGTH:
+        digits = str(value)
+        shown = digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise ScenarioError(where, f"{key} must be <= {MAX_LENGTH} (2**24), got {shown}")
     return value
 
 
@@ -105,7 +116,7 @@ class TraceSource:
                     outputs.append(n_out)
                     flat.extend(ids)
                     offsets.append(len(flat))
-        except OSError as exc:  # missing file, bad gzip, ...
+        except (OSError, EOFError, zlib.error) as exc:  # missing file, bad or truncated gzip
             raise ScenarioError(str(self.path), f"cannot read trace: {exc}") from exc
         except UnicodeDecodeError as exc:
             raise ScenarioError(str(self.path), f"not UTF-8 text: {exc.reason}") from exc
@@ -122,11 +133,17 @@ class TraceSource:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ScenarioError(where, f"invalid JSON: {exc.msg}") from exc
+        except (ValueError, RecursionError) as exc:  # a number of > 4300 digits, deep nesting
+            raise ScenarioError(where, f"invalid JSON: {type(exc).__name__}") from exc
         if not isinstance(record, dict):
             raise ScenarioError(where, f"must be a JSON object, got {type(record).__name__}")
         stamp = record.get("timestamp")
         if isinstance(stamp, bool) or not isinstance(stamp, int | float):
             raise ScenarioError(where, f"timestamp must be a number, got {stamp!r}")
+        if isinstance(stamp, int) and stamp.bit_length() > 64:  # math.isfinite would overflow
+            raise ScenarioError(
+                where, f"timestamp must be below 2**64, got {stamp.bit_length()} bits"
+            )
         if not (math.isfinite(stamp) and stamp >= 0):
             raise ScenarioError(where, f"timestamp must be finite and >= 0, got {stamp!r}")
         n_in = _int(record, "input_length", 1, where)

@@ -346,5 +346,6 @@ def create_app(config: FakeEngineConfig) -> Starlette:
         Route("/reset_prefix_cache", h.flush_cache, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
+    app.router.redirect_slashes = False  # no 307 to a Host-header URL: a trailing slash is a 404
     app.state.fake_engine = fake
     return app

@@ -6,6 +6,8 @@ engine's usage back to the router. Its parts:
 
 - `app`: the `Gateway` (state and request handlers) and `create_app`, the
   Starlette ASGI app;
+- `protocol`: the HTTP connection (uvicorn's httptools protocol with limits on
+  head size, header count, head and body read times and open connections);
 - `responses`: OpenAI-style error responses (Starlette), also used by the fake engine;
 - `server`: the process around the app: uvicorn, signals, the drain, and
   the `prefixroute serve` command line (`python -m prefixroute.drivers.gateway`).

@@ -7,7 +7,9 @@ health checks), one shared `aiohttp.ClientSession` for forwarding, and the
 
 1. read the body (at most `body_limit_bytes`: 413), decode JSON (400), resolve
    identity (400/401, `prefixroute.drivers.identity`), parse it with
-   `prefixroute.openai.parse_openai` (400/413 naming the field);
+   `prefixroute.openai.parse_openai` (400/413 naming the field), all in a
+   worker thread for a large body (`RoutingService.read_request`); 404
+   `model_not_found` for a model no endpoint serves;
 2. with `hashing.isolate_tenants`, replace `cache_salt` with a salt keyed by
    the hashing seed over the tenant (or its group) and the client's salt, in
    both the routed `Request` and the forwarded body, so tenants never share
@@ -54,7 +56,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from prefixroute.decision import Decision, Deferral, Rejection
-from prefixroute.drivers.errors import error_body
+from prefixroute.drivers.errors import clip, error_body
 from prefixroute.drivers.gateway.responses import error_response
 from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.drivers.service import Refusal, RoutingService
@@ -312,7 +314,7 @@ class Gateway(RoutingService):
             )
         ex.request_bytes = len(body)
         try:
-            prepared = self.prepare(body, http.headers, ex, may_ask_usage=True)
+            prepared = await self.read_request(body, http.headers, ex, may_ask_usage=True)
         except Refusal as refusal:
             return self._fail(
                 ex, refusal.status, refusal.message, code=refusal.code, param=refusal.param
@@ -323,7 +325,7 @@ class Gateway(RoutingService):
         ex.begin()
         now = self.clock()
         t0 = time.perf_counter()
-        outcome = self.router.route(request, self.pool.states(), now)
+        outcome = self.router.route(request, self.pool.states(), now, keys=prepared.keys)
         elapsed = time.perf_counter() - t0
         if isinstance(outcome, Decision):
             self.metrics.observe_decision(elapsed, "decision", decision=outcome)
@@ -690,10 +692,11 @@ def create_app(
     async def http_error(http: HttpRequest, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        codes = {404: "not-found", 405: "method-not-allowed"}  # as the picker and Envoy say
         return error_response(
             exc.status_code,
-            f"{message}: {http.method} {http.url.path}",
-            code=None,
+            f"{message}: {http.method} {clip(http.url.path)}",
+            code=codes.get(exc.status_code),
             headers=exc.headers,
         )
 
@@ -712,5 +715,8 @@ def create_app(
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    # Starlette answers `/v1/chat/completions/` with a 307 to the slashless URL built
+    # from the client's Host header (an open redirect): such a path is a 404 instead.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app

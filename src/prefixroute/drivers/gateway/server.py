@@ -4,7 +4,11 @@ uvicorn (with uvloop and httptools when installed) runs the app from
 `prefixroute.drivers.gateway.app.create_app` on one event loop. SIGTERM or
 SIGINT starts a drain: `/health` answers 503 at once, uvicorn stops
 accepting connections and open requests get up to `server.drain_timeout_s`
-to finish; a completed drain exits with status 0. `cli_arguments` and
+to finish; a completed drain exits with status 0. Connections are uvicorn's
+httptools protocol with the gateway's client-side limits (head size and
+count, head and body read times, open connections:
+`prefixroute.drivers.gateway.protocol`); `uvicorn_config` builds the uvicorn
+configuration with them. `cli_arguments` and
 `cli_main` are the `prefixroute serve` command (`prefixroute.cli`), also run
 by `python -m prefixroute.drivers.gateway`.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import resource
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -23,9 +28,13 @@ import uvicorn
 
 from prefixroute.config import ConfigError
 from prefixroute.drivers.gateway.app import Gateway, create_app
-from prefixroute.drivers.settings import DriverConfig
+from prefixroute.drivers.gateway.protocol import protocol_class
+from prefixroute.drivers.settings import DriverConfig, ServerConfig
+from prefixroute.schema import evolve
 
-__all__ = ["cli_arguments", "cli_main", "serve"]
+__all__ = ["cli_arguments", "cli_main", "serve", "uvicorn_config"]
+
+log = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
@@ -46,20 +55,47 @@ class _Server(uvicorn.Server):
             captured.clear()
 
 
-def serve(config: DriverConfig, *, log_level: str = "info") -> None:
-    """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
-    app = create_app(config)
-    server = config.server
-    uv = uvicorn.Config(
+def uvicorn_config(app: Any, server: ServerConfig, *, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's configuration for `app` listening as `server` says, with its client limits.
+
+    The connection class is `protocol.GatewayProtocol` (httptools) carrying
+    `server`'s head, body and connection limits; idle keep-alive connections
+    close after uvicorn's 5 s.
+    """
+    return uvicorn.Config(
         app,
         host=server.host,
         port=server.port,
+        http=protocol_class(server),
         log_level=log_level,
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(server.drain_timeout_s)),
         access_log=log_level == "debug",
     )
-    _Server(uv, app.state.gateway).run()
+
+
+def serve(config: DriverConfig, *, log_level: str = "info") -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
+    app = create_app(config)
+    _warn_file_limit(config.server.max_connections)
+    _Server(uvicorn_config(app, config.server, log_level=log_level), app.state.gateway).run()
+
+
+def _warn_file_limit(max_connections: int) -> None:
+    """Warn when the process may run out of file descriptors before `max_connections`.
+
+    Each client connection can hold an upstream one too, so the soft limit
+    should be about twice the cap; past it, accepting fails (uvicorn logs and
+    retries) instead of the cap's clean 503.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 2 * max_connections + 64:
+        log.warning(
+            "the open-file limit (%d) is below twice server.max_connections (%d): "
+            "raise it (ulimit -n) or lower the cap",
+            soft,
+            max_connections,
+        )
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -89,9 +125,12 @@ def cli_main(args: argparse.Namespace) -> int:
             overrides["port"] = args.port
         if overrides:
             try:
-                config = attrs.evolve(config, server=attrs.evolve(config.server, **overrides))
-            except ValueError as exc:
-                raise ConfigError("--port", str(exc)) from exc
+                server = evolve(config.server, overrides, "", error=ConfigError)
+            except ConfigError as exc:
+                raise ConfigError(
+                    "--" + exc.path if exc.path else "command line", exc.message
+                ) from exc
+            config = attrs.evolve(config, server=server)
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
