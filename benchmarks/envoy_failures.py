@@ -53,7 +53,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
@@ -70,9 +69,10 @@ import attrs
 
 from prefixroute.devtools.envoy import EXAMPLES, Envoy, envoy_binary, free_ports, render, run_envoy
 from prefixroute.devtools.live import (
-    free_port,
+    ROUND_ROBIN,
     free_port_block,
     start_engines,
+    start_picker,
     supervised,
     wait_ready,
 )
@@ -81,23 +81,6 @@ SCENARIOS = ("engine-death", "picker-death")
 PHASE_S = 1.0  # the health checks' interval (Envoy's of the picker, the picker's of engines)
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 MODEL = "qwen3-0.6b"
-ROUND_ROBIN: dict[str, Any] = {
-    "plugins": [
-        {"type": "healthy-filter"},
-        {"type": "queue-depth-scorer"},
-        {"type": "round-robin-picker"},
-    ],
-    "profiles": [
-        {
-            "name": "rr",
-            "plugins": [
-                {"pluginRef": "healthy-filter"},
-                {"pluginRef": "queue-depth-scorer"},
-                {"pluginRef": "round-robin-picker"},
-            ],
-        }
-    ],
-}
 """A prefix-blind router: requests alternate between the healthy endpoints."""
 
 SMALL = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -150,29 +133,6 @@ def drop_retry_policies(doc: dict[str, Any]) -> None:
             route.get("route", {}).pop("retry_policy", None)
 
 
-def start_picker(
-    doc: dict[str, Any], workdir: Path, port: int
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m prefixroute.drivers.extproc` on 127.0.0.1:`port` with config `doc` (plus
-    its `extproc` host, ports); (process, its /health URL). Its own session: our signals only."""
-    metrics_port = free_port()
-    extproc = {**doc.get("extproc", {}), "host": "127.0.0.1", "port": port}
-    doc = {**doc, "extproc": {**extproc, "metrics_port": metrics_port}}
-    path = workdir / "extproc.json"
-    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    args = [sys.executable, "-m", "prefixroute.drivers.extproc", "--config", str(path)]
-    with open(workdir / "extproc.log", "wb") as log:
-        proc = subprocess.Popen(
-            [*args, "--log-level", "warning"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-    return proc, f"http://127.0.0.1:{metrics_port}/health"
-
-
 @contextlib.contextmanager
 def stack(
     s: Scenario, workdir: Path, engines: int, time_scale: float, picker_doc: dict[str, Any]
@@ -208,7 +168,7 @@ def stack(
             ],
             "extproc": {"drain_timeout_s": 10, "fallback_list": fallback_list},
         }
-        picker, health = start_picker(doc, workdir, ports.extproc)
+        picker, health = start_picker(doc, ports.extproc, workdir)
         procs.append(picker)
         wait_ready([health], procs)
         envoy = envoy_stack.enter_context(run_envoy(rendered))

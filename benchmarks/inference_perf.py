@@ -70,6 +70,7 @@ import attrs
 import yaml
 
 from prefixroute.devtools.live import (
+    ROUND_ROBIN,
     free_port,
     free_port_block,
     log_tail,
@@ -86,24 +87,6 @@ MODEL = "qwen3-0.6b"  # the fake engine's default served model name
 MIN_PYTHON = (3, 12)  # inference-perf's Requires-Python
 ROUTERS = ("prefixroute", "round-robin")
 # The baseline router: healthy endpoints in turn (the gateway's router section).
-ROUND_ROBIN: dict[str, Any] = {
-    "plugins": [
-        {"type": "healthy-filter"},
-        {"type": "queue-depth-scorer"},  # a profile needs a scorer; the picker ignores it
-        {"type": "round-robin-picker"},
-    ],
-    "profiles": [
-        {
-            "name": "rr",
-            "plugins": [
-                {"pluginRef": "healthy-filter"},
-                {"pluginRef": "queue-depth-scorer"},
-                {"pluginRef": "round-robin-picker"},
-            ],
-        }
-    ],
-}
-
 GATEWAY_COUNTERS = (
     "prefixroute_decisions_total",
     "prefixroute_completions_total",

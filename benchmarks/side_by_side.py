@@ -105,6 +105,7 @@ from prefixroute.devtools.live import (
     sample_fleet,
     start_engines,
     start_gateway,
+    start_picker,
     supervised,
     wait_ready,
 )
@@ -251,34 +252,6 @@ def wait_sglang_workers(url: str, n: int, proc: subprocess.Popen[bytes], timeout
     raise RuntimeError(f"sglang-router did not register {n} healthy workers in {timeout_s:g} s")
 
 
-def start_extproc(
-    addresses: Sequence[str], port: int, workdir: Path
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`prefixroute extproc` on 127.0.0.1:`port` over `addresses`; (process, its /health URL).
-
-    The config is `ours`' generated one (default router profile, the same
-    endpoints and scrape defaults) without its `server` section, plus the
-    `extproc` section: gRPC on `port`, `/metrics` and `/health` on another
-    loopback port.
-    """
-    metrics_port = free_port()
-    doc = {k: v for k, v in gateway_config(addresses, 0).items() if k != "server"}
-    doc["extproc"] = {"host": "127.0.0.1", "port": port, "metrics_port": metrics_port}
-    path = workdir / "extproc.json"
-    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    args = [sys.executable, "-m", "prefixroute.drivers.extproc", "--config", str(path)]
-    with open(workdir / "extproc.log", "wb") as f:
-        proc = subprocess.Popen(
-            [*args, "--log-level", "warning"],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-    return proc, f"http://127.0.0.1:{metrics_port}/health"
-
-
 @contextlib.contextmanager
 def fleet(
     router: str, engines: int, time_scale: float, workdir: Path, sglang: Path | None
@@ -300,7 +273,8 @@ def fleet(
             urls = [url]
         elif router == "envoy":
             ports = free_ports()
-            picker, health = start_extproc(addresses, ports.extproc, workdir)
+            picker_doc = {k: v for k, v in gateway_config(addresses, 0).items() if k != "server"}
+            picker, health = start_picker(picker_doc, ports.extproc, workdir)
             procs.append(picker)
             wait_ready([health], procs)
             urls = [stack.enter_context(run_envoy(render("envoy.yaml", ports))).url]

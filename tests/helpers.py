@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefixroute import EndpointState, LoadTracker, PrefixMatch, Request, RouteContext
+from prefixroute.devtools.live import ROUND_ROBIN as ROUND_ROBIN  # shared with the benchmarks
 from prefixroute.endpoint import EndpointId
 
 
@@ -51,23 +52,6 @@ def context(
 MODEL = "qwen3-0.6b"
 """The model the fake engines serve."""
 
-ROUND_ROBIN: dict[str, Any] = {
-    "plugins": [
-        {"type": "healthy-filter"},
-        {"type": "queue-depth-scorer"},
-        {"type": "round-robin-picker"},
-    ],
-    "profiles": [
-        {
-            "name": "rr",
-            "plugins": [
-                {"pluginRef": "healthy-filter"},
-                {"pluginRef": "queue-depth-scorer"},
-                {"pluginRef": "round-robin-picker"},
-            ],
-        }
-    ],
-}
 """A router config that ignores prefixes: requests alternate between healthy endpoints."""
 
 

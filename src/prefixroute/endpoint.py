@@ -15,6 +15,8 @@ from typing import NewType
 
 import attrs
 
+from prefixroute.request import is_text
+
 __all__ = ["MAX_COUNT", "EndpointId", "EndpointState", "Role"]
 
 EndpointId = NewType("EndpointId", str)
@@ -36,17 +38,9 @@ beyond it a value is a scrape gone wrong, and float arithmetic on it would overf
 def _endpoint_id(value: object) -> EndpointId:
     if not isinstance(value, str) or not value:
         raise ValueError(f"endpoint id must be a non-empty string, got {value!r}")
-    if not _encodable(value):
+    if not is_text(value):
         raise ValueError(f"endpoint id must be valid text (no lone surrogates), got {value!r}")
     return EndpointId(value)
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _names(field: str, value: object) -> frozenset[str]:
@@ -77,7 +71,7 @@ def _check_address(_inst: object, _attr: attrs.Attribute[str], value: str) -> No
         or not host
         or not (port.isascii() and port.isdigit())
         or not 0 < int(port) < 65536
-        or not _encodable(host)
+        or not is_text(host)
     ):
         raise ValueError(f"address must be host:port, got {value!r}")
 

@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Request", "RequestError", "Usage"]
+__all__ = ["Request", "RequestError", "Usage", "is_text"]
 
 TokenIds = npt.NDArray[np.uint32]
 
@@ -63,7 +63,8 @@ _ID_FIELDS = ("tenant", "session", "lora", "request_id")
 _INT64 = 2**63  # counts and priorities stay int64, so the router's float arithmetic cannot overflow
 
 
-def _encodable(value: str) -> bool:
+def is_text(value: str) -> bool:
+    """Whether `value` encodes as UTF-8 (no lone surrogates), as every id must. O(len)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -132,7 +133,7 @@ class Request:
                 raise RequestError(f"{name} must be a string or None", field=name)
         for name in _ID_FIELDS:  # ids are hashed and exported as UTF-8
             value = getattr(self, name)
-            if value is not None and not _encodable(value):
+            if value is not None and not is_text(value):
                 raise RequestError(f"{name} must be valid text (no lone surrogates)", field=name)
         if not isinstance(self.stream, bool):
             raise RequestError("stream must be a boolean", field="stream")

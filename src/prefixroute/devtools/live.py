@@ -152,6 +152,26 @@ def start_engines(
     return proc, [f"127.0.0.1:{base + i}" for i in range(n)]
 
 
+ROUND_ROBIN: dict[str, Any] = {
+    "plugins": [
+        {"type": "healthy-filter"},
+        {"type": "queue-depth-scorer"},  # a profile needs a scorer; the picker ignores it
+        {"type": "round-robin-picker"},
+    ],
+    "profiles": [
+        {
+            "name": "rr",
+            "plugins": [
+                {"pluginRef": "healthy-filter"},
+                {"pluginRef": "queue-depth-scorer"},
+                {"pluginRef": "round-robin-picker"},
+            ],
+        }
+    ],
+}
+"""A prefix-blind router (healthy endpoints in turn): the baseline for hit rates."""
+
+
 def gateway_config(addresses: Sequence[str], port: int) -> dict[str, Any]:
     """The generated gateway config: the default router, these endpoints, loopback only."""
     return {
@@ -179,6 +199,24 @@ def start_gateway(
         "prefixroute.drivers.gateway", ["--config", str(path)], workdir / "gateway.log"
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+def start_picker(
+    doc: Mapping[str, Any], port: int, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`prefixroute extproc` on 127.0.0.1:`port` with config `doc`; (process, its /health URL).
+
+    `doc`'s `extproc` section is kept, with the host, the gRPC `port` and a
+    free loopback port for `/metrics` and `/health` set over it.
+    """
+    metrics_port = free_port()
+    extproc = {**doc.get("extproc", {}), "host": "127.0.0.1", "port": port}
+    config = {**doc, "extproc": {**extproc, "metrics_port": metrics_port}}
+    path = workdir / "extproc.json"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    args = ["--config", str(path), "--log-level", "warning"]
+    proc = _python_module("prefixroute.drivers.extproc", args, workdir / "extproc.log")
+    return proc, f"http://127.0.0.1:{metrics_port}/health"
 
 
 def wait_ready(
