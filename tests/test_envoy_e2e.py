@@ -31,6 +31,7 @@ from prefixroute.devtools.envoy import (
     EXAMPLES,
     Envoy,
     Ports,
+    ext_proc_config,
     free_ports,
     render,
     run_envoy,
@@ -150,7 +151,7 @@ def test_fail_open_differs_from_fail_closed_only_where_it_says() -> None:
         manager = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
         config = manager["typed_config"]
         (ext_proc,) = [f for f in config["http_filters"] if f["name"] == PICKER_FILTERS[0]]
-        assert ext_proc["typed_config"].pop("failure_mode_allow") is allow
+        assert ext_proc_config(ext_proc).pop("failure_mode_allow") is allow
         routes = config["route_config"]["virtual_hosts"][0]["routes"]
         for no_pick in routes[2:4]:  # completions, models
             assert ("direct_response" in no_pick) is not allow
@@ -555,3 +556,71 @@ def test_a_client_silent_after_half_a_head_gets_a_json_408_quickly(
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert b"request-timeout" in body
+
+
+UNPARSABLE = [
+    # (request, status, error code): what Envoy answers itself, as the gateway does
+    (
+        b"FOO /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}",
+        400,
+        "invalid-request",
+    ),
+    (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/json\x7f\r\ncontent-length: 2\r\n\r\n{}",
+        400,
+        "invalid-request",
+    ),
+    (
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n"
+        + b"".join(b"x-%d: v\r\n" % i for i in range(101))
+        + b"\r\n",
+        431,
+        "head-too-large",
+    ),
+    (
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"v" * 61_440 + b"\r\n\r\n",
+        431,
+        "head-too-large",
+    ),
+]
+
+
+def read_answer(conn: socket.socket) -> tuple[bytes, bytes]:
+    """One response's head and body (by its content-length), without waiting for the close."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = conn.recv(65536)
+        assert chunk, f"closed without an answer, got {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    while len(body) < int(fields[b"content-length"]):
+        chunk = conn.recv(65536)
+        assert chunk, f"closed in the body, got {received!r}"
+        body += chunk
+    return head, body
+
+
+@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-failopen.yaml"])
+def test_requests_envoy_cannot_parse_get_a_json_answer(
+    config: str, engines: list[str], tmp_path: Path
+) -> None:
+    # Issue 12 (found by the fuzzer): Envoy sent its own 400/431 for these through ext_proc,
+    # held it for the picker and closed the connection first: 0 bytes, then a close after 1 s.
+    fallback = engines if config == "envoy-failopen.yaml" else ()
+    doc = {"endpoints": pool(*engines)}
+    with stack(doc, tmp_path, config=config, fallback=fallback) as (envoy, _):
+        port = int(envoy.url.rsplit(":", 1)[1])
+        for raw, status, code in UNPARSABLE:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(raw)
+                head, body = read_answer(conn)
+            assert head.startswith(b"HTTP/1.1 %d " % status), (raw[:60], head)
+            assert b"\r\ncontent-type: application/json" in head, head
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"}, error
+            assert error["code"] == code, error
+        assert envoy.stat("cluster.inference.upstream_rq_total") == 0
+        assert envoy.stat("cluster.extproc.upstream_rq_total") == 0  # the picker was skipped
+        assert engine_id(post(envoy, chat("still served"))) in {"fake-a", "fake-b"}

@@ -901,3 +901,41 @@ def test_get_models_lists_the_configured_models(engines: list[str]) -> None:
         assert with_body.immediate is not None and with_body.immediate.status.code == 400
 
     run(scenario())
+
+
+def test_a_local_reply_without_a_request_passes_through_unchanged(
+    engines: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Envoy sends its own reply to a request it could not parse (400, 431) through ext_proc
+    # unless the config skips the filter (examples/envoy/*.yaml do): the picker then sees
+    # response messages on a stream whose request it never saw. It must pass them through.
+    body = b'{"error": {"message": "bad", "type": "invalid_request_error"}}'
+
+    async def scenario() -> None:
+        async with picker(config({"endpoints": pool(*engines)})) as (server, proxy):
+            call = proxy.stub.Process()
+            headers = pb.HttpHeaders(
+                headers=header_map({":status": "400", "content-type": "application/json"})
+            )
+            first = pb.ProcessingRequest(response_headers=headers)
+            first.protocol_config.CopyFrom(
+                pb.ProtocolConfiguration(request_body_mode=DUPLEX, response_body_mode=DUPLEX)
+            )
+            await call.write(first)
+            await call.write(
+                pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=True))
+            )
+            await call.done_writing()
+            answers = [answer async for answer in call]
+            assert [a.WhichOneof("response") for a in answers] == [
+                "response_headers",
+                "response_body",
+            ]
+            assert answers[0].response_headers == pb.HeadersResponse()
+            streamed = answers[1].response_body.response.body_mutation.streamed_response
+            assert (streamed.body, streamed.end_of_stream) == (body, True)
+            assert server.processor.router.counters.decisions == 0
+
+    with caplog.at_level("ERROR"):
+        run(scenario())
+    assert not caplog.records

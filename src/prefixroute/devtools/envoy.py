@@ -135,7 +135,7 @@ def render(
     filters = manager["typed_config"]["http_filters"]
     if processing_mode:
         (ext_proc,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
-        ext_proc["typed_config"]["processing_mode"].update(processing_mode)
+        ext_proc_config(ext_proc)["processing_mode"].update(processing_mode)
     filters[:] = [f for f in filters if f["name"] not in without_filters]
     early = manager["typed_config"].get("early_header_mutation_extensions", [])
     early[:] = [f for f in early if f["name"] not in without_filters]
@@ -147,6 +147,18 @@ def render(
                 raise ValueError(f"{name} lists the model servers: pass `fallback` endpoints")
             _endpoints(clusters[listed], fallback)
     return doc
+
+
+def ext_proc_config(http_filter: dict[str, Any]) -> dict[str, Any]:
+    """The ExternalProcessor config of the `envoy.filters.http.ext_proc` entry `http_filter`.
+
+    The example configs wrap it in an ExtensionWithMatcher (the wrapper skips
+    it for Envoy's answers to unparsable requests); a bare one is returned as is.
+    """
+    config: dict[str, Any] = http_filter["typed_config"]
+    if "extension_config" in config:
+        config = config["extension_config"]["typed_config"]
+    return config
 
 
 def _endpoints(cluster: dict[str, Any], addresses: Sequence[str]) -> None:
