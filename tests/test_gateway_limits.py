@@ -145,13 +145,13 @@ def test_a_partial_head_is_answered_408_and_closed(recorder: tuple[Recorder, str
 
 def test_a_stalled_body_is_answered_408(recorder: tuple[Recorder, str]) -> None:
     stub, upstream = recorder
-    with limited_gateway(upstream, body_timeout_s=0.5) as gw, connect(gw.port) as sock:
+    with limited_gateway(upstream, body_timeout_s=1.0) as gw, connect(gw.port) as sock:
         sock.sendall(request_head() + BODY[:10])  # the body stops a few bytes in
         started = time.monotonic()
         status, headers, body = read_answer(sock)
         assert (status, body["error"]["code"]) == (408, "body-timeout")
         assert headers["connection"] == "close"
-        assert 0.4 < time.monotonic() - started < 4.0
+        assert 0.9 < time.monotonic() - started < 5.0
         # a body that keeps coming, slower than the whole timeout but faster than its idle
         # gaps, is not cut
         with connect(gw.port) as slow:
@@ -199,9 +199,10 @@ def test_a_header_that_never_ends_is_refused_before_the_head_timeout(
     stub, upstream = recorder
     with limited_gateway(upstream, head_limit_bytes=4096) as gw, connect(gw.port) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nx-endless: ")
+        time.sleep(0.2)  # the request begins in a read of its own (the later reads count whole)
         for _ in range(20):  # 20 KiB in separate reads, never a line end
             sock.sendall(b"e" * 1024)
-            time.sleep(0.005)
+            time.sleep(0.02)
         started = time.monotonic()
         status, _, body = read_answer(sock)
         assert (status, body["error"]["code"]) == (431, "head-too-large")

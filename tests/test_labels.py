@@ -160,8 +160,8 @@ def test_floods_of_unknown_and_huge_model_names_do_not_grow_gateway_metrics(
         httpx.Client(base_url=url, timeout=10) as client,
     ):
         post = "/v1/chat/completions"
+        assert client.post(post, json=chat("warm")).status_code == 200  # admits the tenant
         assert client.post(post, json=chat("warm", model="junk-0")).status_code == 404
-        assert client.post(post, json=chat("warm")).status_code == 200
         assert client.post(post, json=chat("warm", model="\x00")).status_code == 400
         before = client.get("/metrics").text
         huge = client.post(post, json=chat("huge", model="z" * 1_000_000))
@@ -186,7 +186,7 @@ def test_unknown_models_take_no_slot_in_the_picker(engines: list[str]) -> None:
             httpx.AsyncClient() as client,
         ):
             metrics = f"http://127.0.0.1:{port}/metrics"
-            for model in ("junk-a", MODEL, "\x00"):  # a 404, a decision, a 400
+            for model in (MODEL, "junk-a", "\x00"):  # a decision (admits the tenant), 404, 400
                 await proxy.send(json.dumps(chat("warm", model=model)).encode(), forward=False)
             before = (await client.get(metrics)).text
             for i in range(100):
@@ -362,3 +362,30 @@ def test_bodies_either_side_of_the_threshold_route_alike(engines: list[str], siz
         answer = httpx.post(f"{url}/v1/chat/completions", json=chat(text), timeout=20)
         wait_until(lambda: gw.router.counters.completions == 1, message="the completion")
     assert answer.status_code == 200, answer.text
+
+
+def tenant_labels(text: str) -> set[str]:
+    return {
+        s.labels["tenant"]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "prefixroute_requests_total"
+    }
+
+
+def test_refused_requests_take_no_tenant_slot(engines: list[str]) -> None:
+    with (
+        gateway({"endpoints": pool(*engines), "metrics": {"max_tenants": 4}}) as (url, _),
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        post = "/v1/chat/completions"
+        for i in range(10):  # junk tenants with requests the gateway refuses
+            junk = client.post(
+                post, json=chat("junk", model="nope"), headers={"x-tenant-id": f"junk-{i}"}
+            )
+            assert junk.status_code == 404
+        real = client.post(post, json=chat("real"), headers={"x-tenant-id": "acme"})
+        assert real.status_code == 200
+        labels = tenant_labels(client.get("/metrics").text)
+    assert "acme" in labels
+    assert not any(label.startswith("junk-") for label in labels)

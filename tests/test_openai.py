@@ -676,3 +676,17 @@ def test_tool_definitions_render_ahead_of_the_conversation() -> None:
     with pytest.raises(RequestError) as info:
         parse(chat(hello, tools="weather"))
     assert info.value.field == "tools"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": [{"role": "user", "content": "hi \ud800"}]},
+        {"model": "m", "prompt": "hi \udfff there"},
+    ],
+)
+def test_a_prompt_with_a_lone_surrogate_is_refused_before_routing(body: dict[str, Any]) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_openai(body, {})
+    assert info.value.status == 400
+    assert info.value.field == ("messages" if "messages" in body else "prompt")

@@ -25,7 +25,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
-from prefixroute.request import Request, RequestError
+from prefixroute.request import Request, RequestError, is_text
 
 __all__ = [
     "MAX_CONTENT_PARTS",
@@ -105,6 +105,11 @@ def parse_openai(
         raise RequestError("model must be a non-empty string", field="model")
 
     prompt, token_ids = _prompt(body)
+    if prompt is not None and not is_text(prompt):  # an engine's tokenizer would fail on it
+        raise RequestError(
+            "the prompt is not valid Unicode text (a lone surrogate)",
+            field="messages" if "messages" in body else "prompt",
+        )
 
     tenant = identifier(_header(lowered, tenant_header), tenant_header)
     if tenant is None and tenant_from_user:

@@ -192,14 +192,14 @@ class BoundedLabel:
         """Distinct values (besides pins) kept before folding into `OTHER`."""
         return self._cap
 
-    def bound(self, value: str) -> str:
-        """The label value to emit for `value`."""
+    def bound(self, value: str, *, admit: bool = True) -> str:
+        """The label value to emit for `value`; `admit=False` takes no free slot (`OTHER`)."""
         if value in self._seen or value in self._pinned:
             return value  # only clean values are kept, so a hit is clean
         value = label_value(value) if value else UNKNOWN
         if value in self._seen or value in self._pinned:
             return value
-        if len(self._seen) >= self._cap:
+        if not admit or len(self._seen) >= self._cap:
             return OTHER
         self._seen.add(value)
         return value
@@ -465,7 +465,6 @@ class GatewayMetrics:
         and decrement meet even if the pool's models change meanwhile.
         """
         self._model(model).running.inc()
-        self.tenants.bound(tenant)  # admit in arrival order
 
     def observe_decision(
         self, seconds: float, outcome: str, *, decision: Decision | None = None
@@ -512,7 +511,10 @@ class GatewayMetrics:
         if status >= 400 or code is not None:
             error_code = self.error_codes.bound(code or str(status))
             self._errors.labels(series.label, series.label, error_code).inc()
-        tenant_label = self.tenants.bound(tenant)
+        # A request refused as invalid (a 4xx other than admission's 429) takes no tenant
+        # label slot, so junk cannot squat them; answered or routed requests do.
+        refused = 400 <= status < 500 and status != 429 and endpoint is None
+        tenant_label = self.tenants.bound(tenant, admit=not refused)
         key = (tenant_label, status)
         counter = self._by_tenant_status.get(key)
         if counter is None:

@@ -43,7 +43,7 @@ from prefixroute.drivers.settings import DriverConfig
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
-from prefixroute.request import Request, RequestError
+from prefixroute.request import Request, RequestError, is_text
 from prefixroute.router import Router
 
 __all__ = [
@@ -281,13 +281,14 @@ class RoutingService:
             raise Refusal(400, "the request body must be a JSON object", code="invalid-json")
         model = doc.get("model")
         if isinstance(model, str) and model:
-            if len(model) > MAX_MODEL_CHARS or not model.isprintable():
-                raise Refusal(
-                    400,
-                    f"model must be at most {MAX_MODEL_CHARS} printable characters",
-                    code="invalid-request",
-                    param="model",
-                )
+            if len(model) > MAX_MODEL_CHARS:
+                why = f"model must be at most {MAX_MODEL_CHARS} characters"
+            elif not (model.isprintable() and is_text(model)):
+                why = "model must be printable text (no control characters or lone surrogates)"
+            else:
+                why = ""
+            if why:
+                raise Refusal(400, why, code="invalid-request", param="model")
             record.model = model
         try:
             identity = self.identity.resolve(headers, doc)

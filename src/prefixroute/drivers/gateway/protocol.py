@@ -259,6 +259,20 @@ class GatewayProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+# uvicorn internals the limits hook into; a uvicorn without them would serve with no limits.
+_HOOKS = ("data_received", "send_400_response", "on_message_begin", "on_url", "on_header")
+
+
 def protocol_class(server: ServerConfig) -> type[GatewayProtocol]:
-    """A `GatewayProtocol` subclass enforcing `server`'s limits (uvicorn's `http=` class)."""
+    """A `GatewayProtocol` subclass enforcing `server`'s limits (uvicorn's `http=` class).
+
+    RuntimeError when the installed uvicorn lacks a method the limits override
+    (they rely on `HttpToolsProtocol` internals): never serve silently unguarded.
+    """
+    missing = [name for name in _HOOKS if not callable(getattr(HttpToolsProtocol, name, None))]
+    if missing:
+        raise RuntimeError(
+            f"this uvicorn's HttpToolsProtocol lacks {', '.join(missing)}: the gateway's "
+            "connection limits cannot be enforced; install a uvicorn the project supports"
+        )
     return type("GatewayProtocol", (GatewayProtocol,), {"limits": server})
