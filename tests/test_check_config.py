@@ -200,3 +200,10 @@ def test_a_router_config_is_checked_without_the_driver_extras() -> None:
     assert gateway.returncode == 2
     assert "checking a gateway config needs the gateway extra" in gateway.stderr
     assert gateway.stderr.count("\n") == 1 and "Traceback" not in gateway.stderr
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "envoy").glob("*.yaml")), ids=lambda p: p.name)
+def test_an_envoy_config_is_named_as_such(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Envoy config" in err and err.count("\n") == 1

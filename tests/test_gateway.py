@@ -332,7 +332,9 @@ def test_bad_requests_get_openai_errors(engines: list[str]) -> None:
         bad_priority = httpx.post(post, json=chat("p"), headers={"x-priority": "urgent"})
         assert_openai_error(bad_priority, 400)
         assert bad_priority.json()["error"]["param"] == "x-priority"
-        assert_openai_error(httpx.post(post, json=chat("x" * 5000)), 413, "body-too-large")
+        too_big = httpx.post(post, json=chat("x" * 5000))
+        assert_openai_error(too_big, 413, "body-too-large")
+        assert too_big.headers["connection"] == "close"  # the unread rest is not waited for
         chunked = httpx.post(post, content=iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]))
         assert_openai_error(chunked, 413)
         assert_openai_error(httpx.get(f"{url}/v1/nothing"), 404, "not-found")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ from prefixroute.config import ConfigError
 from prefixroute.devtools.fake_engine import FakeEngineConfig
 from prefixroute.devtools.fake_engine import create_app as engine_app
 from prefixroute.drivers.gateway import GatewayConfig, create_app
-from prefixroute.drivers.gateway.server import uvicorn_config
+from prefixroute.drivers.gateway.server import _warn_file_limit, uvicorn_config
 from tests.helpers import MODEL, pool
 from tests.servers import free_port, serve_in_thread, wait_until
 
@@ -291,3 +292,15 @@ def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(
         )
         assert answer.status_code == 404
         assert "location" not in answer.headers
+
+
+def test_the_soft_file_limit_is_raised_toward_what_the_cap_needs() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        _warn_file_limit(200)  # needs 2 * 200 + 64
+        raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        expected = 464 if hard == resource.RLIM_INFINITY else min(464, hard)
+        assert raised == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -332,9 +332,14 @@ def config_kind(doc: Mapping[str, Any]) -> str:
     `duration_s`, `metrics_interval_s`, `workload` or an `endpoints` mapping
     (`{count, profile}`) -> scenario; otherwise a router config (which is
     also a simulator policy without a `simulator` section). A document with
-    the keys of two kinds is a ConfigError naming both: `--kind` decides.
+    the keys of two kinds is a ConfigError naming both: `--kind` decides; an
+    Envoy bootstrap (`static_resources`, `admin`) is a ConfigError saying so.
     O(keys).
     """
+    if "static_resources" in doc or "admin" in doc:  # Envoy's bootstrap, e.g. examples/envoy/
+        raise ConfigError(
+            "", "this is an Envoy config (static_resources/admin), not a prefixroute config"
+        )
     endpoints = doc.get("endpoints")
     scenario = [k for k in _SCENARIO_KEYS if k in doc]
     if isinstance(endpoints, Mapping):

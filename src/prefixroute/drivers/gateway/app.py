@@ -306,12 +306,15 @@ class Gateway(RoutingService):
             )
         body = await _read_body(http, server.body_limit_bytes)
         if body is None:
-            return self._fail(
+            refused = self._fail(
                 ex,
                 413,
                 f"the request body is larger than {server.body_limit_bytes} bytes",
                 code="body-too-large",
             )
+            # the rest of the body is unread: close rather than read it to keep the connection
+            refused.headers["connection"] = "close"
+            return refused
         ex.request_bytes = len(body)
         try:
             prepared = await self.read_request(body, http.headers, ex, may_ask_usage=True)

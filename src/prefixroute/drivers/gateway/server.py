@@ -16,6 +16,7 @@ by `python -m prefixroute.drivers.gateway`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import resource
@@ -82,14 +83,22 @@ def serve(config: DriverConfig, *, log_level: str = "info") -> None:
 
 
 def _warn_file_limit(max_connections: int) -> None:
-    """Warn when the process may run out of file descriptors before `max_connections`.
+    """Raise the soft open-file limit toward what `max_connections` needs; warn if it stays short.
 
     Each client connection can hold an upstream one too, so the soft limit
     should be about twice the cap; past it, accepting fails (uvicorn logs and
-    retries) instead of the cap's clean 503.
+    retries) instead of the cap's clean 503. The soft limit is raised up to
+    the hard one (as nginx's `worker_rlimit_nofile` does); a limit still short
+    of the need is logged.
     """
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < 2 * max_connections + 64:
+    need = 2 * max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
         log.warning(
             "the open-file limit (%d) is below twice server.max_connections (%d): "
             "raise it (ulimit -n) or lower the cap",
