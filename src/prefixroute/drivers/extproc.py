@@ -90,7 +90,7 @@ from prefixroute.drivers.errors import clip, error_body, retry_after_header
 from prefixroute.drivers.metrics import CLIENT_CLOSED, RequestRecord
 from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.drivers.service import Refusal, RoutingService
-from prefixroute.drivers.settings import DriverConfig
+from prefixroute.drivers.settings import DriverConfig, log_level_argument
 from prefixroute.drivers.sse import SseRelay, openai_usage
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.request import Request, Usage
@@ -931,12 +931,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="HTTP /metrics port, 0 for none (overrides extproc)"
     )
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="log level (default: info)",
-    )
+    log_level_argument(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ its configuration without importing a driver.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
 from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.router import Router
 
-__all__ = ["DRIVER_SECTIONS", "DriverConfig", "MetricsConfig", "ServerConfig"]
+__all__ = ["DRIVER_SECTIONS", "DriverConfig", "MetricsConfig", "ServerConfig", "log_level_argument"]
 
 _SERVER_KEYS = {
     "host": "str",
@@ -141,3 +142,13 @@ class DriverConfig:
     def build_router(self) -> Router:
         """A fresh `Router` from `router_document`."""
         return load_config(self.router_document)
+
+
+def log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--log-level` option both drivers' command lines take."""
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (default: info)",
+    )

@@ -30,7 +30,7 @@ import uvicorn
 from prefixroute.config import ConfigError
 from prefixroute.drivers.gateway.app import Gateway, create_app
 from prefixroute.drivers.gateway.protocol import protocol_class
-from prefixroute.drivers.settings import DriverConfig, ServerConfig
+from prefixroute.drivers.settings import DriverConfig, ServerConfig, log_level_argument
 from prefixroute.schema import evolve
 
 __all__ = ["cli_arguments", "cli_main", "serve", "uvicorn_config"]
@@ -115,12 +115,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE", help="gateway config (YAML)")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="log level (default: info)",
-    )
+    log_level_argument(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:
