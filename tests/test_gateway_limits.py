@@ -30,7 +30,7 @@ from prefixroute.config import ConfigError
 from prefixroute.devtools.fake_engine import FakeEngineConfig
 from prefixroute.devtools.fake_engine import create_app as engine_app
 from prefixroute.drivers.gateway import GatewayConfig, create_app
-from prefixroute.drivers.gateway.server import _warn_file_limit, uvicorn_config
+from prefixroute.drivers.gateway.server import _fit_file_limit, uvicorn_config
 from tests.helpers import MODEL, pool
 from tests.servers import free_port, serve_in_thread, wait_until
 
@@ -298,7 +298,7 @@ def test_the_soft_file_limit_is_raised_toward_what_the_cap_needs() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-        _warn_file_limit(200)  # needs 2 * 200 + 64
+        _fit_file_limit(200)  # needs 2 * 200 + 64
         raised, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         expected = 464 if hard == resource.RLIM_INFINITY else min(464, hard)
         assert raised == expected

@@ -445,7 +445,7 @@ def _check_config_command(path: str, kind: str | None) -> int:
 
 
 def _one_line(text: str) -> str:
-    """`text` on one line (YAML errors span several)."""
+    """`text` on one line (a loader's message may span several; YAML syntax errors no longer do)."""
     return " ".join(text.split())
 
 

@@ -78,11 +78,11 @@ def uvicorn_config(app: Any, server: ServerConfig, *, log_level: str = "info") -
 def serve(config: DriverConfig, *, log_level: str = "info") -> None:
     """Run the gateway until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
     app = create_app(config)
-    _warn_file_limit(config.server.max_connections)
+    _fit_file_limit(config.server.max_connections)
     _Server(uvicorn_config(app, config.server, log_level=log_level), app.state.gateway).run()
 
 
-def _warn_file_limit(max_connections: int) -> None:
+def _fit_file_limit(max_connections: int) -> None:
     """Raise the soft open-file limit toward what `max_connections` needs; warn if it stays short.
 
     Each client connection can hold an upstream one too, so the soft limit
