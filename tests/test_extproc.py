@@ -593,7 +593,7 @@ def test_the_served_endpoint_is_credited(engines: list[str]) -> None:
         async with picker(config({"endpoints": pool(*engines)})) as (server, proxy):
             body = chat("credit", system="Credit test, a prefix of its own. " * 40)
             raw = json.dumps(body).encode()
-            first = await proxy.send(raw, forward=False)  # the decision's endpoint
+            first = await proxy.send(raw)  # served where decided: its blocks are confirmed there
             other = engines[1 - engines.index(first.destination)]
             credited = await proxy.send(raw, served=other)
             await settled(server)

@@ -101,6 +101,26 @@ class ModelIndex:
             return 0
         return sum(1 for k in keys if self.spec[e].pop(k, None) is not None)
 
+    def discard_speculative(
+        self, e: EndpointId, keys: Sequence[int], not_after: float, at: float | None
+    ) -> int:
+        if e not in self.cap:
+            return 0
+        n = 0
+        for k in dict.fromkeys(keys):
+            d = self.spec[e].get(k)
+            if d is None or d > not_after:
+                continue
+            if at is None:
+                self.drop(e, k)
+                n += 1
+            elif at < d:
+                self.spec[e][k] = at
+                n += 1
+        if at is None:
+            self.removed += n
+        return n
+
     def remove(self, e: EndpointId, keys: Sequence[int], tier: Tier | None) -> int:
         if e not in self.cap:
             return 0
@@ -241,6 +261,21 @@ class IndexMachine(RuleBasedStateMachine):
     def remove(self, e: EndpointId, keys: list[int], tier: Tier | None) -> None:
         assert self.index.remove(e, keys, tier=tier) == self.model.remove(e, keys, tier)
         self.twin.remove(e, keys, tier=tier)
+
+    @rule(
+        e=endpoint_ids(),
+        keys=chains(),
+        dt=st.integers(0, 8),
+        grace=st.none() | st.integers(0, 8),
+    )
+    def discard_speculative(
+        self, e: EndpointId, keys: list[int], dt: int, grace: int | None
+    ) -> None:
+        not_after = self.now + dt / 2
+        at = None if grace is None else self.now + grace / 2
+        got = self.index.discard_speculative(e, keys, not_after=not_after, at=at)
+        assert got == self.model.discard_speculative(e, keys, not_after, at)
+        self.twin.discard_speculative(e, keys, not_after=not_after, at=at)
 
     @rule(e=endpoint_ids())
     def clear_endpoint(self, e: EndpointId) -> None:

@@ -164,6 +164,7 @@ def test_scrape_health_and_passive_marks() -> None:
             await pool.scrape_once()
             states = {s.id: s for s in pool.states()}
             assert states["live"].running == 5 and states["live"].kv_capacity_blocks == 3072
+            assert states["live"].block_size == 16  # the router sizes its capacity with it
             assert states["live"].observed_at is not None
             assert states["dead"].observed_at is None  # a failed scrape changes nothing
             # stale endpoints keep their last values and their old observed_at

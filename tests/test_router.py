@@ -10,11 +10,13 @@ import pytest
 
 from prefixroute import (
     AllBlocksCleared,
+    Blocker,
     BlockRemoved,
     BlockStored,
     Decision,
     EndpointRemoved,
     EndpointState,
+    ModeChanged,
     Profile,
     Rejection,
     Request,
@@ -27,6 +29,7 @@ from prefixroute import (
 from prefixroute.endpoint import EndpointId
 from prefixroute.filters import HealthyFilter
 from prefixroute.plugins import AdmissionContext
+from prefixroute.router import PRECISE_CAPACITY_FACTOR
 from prefixroute.scorers import PrefixAffinityScorer
 from tests.helpers import endpoint
 
@@ -140,8 +143,7 @@ def test_unconfirmed_predictions_expire_after_the_ttl() -> None:
     router = Router(speculative_ttl_s=5.0)
     eps = fleet(2)
     d = decide(router, chat("x"), eps, 0.0)
-    router.on_complete(d, Usage(ok=False), 1.0)
-    assert router.index.size(d.endpoint) == d.total_blocks
+    assert router.index.size(d.endpoint) == d.total_blocks  # still in flight: never settled
     later = decide(router, Request(model="m", prompt="unrelated " * 30), eps, 6.0)
     assert later.total_blocks > 0
     assert all(not router.index.holders(k) for k in d.block_keys)
@@ -453,3 +455,91 @@ def test_keys_hashed_ahead_give_the_same_decisions_as_keys_hashed_in_route() -> 
         )
         here.on_complete(a, Usage(prompt_tokens=a.prompt_tokens), now=i + 0.5)
         ahead.on_complete(b, Usage(prompt_tokens=b.prompt_tokens), now=i + 0.5)
+
+
+def test_a_failed_request_takes_its_prediction_back() -> None:
+    router = Router(speculative_ttl_s=5.0)
+    eps = fleet(2)
+    d = decide(router, chat("x"), eps, 0.0)
+    router.on_complete(d, Usage(ok=False), 1.0)
+    assert router.index.size(d.endpoint) == 0
+    assert router.index.stats().entries == 0
+
+
+def test_a_failed_request_leaves_what_a_later_decision_refreshed_or_events_confirmed() -> None:
+    router = Router(speculative_ttl_s=5.0)
+    eps = [e for e in fleet(2) if e.id == "e0"]
+    first = decide(router, chat("x"), eps, 0.0)
+    second = decide(router, chat("x"), eps, 1.0)  # refreshes every key's deadline
+    router.on_complete(first, Usage(ok=False), 2.0)
+    assert router.index.size(EndpointId("e0")) == first.total_blocks
+    router.observe(BlockStored(EndpointId("e0"), second.block_keys[:2]))
+    router.on_complete(second, Usage(ok=False), 3.0)
+    assert router.index.size(EndpointId("e0")) == 2  # the confirmed ones stay
+    assert not router.index.is_speculative(EndpointId("e0"), second.block_keys[0])
+
+
+def test_precise_endpoints_confirm_on_events_only() -> None:
+    router = Router(speculative_ttl_s=30.0, precise_speculative_ttl_s=2.0)
+    eps = [e for e in fleet(2) if e.id == "e0"]
+    e0 = EndpointId("e0")
+    router.observe(ModeChanged(e0, precise=True))
+    assert router.is_precise(e0) and router.precise_endpoints == {e0}
+    d = decide(router, chat("x"), eps, 0.0)
+    router.index.expire(20.0)  # a request queued for long: its prediction stands while it runs
+    assert router.index.size(e0) == d.total_blocks
+    router.on_complete(d, Usage(prompt_tokens=d.prompt_tokens), 21.0)
+    assert router.index.is_speculative(e0, d.block_keys[0])  # a completion confirms nothing
+    router.observe(BlockStored(e0, d.block_keys[:3]))
+    router.index.expire(23.5)  # the grace after completion passed: only what the engine reported
+    assert router.index.size(e0) == 3
+    router.observe(ModeChanged(e0, precise=False))
+    d2 = decide(router, chat("x"), eps, 23.0)
+    router.on_complete(d2, Usage(prompt_tokens=d2.prompt_tokens), 24.0)
+    router.index.expire(60.0)
+    assert router.index.size(e0) == d2.total_blocks  # approximate again: completions confirm
+
+
+def test_a_precise_endpoint_gets_room_for_speculation() -> None:
+    ep = EndpointState(id="e0", address="10.0.0.1:8000", kv_capacity_blocks=128, block_size=16)
+    router = Router(blocker=Blocker(block_size=16))
+    decide(router, Request(model="m", token_ids=list(range(40))), [ep], 0.0)
+    assert router.index.capacity(EndpointId("e0")) == 128
+    router.observe(ModeChanged(EndpointId("e0"), precise=True))
+    decide(router, Request(model="m", token_ids=list(range(40))), [ep], 1.0)
+    assert router.index.capacity(EndpointId("e0")) == 128 * PRECISE_CAPACITY_FACTOR
+    router.observe(ModeChanged(EndpointId("e0"), precise=False))
+    decide(router, Request(model="m", token_ids=list(range(40))), [ep], 2.0)
+    assert router.index.capacity(EndpointId("e0")) == 128
+
+
+def test_a_removed_endpoint_forgets_its_mode() -> None:
+    router = Router.default()
+    e0 = EndpointId("e0")
+    router.observe(ModeChanged(e0, precise=True))
+    router.observe(EndpointRemoved(e0))
+    assert not router.is_precise(e0)
+
+
+def test_predictions_follow_the_engines_reuse_rule() -> None:
+    # whole engine blocks only, and never the prompt's last token (vLLM recomputes it)
+    router = Router(blocker=Blocker(block_size=16))
+    ep = EndpointState(id="e0", address="10.0.0.1:8000", block_size=32)
+    tokens = list(range(64))
+    first = decide(router, Request(model="m", token_ids=tokens), [ep], 0.0)
+    router.on_complete(first, Usage(prompt_tokens=64), 1.0)
+    again = decide(router, Request(model="m", token_ids=tokens), [ep], 2.0)
+    assert again.matched_blocks == 4
+    assert again.predicted_cached_tokens == 32  # 63 reusable tokens: one whole 32-token block
+    longer = decide(router, Request(model="m", token_ids=[*tokens, 1, 2]), [ep], 3.0)
+    assert longer.predicted_cached_tokens == 64
+
+
+def test_an_endpoints_block_size_converts_its_capacity_unless_configured() -> None:
+    ep = EndpointState(id="e0", address="10.0.0.1:8000", kv_capacity_blocks=128, block_size=32)
+    router = Router(blocker=Blocker(block_size=16))
+    decide(router, Request(model="m", token_ids=list(range(40))), [ep], 0.0)
+    assert router.index.capacity(EndpointId("e0")) == 256
+    fixed = Router(blocker=Blocker(block_size=16), engine_block_size=16)
+    decide(fixed, Request(model="m", token_ids=list(range(40))), [ep], 0.0)
+    assert fixed.index.capacity(EndpointId("e0")) == 128

@@ -50,6 +50,7 @@ from prefixroute import (
     EndpointRemoved,
     EndpointState,
     FairQueueAdmission,
+    ModeChanged,
     PrefixIndex,
     Rejection,
     Request,
@@ -372,6 +373,12 @@ class RouterMachine(RuleBasedStateMachine):
             self.router.observe(BlockRemoved(e, keys, tier))
         else:
             self.router.observe(AllBlocksCleared(e))
+
+    @rule(e=st.sampled_from(ENDPOINTS), precise=st.booleans())
+    def mode_changed(self, e: EndpointId, precise: bool) -> None:
+        """A driver switches an endpoint between precise (events) and approximate mode."""
+        self.router.observe(ModeChanged(e, precise))
+        assert self.router.is_precise(e) == precise
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data())

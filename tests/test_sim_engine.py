@@ -77,7 +77,7 @@ def test_outputs_are_exact_and_first_token_comes_first() -> None:
 
 
 def test_eviction_takes_least_recently_freed_and_tails_first() -> None:
-    engine = Engine(EngineConfig(kv_capacity_tokens=16 * 8), COST)
+    engine = Engine(EngineConfig(kv_capacity_tokens=16 * 9), COST)  # 8 + the null block
     a = make(range(0, 64), output=1)  # 4 blocks, freed first
     b = make(range(1000, 1064), output=1)  # 4 blocks, freed later
     run(engine, [a])
@@ -89,14 +89,16 @@ def test_eviction_takes_least_recently_freed_and_tails_first() -> None:
     run(engine, [c])
     assert engine.cached_prefix_blocks(ka) == 3  # a's last block went first
     assert engine.cached_prefix_blocks(kb) == 4
+    # c's block (partial: never hashed) went back to the queue's head, as vLLM's
+    # free_blocks prepends unhashed blocks: the next allocation reuses it first.
     d = make(range(6000, 6040), output=1)  # 3 blocks
     run(engine, [d])
-    assert engine.cached_prefix_blocks(ka) == 0  # a's remaining blocks, tail to head
+    assert engine.cached_prefix_blocks(ka) == 1  # c's block, then a's, tail to head
     assert engine.cached_prefix_blocks(kb) == 4
 
 
 def test_hit_on_a_free_block_protects_it_from_eviction() -> None:
-    engine = Engine(EngineConfig(kv_capacity_tokens=16 * 8), COST)
+    engine = Engine(EngineConfig(kv_capacity_tokens=16 * 9), COST)
     a = make(range(0, 64), output=1)
     b = make(range(1000, 1064), output=1)
     run(engine, [a])
@@ -185,7 +187,7 @@ def test_usage_reports_what_vllm_reports() -> None:
     dt = engine.begin_step(0.0)
     assert dt is not None
     assert engine.waiting == 0 and engine.running == 1
-    assert 0.0 < engine.kv_usage <= 5 / 64
+    assert 0.0 < engine.kv_usage <= 5 / 63  # the null block is not counted
 
 
 @settings(max_examples=60, deadline=None)

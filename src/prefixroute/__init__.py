@@ -23,6 +23,7 @@ from prefixroute.events import (
     BlockStored,
     EndpointRemoved,
     IndexEvent,
+    ModeChanged,
 )
 from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.index import IndexStats, PrefixIndex, PrefixMatch, Tier
@@ -75,6 +76,7 @@ __all__ = [
     "IndexStats",
     "LedgerSnapshot",
     "LoadTracker",
+    "ModeChanged",
     "Picker",
     "PluginError",
     "PrefixIndex",

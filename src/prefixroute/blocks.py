@@ -416,25 +416,30 @@ class Blocker:
         return max(1, round(self.block_size / self.chars_per_token))
 
     def _namespace(self, request: Request, unit: _Unit) -> int:
+        return self._namespace_of(
+            unit, request.model, request.lora, request.cache_salt, request.tenant
+        )
+
+    def _namespace_of(
+        self,
+        unit: _Unit,
+        model: str,
+        lora: str | None,
+        cache_salt: str | None,
+        request_tenant: str,
+    ) -> int:
         tenant = group = None
         if self.isolate_tenants:
-            group = self.tenant_groups.get(request.tenant)
+            group = self.tenant_groups.get(request_tenant)
             if group is None:
-                tenant = request.tenant
-        memo_key = (unit.value, request.model, request.lora, request.cache_salt, tenant, group)
+                tenant = request_tenant
+        memo_key = (unit.value, model, lora, cache_salt, tenant, group)
         namespaces = self._memo.namespaces
         ns = namespaces.get(memo_key)
         if ns is None:
             if len(namespaces) >= _MEMO_LIMIT:
                 namespaces.clear()
-            fields: tuple[str | None, ...] = (
-                self.mode,
-                unit,
-                request.model,
-                request.lora,
-                request.cache_salt,
-                tenant,
-            )
+            fields: tuple[str | None, ...] = (self.mode, unit, model, lora, cache_salt, tenant)
             if group is not None:  # a seventh field: a group never meets a tenant's namespace
                 fields += (group,)
             digest = hashlib.blake2b(
@@ -459,6 +464,23 @@ class Blocker:
         """
         return self._namespace(request, self._unit(request))
 
+    def token_namespace(
+        self,
+        model: str,
+        *,
+        lora: str | None = None,
+        cache_salt: str | None = None,
+        tenant: str = "default",
+    ) -> int:
+        """The namespace a request of token ids with these fields hashes under.
+
+        Equal to `namespace(Request(model=model, token_ids=..., lora=lora,
+        cache_salt=cache_salt, tenant=tenant))`: what a driver needs to turn
+        an engine's stored token blocks into router keys (`hash_tokens` with
+        `parent` and `start`). Memoised, O(1) when seen before.
+        """
+        return self._namespace_of(_Unit.TOKENS, model, lora, cache_salt, tenant)
+
     def keys(self, request: Request) -> npt.NDArray[np.uint64]:
         """The chain: one uint64 key per full block of `request` (see the module docstring).
 
@@ -478,28 +500,40 @@ class Blocker:
             return np.empty(0, dtype=np.uint64)
         return self._chain(values, self._namespace(request, unit), block_size)
 
-    def prompt_tokens(self, request: Request) -> int:
-        """The prompt's length in tokens: `len(token_ids)`, else `ceil(chars / chars_per_token)`."""
+    def prompt_tokens(self, request: Request, chars_per_token: float | None = None) -> int:
+        """The prompt's length in tokens: `len(token_ids)`, else `ceil(chars / chars_per_token)`.
+
+        `chars_per_token` is a better estimate than the configured one (a
+        learned `prefixroute.calibration.CharsPerToken`), when there is one.
+        """
         if request.token_ids is not None:
             return len(request.token_ids)
         assert request.prompt is not None
-        return math.ceil(len(request.prompt) / self.chars_per_token)
+        return math.ceil(len(request.prompt) / (chars_per_token or self.chars_per_token))
 
-    def tokens_per_block(self, request: Request) -> float:
+    def tokens_per_block(self, request: Request, chars_per_token: float | None = None) -> float:
         """Tokens covered by one of `request`'s blocks.
 
         Exactly `block_size` in token mode with `token_ids`; for character
-        blocks, their length over `chars_per_token` (an estimate); for token
-        blocks in text mode, their (converted) size.
+        blocks, their length over `chars_per_token` (an estimate: the
+        argument, else the configured value; a block is cut with the
+        configured one either way); for token blocks in text mode, their
+        (converted) size.
         """
         unit = self._unit(request)
         size = self._unit_block_size(unit)
         if unit is _Unit.TOKENS:
             return float(size)
-        return size / self.chars_per_token
+        return size / (chars_per_token or self.chars_per_token)
 
     def hash_tokens(
-        self, token_ids: npt.NDArray[np.uint32], namespace: int, block_size: int
+        self,
+        token_ids: npt.NDArray[np.uint32],
+        namespace: int,
+        block_size: int,
+        *,
+        parent: int = 0,
+        start: int = 0,
     ) -> npt.NDArray[np.uint64]:
         """The fast path: the chain of `token_ids` under `namespace`, one key per full block.
 
@@ -507,8 +541,23 @@ class Blocker:
         zero-copy case). Equal to `reference_keys(token_ids, namespace,
         block_size)`. O(len(token_ids)) in one `np.dot` plus about ten
         ufuncs over the per-block vector.
+
+        `parent` and `start` continue a chain: the keys of blocks `start,
+        start + 1, ...` of a prompt whose block `start - 1` has key `parent`
+        (both 0 for a chain's first block). That is, for any `prefix` of
+        `start` full blocks, ``hash_tokens(tokens, ns, bs, parent=K, start=start)
+        == hash_tokens(prefix + tokens, ns, bs)[start:]`` where `K` is the
+        last key of `prefix`: the chain is a running sum, so its tail needs
+        only the last key and the position. This is how an engine's stored
+        block (its parent and its token ids) becomes router keys.
         """
         namespace = _check_hash_args(namespace, block_size)
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an integer >= 0, got {start!r}")
+        if isinstance(parent, bool) or not isinstance(parent, int | np.integer):
+            raise ValueError(f"parent must be an integer within [0, 2**64), got {parent!r}")
+        if not 0 <= parent <= _MASK64:
+            raise ValueError(f"parent must be within [0, 2**64), got {parent!r}")
         values = np.asarray(token_ids)
         if values.ndim != 1:
             raise ValueError(f"token_ids must be one-dimensional, got shape {values.shape}")
@@ -522,13 +571,15 @@ class Blocker:
             values = values.astype(np.uint32)
         if len(values) < block_size:
             return np.empty(0, dtype=np.uint64)
-        return self._chain(values, namespace, block_size)
+        return self._chain(values, namespace, block_size, int(parent), start)
 
     def _chain(
         self,
         values: npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.uint32],
         namespace: int,
         block_size: int,
+        parent: int = 0,
+        start: int = 0,
     ) -> npt.NDArray[np.uint64]:
         """The vectorised chain; `values` is unsigned, <= 32 bits, and holds >= 1 full block.
 
@@ -544,7 +595,8 @@ class Blocker:
             c = np.multiply(values, lanes[0], dtype=np.uint64)
         else:  # c_j = sum_l k_l * t_jl; (B,) . (B, blocks) beats (blocks, B) . (B,) for every B
             c = np.dot(lanes, values[: n_blocks * block_size].reshape(n_blocks, block_size).T)
-        x = np.add(c, memo.position_tags(n_blocks))  # + (j + 1) * GAMMA
+        tags = memo.position_tags(start + n_blocks)
+        x = np.add(c, tags[start:] if start else tags)  # + (j + 1) * GAMMA
         tmp = c  # c is dead: reuse it as fmix64's scratch
         _rshift(x, _U64_33, tmp)  # fmix64, in place
         _xor(x, tmp, x)
@@ -555,6 +607,8 @@ class Blocker:
         _rshift(x, _U64_33, tmp)
         _xor(x, tmp, x)
         _accumulate(x, 0, None, x)  # K_i = g_0 + ... + g_i
+        if parent:
+            np.add(x, np.array(parent, dtype=np.uint64), x)  # K_{start - 1} + g_start + ...
         return x
 
 

@@ -319,7 +319,7 @@ CONFIG_KINDS = {
 # The sections each kind has and the router document has not. The gateway's are
 # `prefixroute.drivers.settings.DRIVER_SECTIONS` (a test keeps them equal): spelled out here
 # so that recognising a document imports no driver.
-_GATEWAY_KEYS = ("server", "endpoints", "scrape", "identity", "metrics")
+_GATEWAY_KEYS = ("server", "endpoints", "scrape", "identity", "metrics", "kv_events", "models")
 _SCENARIO_KEYS = ("name", "description", "duration_s", "metrics_interval_s", "workload")
 
 
@@ -327,8 +327,8 @@ def config_kind(doc: Mapping[str, Any]) -> str:
     """The kind of config document `doc` is (a `CONFIG_KINDS` key), recognised by its keys.
 
     `extproc` -> ext_proc config (it may hold the gateway's sections too);
-    `server`, `endpoints` (a list), `scrape`, `identity`, `metrics` ->
-    gateway config; `simulator` -> simulator policy; `name`, `description`,
+    `server`, `endpoints` (a list), `scrape`, `identity`, `metrics`,
+    `kv_events`, `models` -> gateway config; `simulator` -> simulator policy; `name`, `description`,
     `duration_s`, `metrics_interval_s`, `workload` or an `endpoints` mapping
     (`{count, profile}`) -> scenario; otherwise a router config (which is
     also a simulator policy without a `simulator` section). A document with

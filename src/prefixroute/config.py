@@ -6,7 +6,8 @@ The document, every key optional:
     hashing:  {mode: token, block_size: 16, seed: 0, chars_per_token: 4.0,
                isolate_tenants: false, tenant_groups: {}}
     index:    {default_capacity_blocks: 65536, tier_weights: {gpu: 1.0, cpu: 0.8, disk: 0.5}}
-    router:   {speculative_ttl_s: 30.0, confirm_on_complete: true, engine_block_size: 16}
+    router:   {speculative_ttl_s: 30.0, precise_speculative_ttl_s: 2.0,
+               confirm_on_complete: true}  # engine_block_size: unset = as scraped, else 16
     tenants:  {top_k: 128, pinned: [], tail_quantile: 0.5}   # the TenantLedger
     plugins:                     # instances: type, name (default: the type), parameters
       - {type: prefix-affinity-scorer, name: prefix, parameters: {length_weight: 0.2}}
@@ -63,7 +64,12 @@ _HASHING = {
 }
 _INDEX = {"default_capacity_blocks": "int", "tier_weights": "mapping"}
 _TENANTS = {"top_k": "int", "pinned": "list", "tail_quantile": "float"}
-_ROUTER = {"speculative_ttl_s": "float", "confirm_on_complete": "bool", "engine_block_size": "int"}
+_ROUTER = {
+    "speculative_ttl_s": "float",
+    "precise_speculative_ttl_s": "float",
+    "confirm_on_complete": "bool",
+    "engine_block_size": "int",
+}
 
 
 class ConfigError(DocumentError):

@@ -119,12 +119,14 @@ class EndpointState:
     None when unknown. `observed_at` is the driver's time of the metrics
     behind `waiting`, `running` and `kv_usage`, or None if never observed.
     `max_model_len` is the engine's longest context in tokens (vLLM's
-    `/v1/models` reports it), or None when unknown.
+    `/v1/models` reports it), or None when unknown. `block_size` is the
+    engine's KV block size in tokens (vLLM's `vllm:cache_config_info`
+    reports it), or None when unknown.
 
     Every field is checked at construction: ValueError naming the field for
     a non-integer or negative count (`waiting`, `running`), a `kv_usage`
-    outside [0, 1] or NaN, a `kv_capacity_blocks` or `max_model_len` that is
-    not a positive integer (inf and NaN included), a non-finite
+    outside [0, 1] or NaN, a `kv_capacity_blocks`, `max_model_len` or
+    `block_size` that is not a positive integer (inf and NaN included), a non-finite
     `observed_at`, a bare string as `models` or `adapters` (a collection of
     names is expected), or an id or host that is not valid text. Counts are
     bounded by `MAX_COUNT`, so the router's arithmetic on them cannot
@@ -143,6 +145,7 @@ class EndpointState:
     healthy: bool = attrs.field(default=True, validator=_check_bool)
     observed_at: float | None = attrs.field(default=None, validator=_check_time)
     max_model_len: int | None = attrs.field(default=None, validator=_check_positive)
+    block_size: int | None = attrs.field(default=None, validator=_check_positive)
 
     def serves(self, model: str) -> bool:
         """Whether this endpoint serves `model` (an empty `models` serves all)."""

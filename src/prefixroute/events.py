@@ -14,7 +14,14 @@ import attrs
 from prefixroute.endpoint import EndpointId
 from prefixroute.index import Tier
 
-__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "EndpointRemoved", "IndexEvent"]
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EndpointRemoved",
+    "IndexEvent",
+    "ModeChanged",
+]
 
 
 def _keys(value: object) -> tuple[int, ...]:
@@ -53,4 +60,16 @@ class EndpointRemoved:
     endpoint: EndpointId
 
 
-IndexEvent = BlockStored | BlockRemoved | AllBlocksCleared | EndpointRemoved
+@attrs.frozen(slots=True)
+class ModeChanged:
+    """`endpoint`'s index mode: `precise` (its KV events are the truth) or approximate.
+
+    A driver sends `precise=True` once the endpoint's event stream is live,
+    and `precise=False` while it is broken or silent (see `Router`).
+    """
+
+    endpoint: EndpointId
+    precise: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+
+
+IndexEvent = BlockStored | BlockRemoved | AllBlocksCleared | EndpointRemoved | ModeChanged

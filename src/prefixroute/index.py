@@ -677,6 +677,53 @@ class PrefixIndex:
         self._maybe_rebuild_heap()
         return changed
 
+    def discard_speculative(
+        self,
+        endpoint: EndpointId,
+        keys: Sequence[int],
+        *,
+        not_after: float,
+        at: float | None = None,
+    ) -> int:
+        """Take back `endpoint`'s speculative entries among `keys` due at or before `not_after`.
+
+        With `at` None they are removed now: a prediction that turned out
+        wrong (the engine refused the request). With `at` they expire at
+        `at` instead, if that is sooner: a grace period for the engine's
+        events to confirm them. Confirmed entries stay, and so do
+        speculative ones a later decision refreshed (their deadline is past
+        `not_after`). Returns how many changed. O(len(keys)); O(1) when the
+        endpoint has no speculative entry.
+        """
+        ep = self._eps.get(endpoint)
+        if ep is None or not ep.spec:
+            return 0
+        spec = ep.spec
+        changed = 0
+        if at is None:
+            for k in keys:
+                d = spec.get(k)
+                if d is not None and d <= not_after:
+                    self._drop(ep, k)
+                    changed += 1
+            self._removed += changed
+            self._maybe_compact(ep)
+        else:
+            at = float(at)
+            if math.isnan(at):
+                raise ValueError("at must not be NaN")
+            moved: list[int] = []
+            for k in keys:
+                d = spec.get(k)
+                if d is not None and at < d <= not_after:
+                    spec[k] = at
+                    moved.append(k)
+            if moved:
+                self._push_deadline(ep, at, tuple(moved))
+            changed = len(moved)
+        self._maybe_rebuild_heap()
+        return changed
+
     def remove(self, endpoint: EndpointId, keys: Sequence[int], *, tier: Tier | None = None) -> int:
         """Clear `tier` of `endpoint`'s entries for `keys`; all tiers when `tier` is None.
 

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from prefixroute.admission import AlwaysAdmit
 from prefixroute.blocks import Blocker, HashMode
+from prefixroute.calibration import CharsPerToken
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import (
@@ -27,6 +28,7 @@ from prefixroute.events import (
     BlockStored,
     EndpointRemoved,
     IndexEvent,
+    ModeChanged,
 )
 from prefixroute.filters import (
     HealthyFilter,
@@ -61,7 +63,9 @@ from prefixroute.scorers import (
 
 __all__ = [
     "DEFAULT_ENGINE_BLOCK_SIZE",
+    "DEFAULT_PRECISE_SPECULATIVE_TTL_S",
     "DEFAULT_SPECULATIVE_TTL_S",
+    "PRECISE_CAPACITY_FACTOR",
     "Router",
     "RouterCounters",
     "SettlementError",
@@ -69,6 +73,10 @@ __all__ = [
 ]
 
 DEFAULT_SPECULATIVE_TTL_S = 30.0
+DEFAULT_PRECISE_SPECULATIVE_TTL_S = 2.0
+"""How long a precise endpoint's unconfirmed blocks of a completed request stay speculative."""
+PRECISE_CAPACITY_FACTOR = 2
+"""A precise endpoint's index capacity, in multiples of its engine's (room for speculation)."""
 REMOVED_MEMORY = 4096  # removed endpoint ids remembered, to ignore their late events
 DEFAULT_ENGINE_BLOCK_SIZE = 16
 
@@ -169,12 +177,41 @@ class Router:
     context (per-tenant in-flight counts).
 
     Speculative entries that are neither confirmed nor refreshed expire
-    `speculative_ttl_s` after the last decision that predicted them.
+    `speculative_ttl_s` after the last decision that predicted them. A
+    failed request's speculative entries (an engine that refused it, a
+    connection that broke) are removed at `on_complete`, unless a later
+    decision refreshed them.
+
+    Modes, per endpoint. Every endpoint starts *approximate*: the index
+    holds what the router predicted and completions confirmed. A driver
+    that receives the endpoint's own KV events switches it to *precise*
+    with `observe(ModeChanged(endpoint, precise=True))`: from then on the
+    engine's `BlockStored` events are the only confirmation and completions
+    confirm nothing. A decision's blocks stay speculative while the request
+    runs (so that the tenant's next requests follow it even when the engine
+    queues it for seconds before its prefill), and `precise_speculative_ttl_s`
+    after it completes (a grace for the engine's last events to arrive);
+    then whatever the events did not confirm is gone. Its index capacity is
+    `PRECISE_CAPACITY_FACTOR` times the engine's, since the engine's
+    `BlockRemoved` events do the evicting and the speculative entries of
+    requests in flight must not push out blocks the engine still holds.
+    `ModeChanged(endpoint, precise=False)` goes back, e.g. while the event
+    stream is broken.
+
     Capacities: an endpoint's index capacity is its `kv_capacity_blocks`
-    (engine blocks of `engine_block_size` tokens) converted to index blocks
-    (of `block_size` tokens in token mode, `block_size / chars_per_token` in
-    text mode), or the index's default when unknown. `counters` keeps
-    running totals for metrics exporters.
+    (engine blocks of its `block_size` tokens, else `engine_block_size`)
+    converted to index blocks (of `block_size` tokens in token mode,
+    `block_size / chars_per_token` in text mode), or the index's default
+    when unknown. A configured `engine_block_size` wins over the block size
+    an endpoint reports; unset (None) the endpoint's own is used, else
+    `DEFAULT_ENGINE_BLOCK_SIZE`. Predicted cached tokens follow the engine's
+    reuse rule (vLLM v1 `KVCacheManager.get_computed_blocks`): whole engine
+    blocks only, and never the prompt's last token, which the engine
+    recomputes for its logits. A text request's length in tokens is
+    estimated with its model's learned characters per token
+    (`chars_per_token`, a `CharsPerToken` fed by every completed text
+    request's `usage.prompt_tokens`), else the configured one. `counters`
+    keeps running totals for metrics exporters.
     """
 
     def __init__(
@@ -188,11 +225,16 @@ class Router:
         rng: random.Random | None = None,
         speculative_ttl_s: float = DEFAULT_SPECULATIVE_TTL_S,
         confirm_on_complete: bool = True,
-        engine_block_size: int = DEFAULT_ENGINE_BLOCK_SIZE,
+        engine_block_size: int | None = None,
+        precise_speculative_ttl_s: float = DEFAULT_PRECISE_SPECULATIVE_TTL_S,
     ) -> None:
         if not (math.isfinite(speculative_ttl_s) and speculative_ttl_s > 0):
             raise ValueError(f"speculative_ttl_s must be > 0, got {speculative_ttl_s!r}")
-        if engine_block_size < 1:
+        if not (math.isfinite(precise_speculative_ttl_s) and precise_speculative_ttl_s > 0):
+            raise ValueError(
+                f"precise_speculative_ttl_s must be > 0, got {precise_speculative_ttl_s!r}"
+            )
+        if engine_block_size is not None and engine_block_size < 1:
             raise ValueError(f"engine_block_size must be >= 1, got {engine_block_size!r}")
         self.profile = profile if profile is not None else default_profile()
         self.blocker = blocker if blocker is not None else Blocker()
@@ -205,8 +247,12 @@ class Router:
         self.ledger = ledger if ledger is not None else TenantLedger()
         self.rng = rng if rng is not None else random.Random(0)
         self.speculative_ttl_s = speculative_ttl_s
+        self.precise_speculative_ttl_s = precise_speculative_ttl_s
         self.confirm_on_complete = confirm_on_complete
         self.engine_block_size = engine_block_size
+        self.chars_per_token = CharsPerToken(self.blocker.chars_per_token)
+        self._precise: set[EndpointId] = set()
+        self._block_sizes: dict[EndpointId, int] = {}  # engine block size per endpoint, if known
         self.counters = RouterCounters()
         # Decisions made and not yet settled, by serial; `_token` marks this router's.
         self._token = object()
@@ -258,7 +304,7 @@ class Router:
         _check_now(now)
         self.index.expire(now)
         self._sync_capacities(endpoints)
-        prompt_tokens = self.blocker.prompt_tokens(request)
+        prompt_tokens = self._prompt_tokens(request)
         verdict = self.admission.admit(
             AdmissionContext(
                 request=request,
@@ -301,7 +347,7 @@ class Router:
                 out.append((request, self._reject(request, rejection, now)))
                 continue
             try:
-                tokens = self.blocker.prompt_tokens(request)
+                tokens = self._prompt_tokens(request)
                 outcome = self._route_admitted(request, endpoints, now, tokens)
             except Exception as exc:  # the request is out of the queue: answer it anyway
                 failed = Rejection(
@@ -335,7 +381,10 @@ class Router:
             )
         blocker = self.blocker
         keys = (blocker.keys(request) if hashed is None else hashed).tolist()
-        tokens_per_block = blocker.tokens_per_block(request)
+        tokens_per_block = blocker.tokens_per_block(
+            request,
+            None if request.token_ids is not None else self.chars_per_token.get(request.model),
+        )
         matches = self.index.match(keys)
         ctx = RouteContext(
             request=request,
@@ -371,7 +420,13 @@ class Router:
 
         match = matches.get(chosen.id)
         matched = match.blocks if match is not None else 0
-        predicted = min(prompt_tokens, int(matched * tokens_per_block))
+        predicted = 0
+        if matched:  # whole engine blocks, never the last token (the class docstring)
+            engine_block = self.engine_block_size or self._block_sizes.get(
+                chosen.id, DEFAULT_ENGINE_BLOCK_SIZE
+            )
+            reusable = min(int(matched * tokens_per_block), prompt_tokens - 1)
+            predicted = max(0, reusable - reusable % engine_block)
         load_tokens = prompt_tokens - predicted + (request.max_tokens or 0)
 
         if keys:
@@ -415,6 +470,12 @@ class Router:
             issuer=self._token,
         )
 
+    def _prompt_tokens(self, request: Request) -> int:
+        """The prompt in tokens: exact for token ids, else with the model's learned ratio."""
+        if request.token_ids is not None:
+            return len(request.token_ids)
+        return self.blocker.prompt_tokens(request, self.chars_per_token.get(request.model))
+
     def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> None:
         """Refuse duplicate ids, then size each endpoint's index capacity from its state.
 
@@ -428,11 +489,19 @@ class Router:
             for eid in ids.intersection(self._removed):
                 del self._removed[eid]
         seen = self._capacity_seen
+        sizes = self._block_sizes
         for e in endpoints:
+            if e.block_size is not None and sizes.get(e.id) != e.block_size:
+                sizes[e.id] = e.block_size
+                seen.pop(e.id, None)  # the same blocks hold another number of tokens
             blocks = e.kv_capacity_blocks
             if blocks is not None and seen.get(e.id) != blocks:
-                tokens = blocks * self.engine_block_size
-                self.index.set_capacity(e.id, max(1, int(tokens / self._index_block_tokens)))
+                engine_block = self.engine_block_size or sizes.get(e.id, DEFAULT_ENGINE_BLOCK_SIZE)
+                tokens = blocks * engine_block
+                capacity = max(1, int(tokens / self._index_block_tokens))
+                if e.id in self._precise:
+                    capacity *= PRECISE_CAPACITY_FACTOR
+                self.index.set_capacity(e.id, capacity)
                 seen[e.id] = blocks
 
     def _generation(self, endpoint: EndpointId) -> int:
@@ -488,6 +557,9 @@ class Router:
         self._open.remove(decision.serial)
         prompt = usage.prompt_tokens or decision.prompt_tokens
         cached = min(usage.cached_tokens, prompt)
+        request = decision.request
+        if usage.ok and usage.prompt_tokens and request.token_ids is None and request.prompt:
+            self.chars_per_token.observe(request.model, len(request.prompt), usage.prompt_tokens)
         counters = self.counters
         counters.completions += 1
         if not usage.ok:
@@ -510,15 +582,35 @@ class Router:
             return
         self.load.finish(decision.endpoint, decision.load_tokens)
         keys = decision.block_keys
-        if not (usage.ok and self.confirm_on_complete and keys):
+        if not keys:
+            return
+        not_after = decision.decided_at + self.speculative_ttl_s  # not refreshed since
+        if not usage.ok:  # the engine computed nothing we know of: take the guess back
+            self.index.discard_speculative(decision.endpoint, keys, not_after=not_after)
             return
         served = served_by or decision.endpoint
-        if served in self._removed:
+        if decision.endpoint in self._precise:  # its events confirm: a grace for them to arrive
+            self.index.discard_speculative(
+                decision.endpoint,
+                keys,
+                not_after=not_after,
+                at=now + self.precise_speculative_ttl_s,
+            )
+        if not self.confirm_on_complete or served in self._removed or served in self._precise:
             return
         if served != decision.endpoint or now - decision.decided_at >= self.speculative_ttl_s:
             self.index.insert(served, keys)
         else:
             self.index.confirm(served, keys)
+
+    def is_precise(self, endpoint: EndpointId) -> bool:
+        """Whether `endpoint` is in precise mode (its KV events are the truth). O(1)."""
+        return endpoint in self._precise
+
+    @property
+    def precise_endpoints(self) -> frozenset[EndpointId]:
+        """The endpoints in precise mode. O(endpoints)."""
+        return frozenset(self._precise)
 
     @property
     def open_decisions(self) -> int:
@@ -535,9 +627,18 @@ class Router:
                 self.index.remove(eid, keys, tier=tier)
             case AllBlocksCleared(endpoint=eid):
                 self.index.clear_endpoint(eid)
+            case ModeChanged(endpoint=eid, precise=precise):
+                if precise != (eid in self._precise):
+                    if precise:
+                        self._precise.add(eid)
+                    else:
+                        self._precise.discard(eid)
+                    self._capacity_seen.pop(eid, None)  # resized at the next route
             case EndpointRemoved(endpoint=eid):
                 self.index.remove_endpoint(eid)
                 self.load.forget(eid)
+                self._precise.discard(eid)
+                self._block_sizes.pop(eid, None)
                 self._capacity_seen.pop(eid, None)
                 self._generations.pop(eid, None)
                 self._removed[eid] = None

@@ -14,6 +14,10 @@ synchronous `Router` from one asyncio event loop:
   Prometheus scraping of vLLM's metrics, active health checks.
 - `identity`: tenant, session and priority from headers and API keys.
 - `metrics`: the Prometheus exporter.
+- `kvevents`: the engines' KV-cache events (vLLM's ZMQ publisher) into the
+  router's index, per endpoint precise or approximate (the `events` extra).
+- `tokens`: engine-exact token ids from a model's own chat template and
+  tokenizer (the `tokens` extra).
 - `sse`: the server-sent-events reader both drivers relay streams with.
 - `errors`: OpenAI-style error bodies (plain data), shared by both drivers.
 

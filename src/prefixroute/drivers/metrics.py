@@ -56,6 +56,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
     SummaryMetricFamily,
 )
@@ -63,6 +64,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from prefixroute.decision import Decision
+from prefixroute.drivers.kvevents import LAG_BUCKETS, StreamSnapshot
 from prefixroute.endpoint import EndpointState
 from prefixroute.ledger import LedgerSnapshot, TenantSnapshot
 from prefixroute.request import Usage
@@ -431,6 +433,14 @@ class GatewayMetrics:
         self._collector = _ScrapeCollector(self, endpoints, clock)
         registry.register(self._collector)
 
+    def add_kv_events(self, snapshots: Callable[[], Sequence[StreamSnapshot]]) -> None:
+        """Export the KV-event subscribers' figures (`prefixroute_kv_events_*`) at scrape time.
+
+        `snapshots` is `KVEventsManager.snapshots`; one series per endpoint
+        with `kv_events` configured (bounded by the configured pool).
+        """
+        self.registry.register(_KVEventsCollector(snapshots))
+
     # -- the request path ---------------------------------------------------------------
 
     def model_label(self, model: str) -> str:
@@ -598,6 +608,74 @@ def _tenant_figures(s: TenantSnapshot) -> tuple[int, ...]:
 
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
+
+
+_KV_COUNTERS = (
+    ("messages", "Event batches received from the engine."),
+    ("events", "Engine events decoded (BlockStored, BlockRemoved, AllBlocksCleared)."),
+    ("blocks_stored", "Engine blocks announced stored."),
+    ("blocks_removed", "Engine blocks announced removed."),
+    ("clears", "AllBlocksCleared events from the engine."),
+    ("gaps", "Gaps in the sequence numbers."),
+    ("missing", "Messages lost in sequence gaps."),
+    ("replays", "Replays asked of the engine's replay socket."),
+    ("replay_failures", "Replays that did not bring back every missing message."),
+    ("resets", "Times the endpoint's entries were dropped (gap, restart, health)."),
+    ("dropped", "Messages dropped before decoding (bad frames, too large)."),
+    ("malformed", "Messages or events that did not decode (skipped)."),
+    ("unmapped", "Engine blocks skipped: unknown parent or hash, unnamed LoRA, unknown medium."),
+    ("map_evicted", "Engine blocks forgotten by the bounded hash map."),
+)
+
+
+class _KVEventsCollector(Collector):
+    """The KV-event subscribers' counters, lag and mode per endpoint, at scrape time."""
+
+    def __init__(self, snapshots: Callable[[], Sequence[StreamSnapshot]]) -> None:
+        self._snapshots = snapshots
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples."""
+        return list(self._families(()))
+
+    def collect(self) -> Iterable[Metric]:
+        """Every family with one sample per subscribed endpoint. O(endpoints)."""
+        return list(self._families(self._snapshots()))
+
+    def _families(self, rows: Sequence[StreamSnapshot]) -> Iterator[Metric]:
+        for field, doc in _KV_COUNTERS:
+            family = _counter(f"prefixroute_kv_events_{field}", doc, ("endpoint",))
+            for r in rows:
+                family.add_metric([label_value(r.endpoint)], getattr(r, field))
+            yield family
+        precise = _gauge(
+            "prefixroute_kv_events_precise",
+            "1 while the endpoint is in precise mode (its KV events are the truth), else 0.",
+            ("endpoint",),
+        )
+        mapped = _gauge(
+            "prefixroute_kv_events_mapped_blocks",
+            "Engine blocks in the endpoint's engine-hash map.",
+            ("endpoint",),
+        )
+        lag = HistogramMetricFamily(
+            "prefixroute_kv_events_lag_seconds",
+            "From an event batch's engine timestamp to its application here.",
+            labels=["endpoint"],
+        )
+        for r in rows:
+            label = [label_value(r.endpoint)]
+            precise.add_metric(label, 1.0 if r.precise else 0.0)
+            mapped.add_metric(label, r.mapped_blocks)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*LAG_BUCKETS, math.inf), r.lag_buckets, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            lag.add_metric(label, buckets, r.lag_sum)
+        yield precise
+        yield mapped
+        yield lag
 
 
 class _ScrapeCollector(Collector):

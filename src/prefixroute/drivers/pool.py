@@ -87,6 +87,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixroute.config import ConfigError
+from prefixroute.drivers.kvevents import KVEventSource
 from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.endpoint import MAX_COUNT, EndpointId, EndpointState
 
@@ -162,7 +163,9 @@ class EndpointSpec:
     """One configured endpoint: its id (default: the address), `host:port`, models served.
 
     An empty `models` means any model (the router's `model-filter` lets it
-    serve every request).
+    serve every request). `kv_events`: where its engine publishes KV-cache
+    events (`prefixroute.drivers.kvevents.KVEventSource`; None: no events,
+    the endpoint stays approximate).
     """
 
     address: str
@@ -170,18 +173,21 @@ class EndpointSpec:
         default=attrs.Factory(lambda self: EndpointId(self.address), takes_self=True)
     )
     models: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    kv_events: KVEventSource | None = None
 
     def __attrs_post_init__(self) -> None:
         EndpointState(id=self.id, address=self.address)  # the core's address and id checks
 
     @classmethod
     def from_document(cls, doc: object, path: str) -> EndpointSpec:
-        """Read `{address, id?, models?}`; ConfigError naming the field."""
+        """Read `{address, id?, models?, kv_events?}`; ConfigError naming the field."""
         if not isinstance(doc, Mapping):
             raise ConfigError(path, "must be a mapping {address, id?, models?} or {file}")
         for key in doc:
-            if key not in ("address", "id", "models"):
-                raise ConfigError(f"{path}.{key}", "unknown key (allowed: address, id, models)")
+            if key not in ("address", "id", "models", "kv_events"):
+                raise ConfigError(
+                    f"{path}.{key}", "unknown key (allowed: address, id, models, kv_events)"
+                )
         address = doc.get("address")
         if not isinstance(address, str) or not address:
             raise ConfigError(f"{path}.address", "must be host:port")
@@ -191,8 +197,13 @@ class EndpointSpec:
         models = doc.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
             raise ConfigError(f"{path}.models", "must be a list of model names")
+        kv_events = doc.get("kv_events")
+        if kv_events is not None:
+            kv_events = KVEventSource.from_document(kv_events, f"{path}.kv_events")
         try:
-            return cls(address=address, id=EndpointId(eid), models=frozenset(models))
+            return cls(
+                address=address, id=EndpointId(eid), models=frozenset(models), kv_events=kv_events
+            )
         except ValueError as exc:
             raise ConfigError(f"{path}.address", str(exc)) from exc
 
@@ -428,6 +439,7 @@ class EndpointPool:
         client: aiohttp.ClientSession | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_removed: Callable[[EndpointId], None] | None = None,
+        on_health_change: Callable[[EndpointId, bool], None] | None = None,
     ) -> None:
         self.scrape = scrape if scrape is not None else ScrapeConfig()
         self._client = client
@@ -435,6 +447,7 @@ class EndpointPool:
         self._timeout = aiohttp.ClientTimeout(total=self.scrape.timeout_s)
         self._clock = clock
         self._on_removed = on_removed
+        self.on_health_change = on_health_change
         self._slots: dict[EndpointId, _Slot] = {}
         self._files: dict[Path, tuple[int, int] | None] = {Path(f): None for f in files}
         self._pending: dict[Path, tuple[int, int]] = {}
@@ -462,6 +475,7 @@ class EndpointPool:
                     running=s.scraped.running,
                     kv_usage=s.scraped.kv_usage or 0.0,
                     kv_capacity_blocks=s.scraped.kv_capacity_blocks,
+                    block_size=s.scraped.block_size,
                     healthy=s.healthy(after),
                     observed_at=s.observed_at,
                     max_model_len=s.max_model_len,
@@ -498,6 +512,10 @@ class EndpointPool:
             catalog = self._catalog = (names, all(n is not None for n in served))
         return catalog
 
+    def specs(self) -> list[EndpointSpec]:
+        """The configured spec of every endpoint in the pool. O(endpoints)."""
+        return [s.spec for s in self._slots.values()]
+
     def address(self, endpoint: EndpointId) -> str | None:
         """The `host:port` of `endpoint`, None if it is not (or no longer) in the pool."""
         slot = self._slots.get(endpoint)
@@ -516,9 +534,12 @@ class EndpointPool:
         """A request to `endpoint` failed to connect: unhealthy until a health check passes."""
         slot = self._slots.get(endpoint)
         if slot is not None and not slot.passive:
+            was = slot.healthy(self.scrape.unhealthy_after)
             slot.passive = True
             self._states = None
             log.warning("endpoint %s marked unhealthy after a failed connection", endpoint)
+            if was and self.on_health_change is not None:
+                self.on_health_change(endpoint, False)
 
     # -- one round of each job ------------------------------------------------------
 
@@ -635,6 +656,8 @@ class EndpointPool:
         if now != was and self._slots.get(slot.spec.id) is slot:
             self._states = None
             log.warning("endpoint %s is %s", slot.spec.id, "healthy" if now else "unhealthy")
+            if self.on_health_change is not None:
+                self.on_health_change(slot.spec.id, now)
 
     async def _read_models(self, slot: _Slot) -> None:
         """Read the engine's `max_model_len` and model names from `/v1/models` (module doc)."""

@@ -12,7 +12,8 @@ OpenAI parser, tenant isolation salts, asking a streaming engine for usage,
 then 404 for a model no endpoint serves). `RoutingService` is that shared
 part; each driver subclasses it.
 
-A body over `OFFLOAD_BYTES` is parsed (and re-serialised when it changes) in
+A body over `OFFLOAD_BYTES` (`TOKENS_OFFLOAD_BYTES` when tokenizers are
+configured: parsing then includes tokenizing) is parsed (and re-serialised when it changes) in
 a worker thread, so one large request does not hold up every other request
 on the event loop; the router itself is only ever called on the loop.
 """
@@ -37,6 +38,7 @@ from prefixroute.blocks import Blocker
 from prefixroute.drivers.context import check_context
 from prefixroute.drivers.deferral import Deferrals
 from prefixroute.drivers.errors import clip
+from prefixroute.drivers.kvevents import KVEventsManager
 from prefixroute.drivers.metrics import GatewayMetrics, RequestRecord
 from prefixroute.drivers.pool import EndpointPool
 from prefixroute.drivers.settings import DriverConfig
@@ -50,6 +52,7 @@ __all__ = [
     "MAX_MODEL_CHARS",
     "OFFLOAD_BYTES",
     "OFFLOAD_THREADS",
+    "TOKENS_OFFLOAD_BYTES",
     "Prepared",
     "Refusal",
     "RoutingService",
@@ -62,6 +65,9 @@ OFFLOAD_BYTES = 256 * 1024
 """Bodies larger than this are parsed in a worker thread, off the event loop."""
 OFFLOAD_THREADS = 2
 """Worker threads for large bodies (more wait their turn: bounded CPU, a free loop)."""
+TOKENS_OFFLOAD_BYTES = 16 * 1024
+"""With tokenizers configured (`models`), bodies over this go to a worker thread instead: a
+cold tokenization is O(characters) in the tokenizer, milliseconds for 16 KiB (docs/tokens.md)."""
 
 
 class Refusal(Exception):
@@ -146,7 +152,9 @@ class RoutingService:
             scrape=config.scrape,
             clock=clock,
             on_removed=self._endpoint_removed,
+            on_health_change=self._health_changed,
         )
+
         self.metrics = GatewayMetrics(
             registry if registry is not None else CollectorRegistry(),
             self.router,
@@ -157,7 +165,11 @@ class RoutingService:
             clock=clock,
             served_models=self.pool.served_models,
         )
+        self.kv_events = KVEventsManager(self.router, self.pool, config.kv_events, clock=clock)
+        self.metrics.add_kv_events(self.kv_events.snapshots)
         self.identity = config.identity
+        self.tokenizers = config.models
+        self._offload_bytes = TOKENS_OFFLOAD_BYTES if config.models else OFFLOAD_BYTES
         self.deferrals = Deferrals(self.router, self.pool.states, clock)
         self.draining = False
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
@@ -165,11 +177,13 @@ class RoutingService:
     async def start_service(self, release_interval_s: float) -> None:
         """Start the pool (one scrape and health round first) and the release ticker."""
         await self.pool.start()
+        await self.kv_events.start()
         self.deferrals.start(release_interval_s)
 
     async def stop_service(self, reason: str) -> None:
         """Answer requests still deferred with 503 (`reason`), stop the ticker and the pool."""
         await self.deferrals.stop(reason)
+        await self.kv_events.stop()
         await self.pool.stop()
         if self._workers is not None:
             self._workers.shutdown(wait=False, cancel_futures=True)
@@ -177,6 +191,9 @@ class RoutingService:
 
     def _endpoint_removed(self, endpoint: EndpointId) -> None:
         self.router.observe(EndpointRemoved(endpoint=endpoint))
+
+    def _health_changed(self, endpoint: EndpointId, healthy: bool) -> None:
+        self.kv_events.on_health(endpoint, healthy)
 
     def release_deferred(self) -> None:
         """Hand released requests to their waiting handlers (`Deferrals.release`)."""
@@ -199,7 +216,7 @@ class RoutingService:
         decides, and an engine answers for names it does not serve.
         """
         endpoints = self.pool.states()  # read on the loop: the pool is the loop's
-        if len(body) <= OFFLOAD_BYTES:
+        if len(body) <= self._offload_bytes:
             prepared = self.prepare(
                 body, headers, record, may_ask_usage=may_ask_usage, endpoints=endpoints
             )
@@ -268,7 +285,12 @@ class RoutingService:
         `hashing.isolate_tenants` the request and the payload carry the
         tenant's `isolation_salt`; a streaming request whose client did not
         ask for usage gets `stream_options.include_usage` when
-        `may_ask_usage` (the driver can hide the usage chunk again). Sets
+        `may_ask_usage` (the driver can hide the usage chunk again). With a
+        tokenizer configured for the model (`models`, docs/tokens.md) a text
+        request gets the engine's own `token_ids` (chat messages rendered
+        with the model's chat template, then tokenized as vLLM does; a prompt
+        given as token ids is kept), so the length check is exact; a chat the
+        template refuses is a 400 naming the field. Sets
         `record.model` and `record.tenant` as soon as they are known.
         Given `endpoints`, touches nothing but `record`: safe in a worker
         thread. O(body size).
@@ -312,6 +334,16 @@ class RoutingService:
         blocker = self.router.blocker
         states = endpoints if endpoints is not None else self.pool.states()
         too_long = check_context(request, blocker, states)
+        tokenizer = self.tokenizers.get(request.model)
+        if too_long is None and tokenizer is not None and request.token_ids is None:
+            try:  # token mode: the engine's own ids (docs/tokens.md), then the exact check
+                ids = tokenizer.body_ids(doc)
+            except RequestError as exc:
+                code = "invalid-request"
+                raise Refusal(exc.status, str(exc), code=code, param=exc.field) from None
+            if ids is not None:
+                request = attrs.evolve(request, token_ids=ids)
+                too_long = check_context(request, blocker, states)
         if too_long is not None:  # no engine of the model takes it: 400 as vLLM would
             param = "messages" if "messages" in doc else "prompt"
             raise Refusal(400, too_long.message, code=too_long.code, param=param)
@@ -339,5 +371,11 @@ class RoutingService:
         states = self.pool.states()
         healthy = sum(1 for s in states if s.healthy)
         status = "draining" if self.draining else ("ok" if healthy else "unavailable")
-        body = {"status": status, "healthy_endpoints": healthy, "endpoints": len(states)}
+        body: dict[str, Any] = {
+            "status": status,
+            "healthy_endpoints": healthy,
+            "endpoints": len(states),
+        }
+        if self.kv_events.streams:  # each endpoint with KV events: precise or approximate, why
+            body["kv_events"] = self.kv_events.modes()
         return (200 if status == "ok" else 503), body

@@ -17,16 +17,20 @@ import argparse
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from prefixroute.config import ConfigError, load_config
 from prefixroute.drivers.documents import read_document
 from prefixroute.drivers.identity import IdentityConfig
+from prefixroute.drivers.kvevents import KVEventsConfig
 from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
 from prefixroute.drivers.sections import build_section, positive_number
 from prefixroute.router import Router
+
+if TYPE_CHECKING:
+    from prefixroute.drivers.tokens import ModelTokenizer
 
 __all__ = ["DRIVER_SECTIONS", "DriverConfig", "MetricsConfig", "ServerConfig", "log_level_argument"]
 
@@ -46,7 +50,7 @@ _SERVER_KEYS = {
     "max_connections": "int",
 }
 _METRICS_KEYS = {"max_tenants": "int", "pool_name": "str"}
-DRIVER_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics")
+DRIVER_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics", "kv_events", "models")
 """The top-level sections a `DriverConfig` reads itself; the rest is the router's document."""
 
 
@@ -100,7 +104,7 @@ class DriverConfig:
 
     `router_document` is what `prefixroute.config.load_config` accepts (seed,
     hashing, index, router, tenants, plugins, profiles, profile); `server`,
-    `endpoints`, `scrape`, `identity` and `metrics` are the drivers' (see
+    `endpoints`, `scrape`, `identity`, `metrics` and `models` are the drivers' (see
     `DRIVER_SECTIONS`). The gateway reads it as is (`GatewayConfig` is this
     class under the gateway's name). Read one with `from_file` or
     `from_document`; every error is a `ConfigError` naming the field.
@@ -113,6 +117,10 @@ class DriverConfig:
     scrape: ScrapeConfig = attrs.field(factory=ScrapeConfig)
     identity: IdentityConfig = attrs.field(factory=IdentityConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    kv_events: KVEventsConfig = attrs.field(factory=KVEventsConfig)
+    """The KV-event subscribers' knobs (docs/kv-events.md)."""
+    models: Mapping[str, ModelTokenizer] = attrs.field(factory=dict)
+    """Per model name, its loaded tokenizer and chat template (docs/tokens.md): token mode."""
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> DriverConfig:
@@ -137,11 +145,23 @@ class DriverConfig:
             scrape=ScrapeConfig.from_document(doc),
             identity=IdentityConfig.from_document(doc, base_dir=base_dir),
             metrics=build_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
+            kv_events=KVEventsConfig.from_document(doc),
+            models=_read_models(doc.get("models"), base_dir),
         )
 
     def build_router(self) -> Router:
         """A fresh `Router` from `router_document`."""
         return load_config(self.router_document)
+
+
+def _read_models(section: object, base_dir: str | os.PathLike[str]) -> Mapping[str, ModelTokenizer]:
+    """The `models` section (`prefixroute.drivers.tokens.read_models`); its optional
+    dependencies (`tokenizers`, `jinja2`) are imported only when the section is there."""
+    if section is None:
+        return {}
+    from prefixroute.drivers.tokens import read_models
+
+    return read_models(section, base_dir=base_dir)
 
 
 def log_level_argument(parser: argparse.ArgumentParser) -> None:

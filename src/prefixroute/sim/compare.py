@@ -60,6 +60,10 @@ def run_policy(
         metrics_interval_s=scenario.metrics_interval_s,
         kv_events=policy.kv_events,
         progress=progress,
+        link=scenario.link,
+        restarts=scenario.restarts,
+        precise=policy.precise,
+        seed=scenario.seed,
     )
     sim.run()
     wall = time.perf_counter() - started

@@ -3,14 +3,26 @@
 What is modelled (vLLM v1: `vllm/v1/core/block_pool.py`, `kv_cache_manager.py`,
 `sched/scheduler.py`; docs.vllm.ai "Automatic Prefix Caching"):
 
-- The KV pool: `num_blocks` blocks of `block_size` tokens. A full block of
-  known tokens gets a hash chained over its whole prefix (here: the block
-  keys of `prefixroute.blocks`, which have the same chained property) and
-  stays cached after its request ends, until the block is reused. Free blocks
-  sit in one queue, least recently freed first; allocation takes the head
-  and evicts its hash, if any. A finished request frees its blocks tail
-  first, so a prompt's tail is evicted before its shared head. A cache hit on
-  a free block takes it back out of the queue (reference counts).
+- The KV pool: `num_blocks` blocks of `block_size` tokens, block 0 kept
+  back as vLLM's null block (`BlockPool.null_block`), so `num_blocks - 1`
+  hold tokens. A full block of known tokens gets a hash chained over its
+  whole prefix (here: the block keys of `prefixroute.blocks`, which have the
+  same chained property; a block of generated tokens whose ids the request
+  does not bring gets a fresh key no prompt can match) and stays cached
+  after its request ends, until the block is reused. Free blocks sit in one
+  queue (`FreeKVCacheBlockQueue`); allocation takes the head
+  (`popleft_n`) and evicts its hashes, if any. A finished request frees its
+  blocks tail first (`SingleTypeKVCacheManager.free`); of those, the
+  hashed ones go to the queue's tail (LRU order) and the unhashed ones
+  (a partial last block) to its head, reused first (`BlockPool.free_blocks`:
+  `prepend_n` / `append_n`). A cache hit on a free block takes it back out
+  of the queue (`touch`, reference counts). Blocks are not deduplicated
+  (`BlockHashToBlockMap`): a block computed again while an equal one is
+  cached (the recomputed last block of a fully cached prompt) is cached
+  too, under the same hash; a lookup takes the first block cached under a
+  hash; a hash stays cached while any block holds it. With events, each
+  block cached or evicted is one stored or removed hash, as vLLM emits
+  them (so a hash can be stored twice and removed once while still held).
 - Prefix hits: a new request walks its block hashes while they are cached;
   at most `num_tokens - 1` tokens count as hit (the last token is always
   computed, to produce logits), in whole blocks. The engine counts
@@ -29,14 +41,18 @@ What is modelled (vLLM v1: `vllm/v1/core/block_pool.py`, `kv_cache_manager.py`,
   decode step emits one more. The engine generates exactly the request's
   `output_tokens`.
 
-Simplifications, each small for routing: decodes go first (vLLM v1 walks
+- Blocks are hashed when the step that computes them is scheduled
+  (`KVCacheManager.allocate_slots` calls `cache_blocks`), so a request
+  admitted later in the same step, or while a chunked prefill goes on, hits
+  the blocks another is computing.
+
+Simplifications, each small for routing (none applies to requests served
+one at a time, see `replay_cached_tokens`): decodes go first (vLLM v1 walks
 `running` in order, so a long prefill chunk ahead of decodes can take the
 budget; vLLM v0's chunked prefill and Sarathi-Serve put decodes first); the
-blocks of generated tokens are hashed only when the request brings its
-output token ids (a chat reply the next turn resends), and then when it
-finishes, not as they fill, so a request preempted mid-decode recomputes its
-generated tokens without hits on them; two requests prefilling the same
-new block concurrently both compute it, and only the first is cached.
+blocks of generated tokens are hashed when the request finishes, not as
+they fill, so a request preempted mid-decode recomputes its generated tokens
+without hits on them.
 
 Performance: a decode step costs O(1) plus O(log n) per finishing request or
 new block, however many sequences decode. Decoding sequences are not
@@ -53,13 +69,24 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
 
-from prefixroute.sim.cost import CostModel
+from prefixroute.blocks import Blocker
+from prefixroute.request import Request
+from prefixroute.sim.cost import PROFILES, CostModel
 from prefixroute.sim.source import SimRequest
 
-__all__ = ["Completion", "Engine", "EngineConfig", "EngineStats", "SeqHandle"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "SeqHandle",
+    "replay_cached_tokens",
+]
 
 _WAITING, _PREFILL, _DECODE, _DONE = range(4)
+_SYNTHETIC_BASE = 0xFFFF_0000_0000_0000  # keys of generated blocks without token ids
 
 
 @attrs.frozen(slots=True)
@@ -89,7 +116,7 @@ class EngineConfig:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks in the pool (vLLM's `num_gpu_blocks`)."""
+        """Blocks in the pool (vLLM's `num_gpu_blocks`), the null block included."""
         return self.kv_capacity_tokens // self.block_size
 
 
@@ -146,6 +173,7 @@ class _Seq:
         "received_s",
         "sim",
         "state",
+        "synthetic",
     )
 
     def __init__(self, sim: SimRequest, seq_id: int, keys: Sequence[int], now: float) -> None:
@@ -167,6 +195,7 @@ class _Seq:
         self.hashed = 0  # leading blocks already offered to the cache
         self.received_s = now
         self.first_token_s = -1.0
+        self.synthetic: list[int] = []  # keys of generated blocks past `keys`
 
 
 SeqHandle = _Seq
@@ -202,8 +231,11 @@ class Engine:
         self._B = config.block_size
         self._hash: list[int | None] = [None] * n
         self._ref = [0] * n
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n))
-        self._cached: dict[int, int] = {}  # hash -> block id
+        # block 0 is vLLM's null block: never free, never holds tokens
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, n))
+        self._cached: dict[int, int] = {}  # hash -> the first block cached under it
+        self._dups: dict[int, list[int]] = {}  # hash -> later blocks cached under it (rare)
+        self._synthetic = itertools.count(_SYNTHETIC_BASE)
         self._waiting: deque[_Seq] = deque()
         self._running: dict[int, _Seq] = {}  # admission order: preemption takes the last
         self._prefilling: list[_Seq] = []
@@ -239,9 +271,10 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of KV blocks in use by requests (`vllm:kv_cache_usage_perc`)."""
-        n = self.config.num_blocks
-        return (n - len(self._free)) / n
+        """Fraction of KV blocks in use by requests (`vllm:kv_cache_usage_perc`; the null
+        block is not counted, as `BlockPool.get_usage`)."""
+        n = self.config.num_blocks - 1
+        return (n - len(self._free)) / n if n else 0.0
 
     @property
     def busy(self) -> bool:
@@ -335,6 +368,7 @@ class Engine:
                 if self._record:
                     self._removed.append(h)
         self._cached.clear()
+        self._dups.clear()
         return True
 
     # -- driving --------------------------------------------------------------
@@ -342,7 +376,7 @@ class Engine:
     def fits(self, sim: SimRequest) -> bool:
         """Whether `sim` (prompt + output) fits in the pool at all; vLLM refuses it otherwise."""
         tokens = len(sim.request.token_ids) + sim.output_tokens  # type: ignore[arg-type]
-        return -(-tokens // self._B) <= self.config.num_blocks
+        return -(-tokens // self._B) <= self.config.num_blocks - 1
 
     def add(self, sim: SimRequest, keys: Sequence[int], now: float) -> SeqHandle:
         """Queue `sim`; `keys` are the block hashes of its known full blocks (prompt, + output).
@@ -392,6 +426,13 @@ class Engine:
             if self._allocate(seq, seq.computed + n):
                 budget -= n
                 scheduled.append((seq, n))
+        # Blocks are hashed when their step is scheduled (vLLM's allocate_slots ->
+        # cache_blocks), so a request admitted later in this step hits them: each layer
+        # writes the whole batch's KV before its attention reads it. Only now, once no
+        # running prefill can be preempted by a later allocation of this step.
+        for seq, n in scheduled:
+            if seq.state == _PREFILL:
+                self._cache_blocks(seq, min((seq.computed + n) // B, len(seq.keys)))
         waiting = self._waiting
         max_seqs = self.config.max_num_seqs
         # After a preemption the step admits nobody (as vLLM v1's scheduler).
@@ -409,6 +450,7 @@ class Engine:
             waiting.popleft()
             budget -= n
             scheduled.append((seq, n))
+            self._cache_blocks(seq, min((hit * B + n) // B, len(seq.keys)))
         scheduled = [(seq, n) for seq, n in scheduled if seq.state == _PREFILL]
         n_dec = self._n_decode
         kv_dec = n_dec * step_no - self._sum_base
@@ -563,19 +605,35 @@ class Engine:
         return self._running[next(reversed(self._running))]
 
     def _take(self) -> int:
-        """The least recently freed block, its cached hash evicted. Caller checks it exists."""
+        """The free queue's head, its cached hash evicted. Caller checks one exists. O(1)."""
         b, _ = self._free.popitem(last=False)
         h = self._hash[b]
         if h is not None:
             self._hash[b] = None
-            del self._cached[h]
+            self._uncache(h, b)
             if self._record:
                 self._removed.append(h)
         self._ref[b] = 1
         return b
 
+    def _uncache(self, h: int, b: int) -> None:
+        """Block `b` no longer holds hash `h`; `h` stays cached while another block holds it."""
+        dups = self._dups.get(h)
+        if dups is None:
+            del self._cached[h]
+        elif self._cached[h] == b:
+            self._cached[h] = dups.pop(0)
+        else:
+            dups.remove(b)
+        if dups is not None and not dups:
+            del self._dups[h]
+
     def _cache_blocks(self, seq: _Seq, upto: int) -> None:
-        """Hash `seq`'s full blocks [seq.hashed, upto) that are not cached yet. O(new blocks)."""
+        """Hash `seq`'s full blocks [seq.hashed, upto) that are not cached yet. O(new blocks).
+
+        Blocks past `seq.keys` (generated tokens whose ids the request did not
+        bring) get fresh keys, kept per request so a recompute reuses them.
+        """
         cached = self._cached
         hashes = self._hash
         keys = seq.keys
@@ -587,23 +645,40 @@ class Engine:
         for j in range(start, upto):
             b = blocks[j]
             if hashes[b] is not None:
-                continue
-            k = keys[j]
-            if k in cached:
-                continue  # another block holds it (computed twice concurrently)
+                continue  # a hit block: cached already
+            if j < len(keys):
+                k = keys[j]
+            else:
+                extra = seq.synthetic
+                while len(extra) <= j - len(keys):
+                    extra.append(next(self._synthetic))
+                k = extra[j - len(keys)]
+            if k in cached:  # not deduplicated, as vLLM's BlockHashToBlockMap
+                self._dups.setdefault(k, []).append(b)
+            else:
+                cached[k] = b
             hashes[b] = k
-            cached[k] = b
             if self._record:
                 self._stored.append(k)
 
     def _release(self, seq: _Seq) -> None:
-        """Free `seq`'s blocks tail first, so its tail is evicted before its head."""
+        """Free `seq`'s blocks tail first: hashed ones to the queue's tail (evicted in LRU
+        order, a prompt's tail before its shared head), unhashed ones to its head (reused
+        first), as vLLM's `BlockPool.free_blocks`. O(blocks)."""
         ref = self._ref
         free = self._free
+        hashes = self._hash
+        first: list[int] = []
         for b in reversed(seq.blocks):
             ref[b] -= 1
             if ref[b] == 0:
-                free[b] = None
+                if hashes[b] is None:
+                    first.append(b)
+                else:
+                    free[b] = None
+        for b in reversed(first):  # prepend, keeping their order
+            free[b] = None
+            free.move_to_end(b, last=False)
         seq.blocks = []
 
     def _preempt(self, seq: _Seq) -> None:
@@ -622,7 +697,7 @@ class Engine:
         self._waiting.appendleft(seq)
 
     def _finish(self, seq: _Seq, now: float) -> Completion:
-        full = min(seq.computed // self._B, len(seq.keys))
+        full = seq.computed // self._B
         if full:
             self._cache_blocks(seq, full)
         del self._running[seq.id]
@@ -648,11 +723,16 @@ class Engine:
             for b in seq.blocks:
                 refs[b] += 1
         assert refs == self._ref, "reference counts disagree with running requests' blocks"
-        for b in range(n):
+        assert 0 not in self._free and self._hash[0] is None, "the null block is never used"
+        for b in range(1, n):
             assert (self._ref[b] == 0) == (b in self._free), f"block {b}: free iff unreferenced"
         for h, b in self._cached.items():
             assert self._hash[b] == h, f"hash map points at block {b} not holding it"
-        assert sum(h is not None for h in self._hash) == len(self._cached)
+        for h, bs in self._dups.items():
+            assert bs and h in self._cached, f"duplicates of {h} without a first block"
+            assert all(self._hash[b] == h for b in bs), f"duplicates of {h} not holding it"
+        held = len(self._cached) + sum(len(bs) for bs in self._dups.values())
+        assert sum(h is not None for h in self._hash) == held
         assert self._n_decode == sum(s.state == _DECODE for s in self._running.values())
         assert self._sum_base == sum(s.base for s in self._running.values() if s.state == _DECODE)
         for seq in self._running.values():
@@ -660,3 +740,71 @@ class Engine:
                 kv = self._step_no - seq.base  # tokens the next step covers
                 assert len(seq.blocks) * self._B >= kv - 1
         assert len(self._running) <= self.config.max_num_seqs
+
+
+def replay_cached_tokens(
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_blocks: int,
+    block_size: int = 32,
+    output_tokens: int | Sequence[int] = 1,
+    output_token_ids: Sequence[Sequence[int] | None] | None = None,
+) -> list[int]:
+    """The cached tokens this engine model reports for `prompts` served one at a time.
+
+    For comparing the model with a real vLLM engine (simulator fidelity):
+    send the same token-id prompts to the engine one after another (each
+    finished before the next is sent) and compare its
+    `usage.prompt_tokens_details.cached_tokens` with this list. `num_blocks`
+    is the engine's `num_gpu_blocks` (the `vllm:cache_config_info` label;
+    block 0 is its null block, as here) and `block_size` its block size (32
+    on CPU). `output_tokens` is how many tokens each request generated (one
+    count for all, or one per request: the responses' `completion_tokens`);
+    their blocks take KV space and are cached too. `output_token_ids`, when
+    given, are the generated ids per request (None entries allowed): a later
+    prompt that resends them (a chat's next turn) then hits their blocks, as
+    it would in vLLM. Block keys are this package's chained token hashes,
+    which match exactly where vLLM's do. A request that cannot fit in the
+    pool (prompt + output over `num_blocks - 1` blocks) raises ValueError,
+    as vLLM refuses it. O(total tokens / block_size) plus the engine steps.
+    """
+    if num_blocks < 2:
+        raise ValueError(f"num_blocks must be >= 2 (one is the null block), got {num_blocks}")
+    n = len(prompts)
+    outputs = [output_tokens] * n if isinstance(output_tokens, int) else list(output_tokens)
+    if len(outputs) != n:
+        raise ValueError(f"output_tokens has {len(outputs)} counts for {n} prompts")
+    if output_token_ids is not None and len(output_token_ids) != n:
+        raise ValueError(f"output_token_ids has {len(output_token_ids)} entries for {n} prompts")
+    longest = max((len(p) + o for p, o in zip(prompts, outputs, strict=True)), default=1)
+    config = EngineConfig(
+        kv_capacity_tokens=num_blocks * block_size,
+        block_size=block_size,
+        max_num_seqs=1,
+        max_num_batched_tokens=max(block_size, longest),  # a prompt prefills in one step
+    )
+    engine = Engine(config, PROFILES["qwen3-0.6b-h100"])
+    blocker = Blocker()
+    namespace = 0
+    cached: list[int] = []
+    t = 0.0
+    for i, prompt in enumerate(prompts):
+        tokens = np.asarray(prompt, dtype=np.uint32)
+        out = outputs[i]
+        generated = None if output_token_ids is None else output_token_ids[i]
+        known = tokens
+        if generated is not None:
+            known = np.concatenate([tokens, np.asarray(generated, dtype=np.uint32)])
+        keys = blocker.hash_tokens(known, namespace, block_size).tolist()
+        request = Request(model="replay", token_ids=tokens, max_tokens=out)
+        sim = SimRequest(arrival_s=t, request=request, output_tokens=out, kind="replay")
+        handle = engine.add(sim, keys, t)
+        while not engine.finished(handle):
+            dt = engine.begin_step(t)
+            if dt is None:  # pragma: no cover - a lone request always has a step to run
+                raise RuntimeError("the engine stalled")
+            t += dt
+            engine.end_step(t)
+        hit = engine.cached_tokens(handle)
+        cached.append(0 if hit is None else hit)
+    return cached

@@ -5,6 +5,7 @@ an optional `simulator:` section the simulator reads and strips:
 
     simulator:
       kv_events: true   # feed the engines' KV-cache events to Router.observe
+      precise: true     # and put every endpoint in precise mode (needs kv_events)
 
 Built-in policies live in `prefixroute/sim/policies/NAME.yaml`; each file's
 header names the system it models, its sources and parameters
@@ -36,6 +37,7 @@ class Policy:
     name: str
     document: dict[str, Any]
     kv_events: bool = False
+    precise: bool = False
 
     def build(self, seed: int) -> Router:
         """A fresh router; the document's own `seed` wins over `seed` when it sets one."""
@@ -65,7 +67,10 @@ def load_policy(source: str | Path) -> Policy:
     doc = dict(read_document(path))
     sim = ConfigFields(doc.pop("simulator", None), "simulator")
     kv_events = sim.boolean("kv_events", False)
+    precise = sim.boolean("precise", False)
+    if precise and not kv_events:
+        raise ConfigError("simulator.precise", "needs simulator.kv_events: true")
     sim.done()
-    policy = Policy(name=name, document=doc, kv_events=kv_events)
+    policy = Policy(name=name, document=doc, kv_events=kv_events, precise=precise)
     policy.build(0)  # validate now, with the file's name in the error
     return policy

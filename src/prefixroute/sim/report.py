@@ -17,6 +17,15 @@ when one tenant gets all hits.
 `TenantLedger`: (predicted - actual cached tokens) / prompt tokens, signed
 and absolute, i.e. how well the router's index foresaw the engines' hits.
 
+`prediction` compares, per served request, the cached tokens the router
+predicted at its decision (`Decision.predicted_cached_tokens`) with those
+the engine reported: the totals, `over_prediction` ((predicted - actual) /
+actual, the issue's "over-predicts by 24%"), the share of requests
+predicted exactly, over and under, and the tokens over- and
+under-predicted. `kv_events` counts the event batches published, lost,
+replayed, the gaps and clears the receiver saw, and the engine restarts
+with the requests they moved (`retried`) or failed (`simulation` module).
+
 `starved` counts tenants none of whose requests was served (they are
 absent from both Jain indexes, which only rate tenants that got service).
 
@@ -158,6 +167,47 @@ def _ledger(sim: Simulation) -> dict[str, Any]:
     }
 
 
+def _prediction(sim: Simulation) -> dict[str, Any]:
+    """Predicted vs actual cached tokens over the served requests."""
+    out = sim.outcomes
+    ok = np.asarray(out.status) == 200
+    predicted = np.asarray(out.predicted_tokens, dtype=np.int64)[ok]
+    actual = np.asarray(out.cached_tokens, dtype=np.int64)[ok]
+    n = int(ok.sum())
+    p, a = int(predicted.sum()), int(actual.sum())
+    diff = predicted - actual
+    return {
+        "predicted_tokens": p,
+        "actual_tokens": a,
+        "over_prediction": (p - a) / a if a else None,
+        "exact": float((diff == 0).mean()) if n else None,
+        "over": float((diff > 0).mean()) if n else None,
+        "under": float((diff < 0).mean()) if n else None,
+        "over_tokens": int(diff[diff > 0].sum()),
+        "under_tokens": int(-diff[diff < 0].sum()),
+    }
+
+
+def _events(sim: Simulation) -> dict[str, Any]:
+    """The run's KV-event link and what happened on it, and its restarts."""
+    st = sim.event_stats
+    return {
+        "enabled": sim.kv_events,
+        "precise": sim.precise,
+        "delay_s": sim.link.delay_s,
+        "loss": sim.link.loss,
+        "replay": sim.link.replay,
+        "batches": st.batches,
+        "lost": st.lost,
+        "gaps": st.gaps,
+        "replayed": st.replayed,
+        "cleared": st.cleared,
+        "restarts": st.restarts,
+        "retried": st.retried,
+        "failed": st.failed,
+    }
+
+
 def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> dict[str, Any]:
     """The figures of one finished run (the `--json` record)."""
     out = sim.outcomes
@@ -167,7 +217,7 @@ def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> 
     e2e = np.asarray(out.e2e_s)[ok]
     finished = np.asarray(out.finished_s)[ok]
     makespan = float(finished.max()) if finished.size else 0.0
-    engines = sim.engines
+    engines = sim.all_engines  # restarted engines' counters count too
     queries = sum(e.stats.prefix_queries for e in engines)
     hits = sum(e.stats.prefix_hits for e in engines)
     itl_v = np.concatenate([np.asarray(e.itl_steps) for e in engines]) if engines else np.empty(0)
@@ -186,13 +236,15 @@ def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> 
         "failures_by_status": {str(k): v for k, v in sorted(failures.items())},
         "hit_rate": hits / queries if queries else 0.0,
         "predicted_hit_accuracy": predicted / cached_ok if cached_ok else None,
+        "prediction": _prediction(sim),
+        "kv_events": _events(sim),
         "ttft_s": _dist(ttft),
         "itl_s": _weighted_dist(itl_v, itl_w),
         "e2e_s": _dist(e2e),
         "throughput_rps": float(ok.sum()) / makespan if makespan else 0.0,
         "output_tokens_per_s": outputs / makespan if makespan else 0.0,
         "tenants": {**_tenants(sim), **_ledger(sim)},
-        "endpoint_requests": [split.get(i, 0) for i in range(len(engines))],
+        "endpoint_requests": [split.get(i, 0) for i in range(len(sim.engines))],
         "preemptions": sum(e.stats.preemptions for e in engines),
         "events": sim.events,
         "events_per_s": sim.events / wall_s if wall_s > 0 else None,

@@ -12,6 +12,13 @@
       block_size: 16
       max_num_seqs: 1024          # vLLM's H100 defaults for the OpenAI server
       max_num_batched_tokens: 8192
+      kv_events:                  # how engine KV events reach a policy that reads them
+        delay_s: 0.0              # publish to apply, every batch alike (order kept)
+        loss: 0.0                 # probability that a batch (one engine step) is lost
+        replay: false             # lost batches fetched again (vLLM's replay socket)
+        on_gap: clear             # a gap not replayed: clear the endpoint, or keep its entries
+    restarts:                     # engines that die and come back with an empty cache
+      - {endpoint: 0, at_s: 60, down_s: 15}   # endpoint index, when, how long down
     workload: {...}               # see prefixroute.sim.workload_schema
 
 Unknown keys are refused with their path. Built-in scenarios live in
@@ -32,6 +39,7 @@ from prefixroute.drivers.documents import read_document
 from prefixroute.sim.cost import PROFILES, CostModel
 from prefixroute.sim.engine import EngineConfig
 from prefixroute.sim.schema import Fields, ScenarioError
+from prefixroute.sim.simulation import EventLink, Restart
 
 __all__ = ["Scenario", "builtin_scenarios", "load_scenario"]
 
@@ -50,6 +58,8 @@ class Scenario:
     engine: EngineConfig
     workload: dict[str, Any]
     base_dir: Path
+    link: EventLink = attrs.field(factory=EventLink)
+    restarts: tuple[Restart, ...] = ()
 
     def with_overrides(
         self,
@@ -57,6 +67,7 @@ class Scenario:
         endpoints: int | None = None,
         duration_s: float | None = None,
         seed: int | None = None,
+        link: EventLink | None = None,
     ) -> Scenario:
         """A copy with the command line's overrides applied (ScenarioError if invalid)."""
         if endpoints is not None and endpoints < 1:
@@ -70,6 +81,7 @@ class Scenario:
             endpoints=self.endpoints if endpoints is None else endpoints,
             duration_s=self.duration_s if duration_s is None else duration_s,
             seed=self.seed if seed is None else seed,
+            link=self.link if link is None else link,
         )
 
 
@@ -118,7 +130,29 @@ def _parse(doc: object, base: Path) -> Scenario:
     kv = ep.integer("kv_capacity_tokens", cost.kv_capacity_tokens, min=block_size)
     seqs = ep.integer("max_num_seqs", 1024, min=1)
     batched = ep.integer("max_num_batched_tokens", 8192, min=block_size)
+    ev = ep.sub("kv_events")
+    link = EventLink(
+        delay_s=ev.number("delay_s", 0.0, min=0.0),
+        loss=ev.number("loss", 0.0, min=0.0, max=0.99),
+        replay=ev.boolean("replay", False),
+        on_gap=ev.string("on_gap", "clear", choices=("clear", "keep")),
+    )
+    ev.done()
     ep.done()
+    restarts = []
+    for n, item in enumerate(top.items("restarts")):
+        r = Fields(item, f"restarts[{n}]")
+        endpoint = r.integer("endpoint", 0, min=0)
+        if endpoint >= count:
+            raise ScenarioError(r.where("endpoint"), f"must be < endpoints.count ({count})")
+        restarts.append(
+            Restart(
+                endpoint=endpoint,
+                at_s=r.number("at_s", 0.0, min=0.0),
+                down_s=r.number("down_s", 10.0, above=0.0),
+            )
+        )
+        r.done()
     workload = top.raw("workload")
     if not isinstance(workload, dict):
         raise ScenarioError("workload", "is required and must be a mapping")
@@ -139,4 +173,6 @@ def _parse(doc: object, base: Path) -> Scenario:
         ),
         workload=workload,
         base_dir=base,
+        link=link,
+        restarts=tuple(restarts),
     )

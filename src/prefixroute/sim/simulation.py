@@ -7,7 +7,44 @@ finishes. The router sees engine metrics (waiting, running, KV usage) only
 as a metrics scraper would: a snapshot refreshed every `metrics_interval_s`,
 stale in between, while its own in-flight counts are exact. With
 `kv_events`, the engines' block stores and evictions reach `Router.observe`
-after each step, as vLLM's KV-event publisher would send them.
+as vLLM's KV-event publisher sends them: one batch per engine step (stores
+and evictions), numbered per engine from 0 (vLLM `ZmqEventPublisher`: a
+sequence number per message, `vllm/distributed/kv_events.py`), after
+`EventLink.delay_s`, each batch lost with probability `EventLink.loss`.
+The receiving side does what the events driver does (issue 13; llm-d's
+`kvevents` pool and Dynamo's KV router handle gaps the same way):
+
+- a sequence number past the next one expected is a gap: with
+  `EventLink.replay` the missing batches are fetched again (vLLM's replay
+  socket; the simulator applies them at once, then the new batch), else
+  the endpoint's entries are cleared (`AllBlocksCleared`) and relearned
+  from the events that follow, so the index forgets blocks the engine
+  still holds until they are stored again (`EventLink.on_gap: clear`, what
+  the issue specifies); `on_gap: keep` instead keeps the index and goes
+  on, so it misses the lost batch's stores and keeps its evicted blocks
+  until the index's own LRU drops them;
+- a sequence number below the expected one is a restarted engine: cleared;
+- vLLM emits stores and evictions per block and does not deduplicate
+  blocks (the same hash can be stored by two blocks and removed once while
+  the other still holds it), so the receiver counts stores per hash and
+  forwards `BlockRemoved` when the last holder goes.
+
+With `precise`, every endpoint is put in precise mode
+(`ModeChanged(endpoint, True)`) before the first request: the router's
+decisions stay speculative while their requests run (and
+`precise_speculative_ttl_s` after), completions confirm nothing, the
+events do (`Router`).
+
+Engine restarts (`Restart`): at `at_s` the engine's process dies. Requests
+in flight there are handled as the gateway does (`drivers/gateway/app.py`):
+one that already streamed its first token fails (502); one that had not
+is retried on the decision's fallbacks that are up (`served_by`), else
+fails (503). The router sees the endpoint unhealthy at once (the gateway
+marks it failed on the broken connection) until the first scrape after it
+is back, `down_s` later, with an empty cache; it observes
+`AllBlocksCleared` for it when it comes back (the pool saw it go and come
+back; with events, the restarted engine's batch numbers start again at 0,
+which clears it too).
 
 Events are kept in one heap ordered by (time, insertion order), so runs are
 deterministic: the same scenario, policy and seed give the same result.
@@ -18,6 +55,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
@@ -27,22 +65,80 @@ import numpy as np
 from prefixroute.blocks import Blocker, HashMode
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
-from prefixroute.events import BlockRemoved, BlockStored
+from prefixroute.events import AllBlocksCleared, BlockRemoved, BlockStored, ModeChanged
 from prefixroute.request import Usage
 from prefixroute.router import Router
 from prefixroute.sim.cost import CostModel
-from prefixroute.sim.engine import Completion, Engine, EngineConfig
+from prefixroute.sim.engine import Completion, Engine, EngineConfig, SeqHandle
 from prefixroute.sim.source import SimRequest, Source
 
-__all__ = ["Outcomes", "PolicyMismatch", "Simulation"]
+__all__ = ["EventLink", "EventStats", "Outcomes", "PolicyMismatch", "Restart", "Simulation"]
 
 
 class PolicyMismatch(ValueError):
     """A policy that cannot drive this scenario's engines (e.g. KV events it cannot read)."""
 
 
-_ARRIVE, _DELIVER, _STEP_END, _REFRESH = range(4)
+_ARRIVE, _DELIVER, _STEP_END, _REFRESH, _EVENTS, _CRASH, _RECOVER = range(7)
 _LOAD_SAMPLES = 600  # per-endpoint load samples kept for plots
+REPLAY_BUFFER_STEPS = 10_000  # batches an engine can replay (vLLM's `buffer_steps` default)
+
+
+@attrs.frozen
+class EventLink:
+    """How the engines' KV-event batches reach the router.
+
+    `delay_s`: publish to apply (the same for every batch, so order is
+    kept, as on one ZMQ connection); `loss`: the probability that a batch
+    is lost; `replay`: whether the receiver can fetch lost batches again
+    (vLLM's replay socket, the last `REPLAY_BUFFER_STEPS` batches);
+    `on_gap`: what the receiver does with a gap it cannot replay, `clear`
+    the endpoint or `keep` its entries (the module docstring).
+    """
+
+    delay_s: float = attrs.field(default=0.0)
+    loss: float = attrs.field(default=0.0)
+    replay: bool = False
+    on_gap: str = "clear"
+
+    def __attrs_post_init__(self) -> None:
+        if not (math.isfinite(self.delay_s) and self.delay_s >= 0):
+            raise ValueError(f"delay_s must be finite and >= 0, got {self.delay_s}")
+        if not 0.0 <= self.loss < 1.0:
+            raise ValueError(f"loss must be in [0, 1), got {self.loss}")
+        if self.on_gap not in ("clear", "keep"):
+            raise ValueError(f"on_gap must be clear or keep, got {self.on_gap!r}")
+
+
+@attrs.frozen
+class Restart:
+    """Engine `endpoint` (an index) dies at `at_s` and is back, empty, `down_s` later."""
+
+    endpoint: int
+    at_s: float
+    down_s: float
+
+    def __attrs_post_init__(self) -> None:
+        if self.endpoint < 0:
+            raise ValueError(f"endpoint must be >= 0, got {self.endpoint}")
+        if not (math.isfinite(self.at_s) and self.at_s >= 0):
+            raise ValueError(f"at_s must be finite and >= 0, got {self.at_s}")
+        if not (math.isfinite(self.down_s) and self.down_s > 0):
+            raise ValueError(f"down_s must be finite and > 0, got {self.down_s}")
+
+
+@attrs.define(slots=True)
+class EventStats:
+    """What happened to the KV events and the restarts of one run."""
+
+    batches: int = 0  # published
+    lost: int = 0
+    gaps: int = 0  # gaps the receiver saw
+    replayed: int = 0  # lost batches fetched again
+    cleared: int = 0  # endpoint clears: gaps without replay, restarts
+    restarts: int = 0
+    retried: int = 0  # requests moved to a fallback endpoint by a restart
+    failed: int = 0  # requests a restart failed (502: streaming had begun; 503: nowhere to go)
 
 
 @attrs.define(slots=True)
@@ -107,10 +203,13 @@ class Outcomes:
 class Simulation:
     """One run of a workload against `endpoints` modelled engines behind `router`.
 
-    `run()` returns the `Outcomes`; the engines (`engines`), per-endpoint
-    load samples (`load_t`, `load`) and event count stay readable after.
-    Arrivals stop at `duration_s`; requests in flight then drain for at most
-    `drain_s` more (those still unfinished count as 504).
+    `run()` returns the `Outcomes`; the engines (`engines`, the ones running
+    at the end; `all_engines` adds those restarts replaced), per-endpoint
+    load samples (`load_t`, `load`), event count and `event_stats` stay
+    readable after. Arrivals stop at `duration_s`; requests in flight then
+    drain for at most `drain_s` more (those still unfinished count as 504).
+    `link` (KV events), `restarts`, `precise` and `seed` (of the event
+    losses) are described in the module docstring.
     """
 
     def __init__(
@@ -126,6 +225,10 @@ class Simulation:
         kv_events: bool = False,
         drain_s: float | None = None,
         progress: Callable[[float], None] | None = None,
+        link: EventLink | None = None,
+        restarts: Sequence[Restart] = (),
+        precise: bool = False,
+        seed: int = 0,
     ) -> None:
         if endpoints < 1:
             raise ValueError(f"endpoints must be >= 1, got {endpoints}")
@@ -152,11 +255,30 @@ class Simulation:
                 f"block size ({engine.block_size}) without tenant isolation; this policy hashes "
                 f"{blocker.mode.value} blocks of {blocker.block_size}"
             )
+        if precise and not kv_events:
+            raise PolicyMismatch("precise mode needs kv_events")
+        for r in restarts:
+            if r.endpoint >= endpoints:
+                raise ValueError(f"a restart names endpoint {r.endpoint} of {endpoints}")
         self._blocker = blocker if self._shared_keys else Blocker(block_size=engine.block_size)
         self.kv_events = kv_events
+        self.link = link if link is not None else EventLink()
+        self.precise = precise
+        self.engine_config = engine
         self.ids = [EndpointId(f"e{i}") for i in range(endpoints)]
         self._index = {eid: i for i, eid in enumerate(self.ids)}
         self.engines = [Engine(engine, cost, record_events=kv_events) for _ in self.ids]
+        self.retired: list[Engine] = []  # engines a restart replaced (their counters count)
+        self.event_stats = EventStats()
+        self._loss_rng = random.Random(seed)
+        self._restarts = sorted(restarts, key=lambda r: r.at_s)
+        self._down = [False] * endpoints
+        self._incarnation = [0] * endpoints  # bumped by a crash: stale step ends are ignored
+        self._pub_seq = [0] * endpoints  # the engine's next batch number
+        self._expect = [0] * endpoints  # the receiver's next expected batch number
+        self._lost: list[dict[int, tuple[list[int], list[int]]]] = [{} for _ in self.ids]
+        self._held: list[dict[int, int]] = [{} for _ in self.ids]  # hash -> stores not removed
+        self._where: dict[int, tuple[int, SeqHandle | None]] = {}  # id(sim) -> engine, handle
         self.outcomes = Outcomes()
         self.events = 0
         self.load_t: list[float] = []
@@ -167,6 +289,14 @@ class Simulation:
         self._deferred: dict[int, SimRequest] = {}  # id(request) -> waiting in admission
         self._snapshots: list[EndpointState] = []
         self._refresh(0.0)
+        if precise:
+            for eid in self.ids:
+                router.observe(ModeChanged(eid, True))
+
+    @property
+    def all_engines(self) -> list[Engine]:
+        """Every engine of the run: those running at the end, then those restarts replaced."""
+        return [*self.engines, *self.retired]
 
     # -- the loop ---------------------------------------------------------------
 
@@ -180,6 +310,9 @@ class Simulation:
         if first is not None:
             self._push(first.arrival_s, _ARRIVE, (first, arrivals))
         self._push(self.metrics_interval_s, _REFRESH, None)
+        for r in self._restarts:
+            if r.at_s <= self.duration_s:
+                self._push(r.at_s, _CRASH, r)
         busy = 1 if first is not None else 0  # events other than refreshes
         limit = self.duration_s + self.drain_s
         heap = self._heap
@@ -207,6 +340,13 @@ class Simulation:
             elif kind == _DELIVER:
                 busy -= 1
                 busy += self._deliver(payload, t)  # type: ignore[arg-type]
+            elif kind == _EVENTS:
+                i, seq, stored, removed = cast(tuple[int, int, list[int], list[int]], payload)
+                self._receive(i, seq, stored, removed, t)
+            elif kind == _CRASH:
+                busy += self._crash(payload, t)  # type: ignore[arg-type]
+            elif kind == _RECOVER:
+                self._recover(payload, t)  # type: ignore[arg-type]
             else:
                 self._refresh(t)
                 self._push(t + self.metrics_interval_s, _REFRESH, None)
@@ -215,8 +355,10 @@ class Simulation:
                 if progress is not None and self.events % 64 == 0:
                     progress(t)
         for sim, decision in self._pending.values():  # still unfinished: timed out
-            self.router.on_complete(decision, Usage(ok=False), t)
-            self.outcomes.add(sim, endpoint=self._index[decision.endpoint], status=504)
+            served = self._where[id(sim)][0]
+            self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[served])
+            self.outcomes.add(sim, endpoint=served, status=504)
+        self._where.clear()
         self._pending.clear()
         if self._deferred:  # still waiting for admission: let every deadline pass
             for request, outcome in self.router.release(self._snapshots, math.inf):
@@ -259,13 +401,17 @@ class Simulation:
             self.outcomes.add(sim, endpoint=i, status=400)
             return self._follow(sim, t, ok=False)
         self._pending[id(sim)] = (sim, decision)
+        self._where[id(sim)] = (i, None)
         self._push(t + self.cost.frontend_latency_s, _DELIVER, (i, sim, decision))
         return 1
 
     def _deliver(self, payload: tuple[int, SimRequest, Decision], t: float) -> int:
         i, sim, decision = payload
+        if self._down[i]:  # connection refused: the gateway tries the next endpoint
+            return self._fall_back(sim, decision, i, t)
         engine = self.engines[i]
-        engine.add(sim, self._engine_keys(sim, decision), t)
+        handle = engine.add(sim, self._engine_keys(sim, decision), t)
+        self._where[id(sim)] = (i, handle)
         if engine.busy:
             return 0
         return self._begin(i, t)
@@ -274,21 +420,25 @@ class Simulation:
         engine = self.engines[i]
         dt = engine.begin_step(t)
         if self.kv_events:
-            self._forward_events(i)
+            self._forward_events(i, t)
         if dt is None:
             return 0
-        self._push(t + dt, _STEP_END, i)
+        self._push(t + dt, _STEP_END, (i, self._incarnation[i]))
         return 1
 
-    def _step_end(self, i: int, t: float) -> int:
+    def _step_end(self, payload: tuple[int, int], t: float) -> int:
+        i, incarnation = payload
+        if incarnation != self._incarnation[i]:
+            return 0  # the engine died during the step
         engine = self.engines[i]
         done = engine.end_step(t)
         if self.kv_events:
-            self._forward_events(i)
+            self._forward_events(i, t)
         added = 0
         router = self.router
         for c in done:
             sim, decision = self._pending.pop(id(c.sim))
+            del self._where[id(c.sim)]
             usage = Usage(
                 prompt_tokens=c.prompt_tokens,
                 cached_tokens=c.cached_tokens,
@@ -296,7 +446,7 @@ class Simulation:
                 ttft_s=c.first_token_s - sim.arrival_s,
                 e2e_s=c.finished_s - sim.arrival_s,
             )
-            router.on_complete(decision, usage, t)
+            router.on_complete(decision, usage, t, served_by=self.ids[i])
             self.outcomes.add(
                 sim, endpoint=i, status=200, predicted=decision.predicted_cached_tokens, done=c
             )
@@ -325,20 +475,87 @@ class Simulation:
         if sample:
             self.load_t.append(t)
         for i, (eid, e) in enumerate(zip(self.ids, self.engines, strict=True)):
-            snaps.append(
-                EndpointState(
-                    id=eid,
-                    address=f"10.0.{i // 250}.{i % 250 + 1}:8000",
-                    waiting=e.waiting,
-                    running=e.running,
-                    kv_usage=e.kv_usage,
-                    kv_capacity_blocks=e.config.num_blocks,
-                    observed_at=t,
-                )
-            )
+            snaps.append(self._snapshot(i, eid, e, t))
             if sample:
                 self.load[i].append(e.running + e.waiting)
         self._snapshots = snaps
+
+    def _snapshot(self, i: int, eid: EndpointId, e: Engine, t: float) -> EndpointState:
+        down = self._down[i]
+        return EndpointState(
+            id=eid,
+            address=f"10.0.{i // 250}.{i % 250 + 1}:8000",
+            waiting=0 if down else e.waiting,
+            running=0 if down else e.running,
+            kv_usage=0.0 if down else e.kv_usage,
+            kv_capacity_blocks=e.config.num_blocks,
+            block_size=e.config.block_size,
+            healthy=not down,
+            observed_at=t,
+        )
+
+    # -- restarts -------------------------------------------------------------------
+
+    def _crash(self, r: Restart, t: float) -> int:
+        """Engine `r.endpoint` dies: its requests fail or move on. Returns the events added."""
+        i = r.endpoint
+        if self._down[i]:  # a restart while down changes nothing
+            return 0
+        self.event_stats.restarts += 1
+        self._down[i] = True
+        self._incarnation[i] += 1
+        self._snapshots = [
+            self._snapshot(k, s.id, self.engines[k], t) if k == i else s
+            for k, s in enumerate(self._snapshots)
+        ]
+        self._push(t + r.down_s, _RECOVER, i)
+        added = 0
+        for key in [k for k, (where, _) in self._where.items() if where == i]:
+            handle = self._where[key][1]
+            if handle is None:
+                continue  # still on its way: refused on delivery, then falls back
+            sim, decision = self._pending[key]
+            if self.engines[i].first_token_s(handle) is not None:  # streaming had begun
+                del self._pending[key]
+                del self._where[key]
+                self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[i])
+                self.outcomes.add(sim, endpoint=i, status=502)
+                self.event_stats.failed += 1
+                added += self._follow(sim, t, ok=False)
+            else:
+                added += self._fall_back(sim, decision, i, t)
+        return added
+
+    def _recover(self, i: int, t: float) -> None:
+        """Engine `i` is back with an empty cache; the next scrape sees it healthy.
+
+        The router is told (`AllBlocksCleared`) now rather than at that scrape:
+        nothing reaches the engine before it, and a batch of the new engine's
+        events arriving first would otherwise be cleared with the old blocks.
+        """
+        self.retired.append(self.engines[i])
+        self.engines[i] = Engine(self.engine_config, self.cost, record_events=self.kv_events)
+        self._down[i] = False
+        self._pub_seq[i] = 0  # a new process numbers its batches from 0 again
+        self._lost[i].clear()
+        self._clear(i)
+
+    def _fall_back(self, sim: SimRequest, decision: Decision, failed: int, t: float) -> int:
+        """Send `sim`, refused by engine `failed`, to the decision's next fallback that is up."""
+        order = [self._index[e] for e in (decision.endpoint, *decision.fallbacks)]
+        after = order[order.index(failed) + 1 :] if failed in order else order
+        for j in after:
+            if not self._down[j] and self.engines[j].fits(sim):
+                self.event_stats.retried += 1
+                self._where[id(sim)] = (j, None)
+                self._push(t + self.cost.frontend_latency_s, _DELIVER, (j, sim, decision))
+                return 1
+        del self._pending[id(sim)]
+        del self._where[id(sim)]
+        self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[failed])
+        self.outcomes.add(sim, endpoint=failed, status=503)
+        self.event_stats.failed += 1
+        return self._follow(sim, t, ok=False)
 
     def _engine_keys(self, sim: SimRequest, decision: Decision) -> Sequence[int]:
         """The engine's block hashes for `sim`: the router's keys when they line up."""
@@ -353,10 +570,73 @@ class Simulation:
         size = self.engines[0].config.block_size
         return blocker.hash_tokens(tokens, blocker.namespace(request), size).tolist()  # type: ignore[no-any-return]
 
-    def _forward_events(self, i: int) -> None:
+    # -- KV events ------------------------------------------------------------------
+
+    def _forward_events(self, i: int, t: float) -> None:
+        """Publish engine `i`'s events since the last step as one numbered batch."""
         stored, removed = self.engines[i].drain_events()
+        if not (stored or removed):
+            return
+        seq = self._pub_seq[i]
+        self._pub_seq[i] = seq + 1
+        stats = self.event_stats
+        stats.batches += 1
+        link = self.link
+        if link.loss and self._loss_rng.random() < link.loss:
+            stats.lost += 1
+            if link.replay:
+                lost = self._lost[i]
+                lost[seq] = (stored, removed)
+                if len(lost) > REPLAY_BUFFER_STEPS:  # fell out of the engine's ring buffer
+                    del lost[next(iter(lost))]
+            return
+        if link.delay_s:
+            self._push(t + link.delay_s, _EVENTS, (i, seq, stored, removed))
+        else:
+            self._receive(i, seq, stored, removed, t)
+
+    def _receive(self, i: int, seq: int, stored: list[int], removed: list[int], t: float) -> None:
+        """Apply batch `seq` of engine `i` as the events driver would (module docstring)."""
+        expect = self._expect[i]
+        if seq < expect:  # numbering started again: a restarted engine
+            self._clear(i)
+        elif seq > expect:
+            self.event_stats.gaps += 1
+            lost = self._lost[i]
+            if self.link.replay and all(k in lost for k in range(expect, seq)):
+                for k in range(expect, seq):
+                    self._apply(i, *lost.pop(k))
+                    self.event_stats.replayed += 1
+            elif self.link.on_gap == "clear":
+                self._clear(i)
+        self._expect[i] = seq + 1
+        self._apply(i, stored, removed)
+
+    def _apply(self, i: int, stored: list[int], removed: list[int]) -> None:
+        """Hand one batch to the router: removals, then stores, counted per hash."""
         eid = self.ids[i]
-        if removed:
-            self.router.observe(BlockRemoved(eid, removed))
-        if stored:
-            self.router.observe(BlockStored(eid, stored))
+        held = self._held[i]
+        gone = []
+        for k in removed:
+            n = held.get(k, 0)
+            if n > 1:
+                held[k] = n - 1
+            else:
+                held.pop(k, None)
+                gone.append(k)
+        if gone:
+            self.router.observe(BlockRemoved(eid, gone))
+        new = []
+        for k in stored:
+            n = held.get(k, 0)
+            held[k] = n + 1
+            if not n:
+                new.append(k)
+        if new:
+            self.router.observe(BlockStored(eid, new))
+
+    def _clear(self, i: int) -> None:
+        """Forget what engine `i` holds: at the router and in the receiver's counts."""
+        self.event_stats.cleared += 1
+        self._held[i].clear()
+        self.router.observe(AllBlocksCleared(self.ids[i]))
