@@ -797,17 +797,31 @@ def metrics_page(engine: Engine) -> str:
     return answer.text
 
 
-def busy_metrics_page(engine: Engine, *, timeout_s: float = 60.0) -> str:
+def busy_metrics_page(engine: Engine, *, timeout_s: float = 60.0, attempts: int = 3) -> str:
+    """`_busy_page` until it catches the engine with a queue, at most `attempts` times.
+
+    Each attempt sends new prompts (the previous ones are cached). On this
+    shared machine one attempt in a few missed the queue: the `/metrics`
+    page is slow while the engine works, and the tiny model is fast.
+    """
+    for attempt in range(attempts):
+        page = _busy_page(engine, timeout_s=timeout_s, seed=7 + attempt)
+        if page is not None:
+            return page
+    raise RuntimeError(f"{engine.url} never showed a waiting request in {attempts} attempts")
+
+
+def _busy_page(engine: Engine, *, timeout_s: float, seed: int) -> str | None:
     """A `/metrics` page taken while the engine runs two requests and queues others.
 
     Eight distinct 1,500-token prompts with 400 output tokens each: two fit
     the 128 blocks at once (60 blocks each), the others wait for KV, two
     by two, for seconds (with fewer, the tiny model finished them all
     between two polls of a `/metrics` page slowed by the busy engine). The
-    page is polled until it shows a waiting request (RuntimeError after
-    `timeout_s`); the requests then finish normally.
+    page is polled until it shows a waiting request; None when the requests
+    ended (or `timeout_s` passed) first. The requests finish normally.
     """
-    rng = random.Random(7)
+    rng = random.Random(seed)
     prompts = [[rng.randrange(3, 2000) for _ in range(1500)] for _ in range(8)]
     body = {"model": MODEL, "max_tokens": 400, "ignore_eos": True, "temperature": 0.0}
     with httpx.Client(timeout=120) as client:
@@ -820,7 +834,11 @@ def busy_metrics_page(engine: Engine, *, timeout_s: float = 60.0) -> str:
             thread.start()
         deadline = time.monotonic() + timeout_s
         page = None
-        while page is None and time.monotonic() < deadline:
+        while (
+            page is None
+            and time.monotonic() < deadline
+            and any(thread.is_alive() for thread in threads)
+        ):
             text = metrics_page(engine)
             queue = metric_sums(text, ("vllm:num_requests_waiting", "vllm:num_requests_running"))
             if queue["vllm:num_requests_waiting"] >= 1 and queue["vllm:num_requests_running"] >= 1:
@@ -828,8 +846,6 @@ def busy_metrics_page(engine: Engine, *, timeout_s: float = 60.0) -> str:
             time.sleep(0.02)
         for thread in threads:
             thread.join(timeout=timeout_s)
-    if page is None:
-        raise RuntimeError(f"{engine.url} never showed a waiting request")
     return page
 
 

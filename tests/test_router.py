@@ -508,6 +508,11 @@ def test_a_precise_endpoint_gets_room_for_speculation() -> None:
     router.observe(ModeChanged(EndpointId("e0"), precise=True))
     decide(router, Request(model="m", token_ids=list(range(40))), [ep], 1.0)
     assert router.index.capacity(EndpointId("e0")) == 128 * PRECISE_CAPACITY_FACTOR
+    queued = attrs.evolve(ep, waiting=3)  # requests queue: the engine's own capacity
+    decide(router, Request(model="m", token_ids=list(range(40))), [queued], 1.5)
+    assert router.index.capacity(EndpointId("e0")) == 128
+    decide(router, Request(model="m", token_ids=list(range(40))), [ep], 1.8)
+    assert router.index.capacity(EndpointId("e0")) == 128 * PRECISE_CAPACITY_FACTOR
     router.observe(ModeChanged(EndpointId("e0"), precise=False))
     decide(router, Request(model="m", token_ids=list(range(40))), [ep], 2.0)
     assert router.index.capacity(EndpointId("e0")) == 128

@@ -76,7 +76,7 @@ DEFAULT_SPECULATIVE_TTL_S = 30.0
 DEFAULT_PRECISE_SPECULATIVE_TTL_S = 2.0
 """How long a precise endpoint's unconfirmed blocks of a completed request stay speculative."""
 PRECISE_CAPACITY_FACTOR = 2
-"""A precise endpoint's index capacity, in multiples of its engine's (room for speculation)."""
+"""A precise endpoint's index capacity, in multiples of its engine's, while nothing queues there."""
 REMOVED_MEMORY = 4096  # removed endpoint ids remembered, to ignore their late events
 DEFAULT_ENGINE_BLOCK_SIZE = 16
 
@@ -191,10 +191,16 @@ class Router:
     runs (so that the tenant's next requests follow it even when the engine
     queues it for seconds before its prefill), and `precise_speculative_ttl_s`
     after it completes (a grace for the engine's last events to arrive);
-    then whatever the events did not confirm is gone. Its index capacity is
-    `PRECISE_CAPACITY_FACTOR` times the engine's, since the engine's
-    `BlockRemoved` events do the evicting and the speculative entries of
+    then whatever the events did not confirm is gone. While nothing waits
+    in its engine's queue (`EndpointState.waiting` is 0) its index capacity
+    is `PRECISE_CAPACITY_FACTOR` times the engine's: the engine's
+    `BlockRemoved` events do the evicting, and the speculative entries of
     requests in flight must not push out blocks the engine still holds.
+    While requests queue there it is the engine's own, so that those
+    requests' speculative entries push out the least recently used blocks,
+    as the engine will before it gets to them (with the extra room, under
+    overload, the index showed blocks that were gone by the time a queued
+    request was prefilled: docs/simulator.md).
     `ModeChanged(endpoint, precise=False)` goes back, e.g. while the event
     stream is broken.
 
@@ -258,7 +264,7 @@ class Router:
         self._token = object()
         self._serial = 0
         self._open: set[int] = set()
-        self._capacity_seen: dict[EndpointId, int] = {}
+        self._capacity_seen: dict[EndpointId, tuple[int, int]] = {}  # (blocks, factor)
         # A generation per live endpoint (a new one when a removed id returns), so a
         # late completion settles nothing against a pod that is gone; and the ids
         # removed recently, so late events cannot bring a removed pod back.
@@ -490,19 +496,22 @@ class Router:
                 del self._removed[eid]
         seen = self._capacity_seen
         sizes = self._block_sizes
+        precise = self._precise
         for e in endpoints:
             if e.block_size is not None and sizes.get(e.id) != e.block_size:
                 sizes[e.id] = e.block_size
                 seen.pop(e.id, None)  # the same blocks hold another number of tokens
             blocks = e.kv_capacity_blocks
-            if blocks is not None and seen.get(e.id) != blocks:
+            if blocks is None:
+                continue
+            # room for speculation only while nothing queues (see the class docstring)
+            factor = PRECISE_CAPACITY_FACTOR if e.id in precise and not e.waiting else 1
+            if seen.get(e.id) != (blocks, factor):
                 engine_block = self.engine_block_size or sizes.get(e.id, DEFAULT_ENGINE_BLOCK_SIZE)
                 tokens = blocks * engine_block
-                capacity = max(1, int(tokens / self._index_block_tokens))
-                if e.id in self._precise:
-                    capacity *= PRECISE_CAPACITY_FACTOR
+                capacity = max(1, int(tokens / self._index_block_tokens)) * factor
                 self.index.set_capacity(e.id, capacity)
-                seen[e.id] = blocks
+                seen[e.id] = (blocks, factor)
 
     def _generation(self, endpoint: EndpointId) -> int:
         """The live generation of `endpoint`, starting one on first sight."""

@@ -384,7 +384,7 @@ def stop_engine(engine: Engine, *, timeout_s: float = 30.0) -> None:
     kill_engine(engine)
 
 
-def kill_engine(engine: Engine, *, timeout_s: float = 30.0) -> None:
+def kill_engine(engine: Engine, *, timeout_s: float = 90.0) -> None:
     """SIGKILL the engine's whole group (a crash, as the restart test needs) and reap it.
 
     Returns once no process of the group runs; RuntimeError if one survives `timeout_s`.
