@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -49,6 +51,8 @@ from typing import Any
 import attrs
 
 from prefixroute.devtools.live import free_port_block, log_tail
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCK_SIZE",
@@ -113,6 +117,8 @@ class Engine:
     kv_bytes: int
     home: Path
     cpus: str | None = None
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
     @property
     def url(self) -> str:
@@ -264,48 +270,100 @@ def start_engine(
         home, port, zmq_port, kv_bytes=kv_bytes, replay_port=replay_port, extra=extra
     )
     log = home / f"engine-{port}.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            args,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=_environment(home, cpus, dev_mode),
-            start_new_session=True,
-        )
+    env = _environment(home, cpus, dev_mode)
     engine = Engine(
         port=port,
         zmq_port=zmq_port,
         replay_port=replay_port,
-        process=process,
+        process=_spawn(args, env, log),
         log=log,
         kv_bytes=kv_bytes,
         home=home,
         cpus=cpus,
+        args=tuple(args),
+        env=env,
     )
     if wait:
-        wait_healthy([engine], timeout_s=timeout_s)
+        (engine,) = wait_healthy([engine], timeout_s=timeout_s)
     return engine
 
 
-def wait_healthy(engines: Sequence[Engine], *, timeout_s: float = 240.0) -> None:
+def _spawn(args: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `args` as a session leader, its output in `log` after a first line of ours.
+
+    The first line tells "started, printed nothing" apart from "never started".
+    """
+    with open(log, "wb") as sink:
+        sink.write(
+            f"# prefixroute started at {time.strftime('%H:%M:%S')}: {shlex.join(args)}\n".encode()
+        )
+        sink.flush()
+        return subprocess.Popen(
+            args,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
+        )
+
+
+STALL_S = 90.0
+"""An engine whose log has not grown for this long while `/health` is not yet 200 is stuck.
+
+A normal start prints its first line within 10 s and goes on printing until
+healthy (20-60 s on the 2-core machine). Once, in CI, a restarted engine
+printed nothing at all for 240 s; `wait_healthy` now starts such an engine
+again, once, and says so.
+"""
+
+
+def wait_healthy(
+    engines: Sequence[Engine], *, timeout_s: float = 240.0, stall_s: float = STALL_S
+) -> list[Engine]:
     """Poll each engine's `/health` until it answers 200, under one deadline; then warm it up.
 
-    On failure every engine in `engines` is stopped and RuntimeError names the
-    one that failed, its log file and the log's tail. O(engines) polls a round.
+    Returns the engines, in order: an engine that stalled (its log did not grow
+    for `stall_s` before it was healthy) is killed and started once more with
+    the same command, and its replacement takes its place (a warning names
+    the stalled group's process states). On failure every engine in `engines`
+    is stopped and RuntimeError names the one that failed, its log file and
+    the log's tail. O(engines) polls a round.
     """
     deadline = time.monotonic() + timeout_s
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    ready: list[Engine] = []
     for engine in engines:
+        respawned = False
+        size, grown_at = -1, time.monotonic()
         while True:
             problem = None
+            now = time.monotonic()
             if engine.process.poll() is not None:
                 problem = f"exited with status {engine.process.returncode}"
-            elif time.monotonic() > deadline:
+            elif now > deadline:
                 problem = f"did not answer /health within {timeout_s:g} s"
+            elif (current := _size(engine.log)) != size:
+                size, grown_at = current, now
+            elif now - grown_at > stall_s:
+                states = _group_states(engine.pgid)
+                if respawned:
+                    problem = f"printed nothing for {stall_s:g} s twice (processes: {states})"
+                else:
+                    logger.warning(
+                        "vLLM on port %d printed nothing for %g s (processes: %s); starting anew",
+                        engine.port,
+                        stall_s,
+                        states,
+                    )
+                    engine = _respawn(engine)
+                    respawned = True
+                    size, grown_at = -1, time.monotonic()
+                    continue
             if problem is not None:
-                for other in engines:
+                for other in [*ready, *engines]:
                     kill_engine(other)
+                kill_engine(engine)
                 raise RuntimeError(
                     f"vLLM on port {engine.port} {problem}; log {engine.log}:\n{engine.log_tail()}"
                 )
@@ -318,6 +376,33 @@ def wait_healthy(engines: Sequence[Engine], *, timeout_s: float = 240.0) -> None
                     break
             time.sleep(0.25)
         _warm_up(engine, opener)
+        ready.append(engine)
+    return ready
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _respawn(engine: Engine) -> Engine:
+    """Kill `engine`'s group and run its command again (same ports, log, environment)."""
+    kill_engine(engine)
+    return attrs.evolve(engine, process=_spawn(engine.args, engine.env, engine.log))
+
+
+def _group_states(pgid: int) -> str:
+    """`pid state wchan` of each process of group `pgid` (from /proc), for a stall's report."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                wchan = (stat.parent / "wchan").read_text().strip() or "-"
+                found.append(f"{stat.parent.name} {fields[0]} {wchan}")
+    return ", ".join(found) or "none"
 
 
 WARM_UP_TOKENS = 16
@@ -435,7 +520,7 @@ def running_engines(
         for i in range(n):
             cpus = str(i % cores)  # spread the workers: vLLM would put them all on core 0
             engines.append(start_engine(home=home, kv_bytes=kv_bytes, cpus=cpus, wait=False))
-        wait_healthy(engines, timeout_s=timeout_s)
+        engines[:] = wait_healthy(engines, timeout_s=timeout_s)
         yield engines
     finally:
         for engine in engines:
