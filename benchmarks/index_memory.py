@@ -1,6 +1,8 @@
-"""Bytes per (block, endpoint) entry of `PrefixIndex` at 1,000,000 entries over 64 endpoints.
+"""Bytes per (block, endpoint) entry of the prefix indexes at 1,000,000 entries over 64 endpoints.
 
-Run: ``python benchmarks/index_memory.py`` (about ten seconds). Measured
+Run: ``python benchmarks/index_memory.py`` (about half a minute). Both
+`PrefixIndex` and, where numba is installed, `CompiledPrefixIndex` are
+measured. Measured
 with `tracemalloc`, which counts the bytes Python asked its allocators for,
 so the figures are for the index alone, not the process RSS. Two figures per
 composition:
@@ -20,6 +22,12 @@ nothing is evicted while filling):
   endpoints, plus a unique 16..128-block tail per request; requests re-touch
   their prefix, so the LRU deques carry stale items as they do in service.
 
+The compiled index keeps its keys in uint64 arrays, not as Python ints, so
+both figures are the same for it up to the transient arrays of one call;
+numpy reports its array memory to tracemalloc, so its figures are its
+arrays' sizes (capacity, not just what is in use), which
+`CompiledPrefixIndex.memory_bytes` also sums.
+
 The target (issue) is <= 120 bytes per entry at 1,000,000 entries.
 tracemalloc reports requested sizes: pymalloc rounds small objects up to 16
 bytes, so a full-width key int (36 B requested) really occupies 48 B, and
@@ -35,7 +43,10 @@ import random
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from prefixroute import jit
+from prefixroute.compiled_index import CompiledPrefixIndex
 from prefixroute.endpoint import EndpointId
 from prefixroute.index import PrefixIndex
 
@@ -94,14 +105,14 @@ class MixedWorkload:
         tail = [next(self.keys) for _ in range(self.rng.randint(TAIL_MIN, TAIL_MAX))]
         return self.rng.choice(self.homes[p]), self.prefixes[p] + tail
 
-    def fill(self, index: PrefixIndex, entries: int = ENTRIES) -> None:
+    def fill(self, index: Any, entries: int = ENTRIES) -> None:
         """Insert requests until `index` holds at least `entries` entries."""
         while len(index) < entries:
             eid, chain = self.request()
             index.insert(eid, chain)
 
 
-def _traced(build: Callable[[], PrefixIndex]) -> tuple[PrefixIndex, int]:
+def _traced(build: Callable[[], Any]) -> tuple[Any, int]:
     """Run `build()` under tracemalloc; the bytes still held afterwards, and its result."""
     gc.collect()
     tracemalloc.start()
@@ -129,17 +140,17 @@ def breakdown(index: PrefixIndex) -> dict[str, int]:
     }
 
 
-def replay(requests: Workload) -> PrefixIndex:
-    """A fresh index with `requests` inserted in order."""
-    index = PrefixIndex()
+def replay(requests: Workload, cls: Callable[[], Any] = PrefixIndex) -> Any:
+    """A fresh index of `cls` with `requests` inserted in order."""
+    index = cls()
     for eid, chain in requests:
         index.insert(eid, chain)
     return index
 
 
-def unique_counted() -> PrefixIndex:
+def unique_counted(cls: Callable[[], Any] = PrefixIndex) -> Any:
     """The unique composition with its key ints created (and so traced) here."""
-    return replay(unique_workload())
+    return replay(unique_workload(), cls)
 
 
 def mix_requests(entries: int = ENTRIES, seed: int = 2) -> Workload:
@@ -154,39 +165,64 @@ def mix_requests(entries: int = ENTRIES, seed: int = 2) -> Workload:
     return requests
 
 
-def mix_counted() -> PrefixIndex:
+def mix_counted(cls: Callable[[], Any] = PrefixIndex) -> Any:
     """The mixed composition with its key ints created (and so traced) here."""
-    index = PrefixIndex()
+    index = cls()
     MixedWorkload().fill(index)
     return index
+
+
+def compiled_breakdown(index: CompiledPrefixIndex) -> dict[str, int]:
+    """Bytes by array of a `CompiledPrefixIndex` (capacity)."""
+    return {
+        "key table": index._kt.nbytes,
+        "entry table": index._ent.nbytes,
+        "LRU rings": sum(ring.nbytes for ring in index._rings),
+        "rest": index.memory_bytes()
+        - index._kt.nbytes
+        - index._ent.nbytes
+        - sum(ring.nbytes for ring in index._rings),
+    }
 
 
 Row = tuple[str, str, int, int, float]
 
 
-def _row(composition: str, keys: str, index: PrefixIndex, held: int) -> Row:
-    return (composition, keys, len(index), len(index._holders), held / len(index))
+def _row(composition: str, keys: str, index: Any, held: int) -> Row:
+    return (composition, keys, len(index), index.stats().keys, held / len(index))
 
 
 def measure() -> list[Row]:
-    """Measure both compositions, keys counted and not; print a table and a breakdown."""
+    """Measure both compositions, keys counted and not, for both indexes; print tables."""
+    rows = measure_class(PrefixIndex)
+    if jit.AVAILABLE:
+        rows += measure_class(CompiledPrefixIndex)
+    return rows
+
+
+def measure_class(cls: Callable[[], Any]) -> list[Row]:
+    """Measure one index class; print its table and breakdown."""
     rows: list[Row] = []
     parts: dict[str, dict[str, int]] = {}
+    name = getattr(cls, "__name__", str(cls))
+    compiled = cls is CompiledPrefixIndex
+    if compiled:
+        replay(unique_workload(1000), cls)  # compile the kernels before tracing
     for composition, make_requests, counted in (
         ("unique", unique_workload, unique_counted),
         ("mix", mix_requests, mix_counted),
     ):
         requests = make_requests()  # built before tracing: keys not counted
-        index, held = _traced(functools.partial(replay, requests))
+        index, held = _traced(functools.partial(replay, requests, cls))
         index.check_invariants()
         rows.append(_row(composition, "not counted", index, held))
-        parts[composition] = breakdown(index)
+        parts[composition] = compiled_breakdown(index) if compiled else breakdown(index)
         del index, requests
-        index, held = _traced(counted)
+        index, held = _traced(functools.partial(counted, cls))
         rows.append(_row(composition, "counted", index, held))
         del index
 
-    print(f"PrefixIndex memory, {ENDPOINTS} endpoints, tracemalloc (target <= {TARGET_BYTES} B)")
+    print(f"{name} memory, {ENDPOINTS} endpoints, tracemalloc (target <= {TARGET_BYTES} B)")
     header = ("composition", "key ints", "entries", "keys", "repl", "B/entry")
     print("{:<12} {:<12} {:>10} {:>10} {:>5} {:>8}".format(*header))
     for comp, keys, entries, distinct, per in rows:
@@ -195,10 +231,11 @@ def measure() -> list[Row]:
             f"{comp:<12} {keys:<12} {entries:>10,} {distinct:>10,} "
             f"{entries / distinct:>5.2f} {per:>8.1f}  {ok}"
         )
-    for name, by_part in parts.items():
-        entries = next(r[2] for r in rows if r[0] == name)
+    how = "array sizes" if compiled else "sys.getsizeof"
+    for part_of, by_part in parts.items():
+        entries = next(r[2] for r in rows if r[0] == part_of)
         cells = ", ".join(f"{k} {v / entries:.1f}" for k, v in by_part.items())
-        print(f"breakdown ({name}, sys.getsizeof, B/entry): {cells}")
+        print(f"breakdown ({part_of}, {how}, B/entry): {cells}")
     return rows
 
 

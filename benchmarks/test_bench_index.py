@@ -1,4 +1,9 @@
-"""pytest-benchmark suite for `PrefixIndex` on a warm 1,000,000-entry index over 64 endpoints.
+"""pytest-benchmark suite for the prefix indexes on a warm 1,000,000-entry index over 64 endpoints.
+
+Every benchmark runs on `PrefixIndex` and, where numba is installed, on
+`CompiledPrefixIndex` (the `warm` fixture's two parameters; the compiled
+index gets its chains as uint64 arrays, as the router passes them); the
+reference walks are `PrefixIndex`-only.
 
 Chains are 256 keys: a 4,096-token prompt at 16 tokens per block. The index
 is the mixed composition of `benchmarks/index_memory.py` (shared 128-block
@@ -25,11 +30,15 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
 from benchmarks.index_memory import ENTRIES, MixedWorkload
+from prefixroute import jit
+from prefixroute.compiled_index import CompiledPrefixIndex
 from prefixroute.endpoint import EndpointId
 from prefixroute.index import PrefixIndex
 
@@ -40,8 +49,9 @@ SPEC_TTL = 30.0
 
 
 class Warm:
-    def __init__(self) -> None:
-        self.index = PrefixIndex()
+    def __init__(self, cls: Callable[[], Any] = PrefixIndex) -> None:
+        self.index = cls()
+        self.compiled = cls is CompiledPrefixIndex
         work = MixedWorkload(seed=3)
         work.fill(self.index, ENTRIES - INSERT_CAPACITY)
         self.rng = random.Random(4)
@@ -50,10 +60,10 @@ class Warm:
         for home in work.homes[0]:  # every home holds the prefix, whatever the draw
             self.index.insert(home, prefix)
         self.home = work.homes[0][0]
-        self.full = prefix + self.new_keys(CHAIN - len(prefix))
+        self.full = self.chain(prefix + self.new_keys(CHAIN - len(prefix)))
         self.index.insert(self.home, self.full)
-        self.half = prefix + self.new_keys(CHAIN - len(prefix))
-        self.miss = self.new_keys(CHAIN)
+        self.half = self.chain(prefix + self.new_keys(CHAIN - len(prefix)))
+        self.miss = self.chain(self.new_keys(CHAIN))
         self.index.set_capacity(INSERT_EP, INSERT_CAPACITY)
         for _ in range(INSERT_CAPACITY // CHAIN):
             self.index.insert(INSERT_EP, self.new_keys(CHAIN))
@@ -64,8 +74,17 @@ class Warm:
     def new_keys(self, n: int) -> list[int]:
         return list(itertools.islice(self.fresh, n))
 
-    def rehashed(self, keys: list[int]) -> list[int]:
-        """`keys` as new, equal int objects (``x ^ 0`` makes a new int above 2**30)."""
+    def chain(self, keys: list[int]) -> Any:
+        """`keys` as the index takes them from the router: a uint64 array for the compiled one."""
+        return np.array(keys, dtype=np.uint64) if self.compiled else keys
+
+    def rehashed(self, keys: list[int]) -> Any:
+        """`keys` as new, equal int objects (``x ^ 0`` makes a new int above 2**30).
+
+        For the compiled index, a new uint64 array (as hashing makes one per request).
+        """
+        if self.compiled:
+            return np.array(keys, dtype=np.uint64)
         out = [k ^ 0 for k in keys]
         assert out == keys and out[0] is not keys[0]
         return out
@@ -75,9 +94,19 @@ class Warm:
         return float(next(self.clock)) + SPEC_TTL
 
 
-@pytest.fixture(scope="module")
-def warm() -> Warm:
-    return Warm()
+INDEX_CLASSES: list[Callable[[], Any]] = [PrefixIndex]
+if jit.AVAILABLE:
+    INDEX_CLASSES.append(CompiledPrefixIndex)
+
+
+@pytest.fixture(scope="module", params=INDEX_CLASSES, ids=lambda cls: cls.__name__)
+def warm(request: pytest.FixtureRequest) -> Warm:
+    return Warm(request.param)
+
+
+def pure_only(warm: Warm) -> None:
+    if warm.compiled:
+        pytest.skip("a reference walk of PrefixIndex")
 
 
 def test_index_is_warm(warm: Warm) -> None:
@@ -94,6 +123,7 @@ def test_match_full_hit(benchmark: Any, warm: Warm) -> None:
 
 def test_match_full_hit_reference_walk(benchmark: Any, warm: Warm) -> None:
     """The plain-Python walk `match` is tested against, for comparison (STYLE.md 10)."""
+    pure_only(warm)
     got = benchmark(warm.index._match_walk, warm.full)
     assert got == warm.index.match(warm.full)
 
@@ -112,7 +142,7 @@ def test_insert_new_chain_with_evictions(benchmark: Any, warm: Warm) -> None:
     index = warm.index
 
     def setup() -> tuple[tuple[EndpointId, list[int]], dict[str, Any]]:
-        return (INSERT_EP, warm.new_keys(CHAIN)), {}
+        return (INSERT_EP, warm.chain(warm.new_keys(CHAIN))), {}
 
     before = index.stats().evicted
     benchmark.pedantic(index.insert, setup=setup, rounds=2000, warmup_rounds=50)
@@ -151,7 +181,7 @@ def test_insert_speculative_half_held(benchmark: Any, warm: Warm) -> None:
     index.insert(INSERT_EP, warm.shared)  # confirmed; each round re-touches it
     before = index.stats().evicted
     _speculative_insert(
-        benchmark, warm, lambda: warm.rehashed(warm.shared) + warm.new_keys(CHAIN // 2)
+        benchmark, warm, lambda: warm.rehashed(warm.shared + warm.new_keys(CHAIN // 2))
     )
     assert index.size(INSERT_EP) == INSERT_CAPACITY
     assert index.stats().evicted > before
@@ -161,11 +191,12 @@ def test_insert_speculative_half_held(benchmark: Any, warm: Warm) -> None:
 
 def test_insert_speculative_half_held_reference_walk(benchmark: Any, warm: Warm) -> None:
     """The same with `insert`'s bookkeeping done by the per-key walk it is tested against."""
+    pure_only(warm)
     index = warm.index
     index._record = index._record_walk  # type: ignore[method-assign]
     try:
         _speculative_insert(
-            benchmark, warm, lambda: warm.rehashed(warm.shared) + warm.new_keys(CHAIN // 2)
+            benchmark, warm, lambda: warm.rehashed(warm.shared + warm.new_keys(CHAIN // 2))
         )
     finally:
         del index._record
@@ -187,7 +218,7 @@ def test_insert_speculative_all_new(benchmark: Any, warm: Warm) -> None:
     """The router's record step for a miss: 256 new keys, 256 evictions."""
     index = warm.index
     before = index.stats().evicted
-    calls = _speculative_insert(benchmark, warm, lambda: warm.new_keys(CHAIN))
+    calls = _speculative_insert(benchmark, warm, lambda: warm.chain(warm.new_keys(CHAIN)))
     assert index.size(INSERT_EP) == INSERT_CAPACITY
     assert index.stats().evicted >= before + calls * CHAIN
 
@@ -218,3 +249,23 @@ def test_confirm(benchmark: Any, warm: Warm) -> None:
     benchmark.pedantic(index.confirm, setup=setup, rounds=2000, warmup_rounds=50)
     assert index.confirm(INSERT_EP, warm.repeat) == 0
     index.check_invariants()
+
+
+def test_route_record_and_confirm(benchmark: Any, warm: Warm) -> None:
+    """What the router does to the index per decision: match a 256-key chain (128 held
+    by 9 endpoints, 128 new), insert it speculatively, then confirm it on completion."""
+    index = warm.index
+
+    def setup() -> tuple[tuple[Any, float], dict[str, Any]]:
+        return (warm.rehashed(warm.shared + warm.new_keys(CHAIN // 2)), warm.deadline()), {}
+
+    def decide(keys: Any, deadline: float) -> int:
+        matched = index.match(keys)
+        index.insert(INSERT_EP, keys, speculative_until=deadline)
+        return index.confirm(INSERT_EP, keys) + len(matched)
+
+    index.insert(INSERT_EP, warm.shared)
+    benchmark.pedantic(decide, setup=setup, rounds=2000, warmup_rounds=50)
+    assert index.size(INSERT_EP) == INSERT_CAPACITY
+    assert index.match(warm.shared)[INSERT_EP].blocks == len(warm.shared)
+    assert index.stats().speculative == 0 or not index.is_speculative(INSERT_EP, warm.shared[0])

@@ -312,6 +312,7 @@ def test_memos_stay_bounded() -> None:
         blocker.keys(tokens_request(PROMPT[:32], cache_salt=f"salt-{i}"))
     memo = blocker._memo
     assert 0 < len(memo.namespaces) <= 4096 and 0 < len(memo.lanes) <= 4096
+    assert 0 < len(memo.plans) <= 4096
     request = tokens_request(PROMPT, cache_salt="salt-1")
     assert blocker.keys(request).tolist() == Blocker(seed=5).keys(request).tolist()
 

@@ -24,11 +24,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from benchmarks import extproc_cpu
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefixroute.devtools.envoy import (
     ENVOY_VERSION,
     EXAMPLES,
+    ROOT,
     Envoy,
     Ports,
     ext_proc_config,
@@ -624,3 +626,22 @@ def test_requests_envoy_cannot_parse_get_a_json_answer(
         assert envoy.stat("cluster.inference.upstream_rq_total") == 0
         assert envoy.stat("cluster.extproc.upstream_rq_total") == 0  # the picker was skipped
         assert engine_id(post(envoy, chat("still served"))) in {"fake-a", "fake-b"}
+
+
+def test_the_cpu_benchmark_measures_the_picker_and_its_floor(tmp_path: Path) -> None:
+    """`benchmarks.extproc_cpu` with the picker and with `extproc_floor.py`: one short run each."""
+    out = tmp_path / "cpu.json"
+    floor = f"{ROOT / 'benchmarks' / 'extproc_floor.py'} --server aio-uvloop"
+    args = ["--routers", "envoy,envoy-script", "--picker-script", floor, "--rate", "40"]
+    code = extproc_cpu.main([*args, "--seconds", "1", "--warm-up", "0", "--json", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    for name in ("envoy", "envoy-script"):
+        cpu = results[name]["cpu"]
+        assert cpu["ok"] == cpu["requests"] > 0
+        assert cpu["cpu_ms_per_request"]["picker"] > 0
+        assert cpu["wake_ups_per_request"] > 0
+        # request headers, body, response headers and at least one chunk reach the picker
+        assert cpu["ext_proc"]["messages_in_per_stream"] >= 4
+    assert results["envoy"]["cpu"]["route_ms_per_request"] > 0
+    assert results["envoy-script"]["cpu"]["route_ms_per_request"] == 0  # the floor routes nothing

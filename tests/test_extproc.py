@@ -36,6 +36,7 @@ from prefixroute.drivers.extproc import (
     ExtProcConfig,
     ExtProcServer,
     _Stream,
+    _streamed,
     cli_arguments,
     cli_main,
 )
@@ -405,6 +406,27 @@ def test_a_3mb_body_is_echoed_in_order_in_small_chunks(engines: list[str]) -> No
         assert int(result.headers["content-length"]) == len(body)
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, BODY_CHUNK_BYTES - 1, BODY_CHUNK_BYTES, BODY_CHUNK_BYTES + 1, 3 * BODY_CHUNK_BYTES],
+)
+@pytest.mark.parametrize("end_of_stream", [True, False])
+def test_streamed_chunks_cover_the_body_exactly(size: int, end_of_stream: bool) -> None:
+    body = bytes(i % 251 for i in range(size))
+    for phase in ("request_body", "response_body"):
+        out = _streamed(phase, body, end_of_stream)
+        chunks = []
+        for response in out:
+            assert response.WhichOneof("response") == phase
+            mutation = getattr(response, phase).response.body_mutation
+            assert mutation.WhichOneof("mutation") == "streamed_response"  # even when empty
+            chunks.append(mutation.streamed_response)
+        assert len(out) == max(1, -(-size // BODY_CHUNK_BYTES))  # an empty body: one message
+        assert b"".join(c.body for c in chunks) == body
+        assert all(len(c.body) <= BODY_CHUNK_BYTES for c in chunks)
+        assert [c.end_of_stream for c in chunks] == [False] * (len(out) - 1) + [end_of_stream]
 
 
 def test_a_body_ended_by_trailers_gets_a_trailers_response(engines: list[str]) -> None:

@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.servers import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY_ONLY = ("starlette", "uvicorn", "httptools", "uvloop")
-"""Packages of the `gateway` extra the picker must not need."""
+GATEWAY_ONLY = ("starlette", "uvicorn", "httptools")
+"""Packages of the `gateway` extra the picker must not need (uvloop is in both extras)."""
 EXTPROC_ONLY = ("grpc", "grpc_health", "envoy", "xds", "udpa", "validate", "google.protobuf")
 """Packages of the `extproc` extra (gRPC and Envoy's generated protos) the gateway must not need."""
 

@@ -470,7 +470,7 @@ usages = st.builds(
     e2e_s=st.none() | st.floats(0, 1e300),
     ok=st.booleans(),
 )
-block_keys = st.lists(st.integers(0, 2**64 - 1) | st.integers(), max_size=8)
+block_keys = st.lists(st.integers(0, 2**64 - 1), max_size=8)  # events refuse others when built
 events = st.one_of(
     st.builds(BlockStored, ids.map(EndpointId), block_keys, st.sampled_from(Tier)),
     st.builds(BlockRemoved, ids.map(EndpointId), block_keys, st.none() | st.sampled_from(Tier)),

@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from prefixroute import jit
+from prefixroute.compiled_index import CompiledPrefixIndex
 from prefixroute.endpoint import EndpointId
 from prefixroute.index import (
     DEFAULT_CAPACITY_BLOCKS,
@@ -34,6 +37,20 @@ from tests.strategies import (
 )
 
 E0, E1, E2, E3 = (EndpointId(f"e{i}") for i in range(4))
+
+# Tests taking `make` run against both index classes (the compiled one where numba
+# is installed); tests that look at `PrefixIndex`'s internals construct it directly.
+INDEX_CLASSES: list[Callable[..., Any]] = [PrefixIndex]
+if jit.AVAILABLE:
+    INDEX_CLASSES.append(CompiledPrefixIndex)
+
+
+@pytest.fixture(params=INDEX_CLASSES, ids=lambda cls: cls.__name__)
+def make(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """An index class: `PrefixIndex`, then `CompiledPrefixIndex`."""
+    cls: Callable[..., Any] = request.param
+    return cls
+
 
 # Weights chosen so float sums are not trivially exact (0.8 is not binary).
 WEIGHTS = {Tier.GPU: 1.0, Tier.CPU: 0.8, Tier.DISK: 0.3}
@@ -223,21 +240,30 @@ class IndexMachine(RuleBasedStateMachine):
     included.
     """
 
+    compiled = False  # CompiledIndexMachine drives CompiledPrefixIndex instead
+
     def __init__(self) -> None:
         super().__init__()
-        self.index = PrefixIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
-        self.twin = WalkIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
-        # No slack: deque compaction and heap rebuilds happen on these tiny sizes.
-        for index in (self.index, self.twin):
-            index._compact_slack = 0
-            index._heap_slack = 0
+        self.index: Any
+        self.twin: WalkIndex | None = None
+        if self.compiled:
+            self.index = CompiledPrefixIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
+            self.index._arena_slack = 0  # deadline-heap rebuilds on these tiny sizes
+        else:
+            self.index = PrefixIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
+            self.twin = WalkIndex(default_capacity_blocks=6, tier_weights=WEIGHTS)
+            # No slack: deque compaction and heap rebuilds happen on these tiny sizes.
+            for index in (self.index, self.twin):
+                index._compact_slack = 0
+                index._heap_slack = 0
         self.model = ModelIndex(6, WEIGHTS)
         self.now = 0.0
 
     @rule(e=endpoint_ids(), n=st.integers(1, 12))
     def set_capacity(self, e: EndpointId, n: int) -> None:
         self.index.set_capacity(e, n)
-        self.twin.set_capacity(e, n)
+        if self.twin is not None:
+            self.twin.set_capacity(e, n)
         self.model.set_capacity(e, n)
 
     @rule(
@@ -249,18 +275,21 @@ class IndexMachine(RuleBasedStateMachine):
     def insert(self, e: EndpointId, keys: list[int], tier: Tier, ttl: int | None) -> None:
         until = None if ttl is None else self.now + ttl / 2
         self.index.insert(e, keys, tier=tier, speculative_until=until)
-        self.twin.insert(e, keys, tier=tier, speculative_until=until)
+        if self.twin is not None:
+            self.twin.insert(e, keys, tier=tier, speculative_until=until)
         self.model.insert(e, keys, tier, until)
 
     @rule(e=endpoint_ids(), keys=chains())
     def confirm(self, e: EndpointId, keys: list[int]) -> None:
         assert self.index.confirm(e, keys) == self.model.confirm(e, keys)
-        self.twin.confirm(e, keys)
+        if self.twin is not None:
+            self.twin.confirm(e, keys)
 
     @rule(e=endpoint_ids(), keys=chains(), tier=st.none() | tiers)
     def remove(self, e: EndpointId, keys: list[int], tier: Tier | None) -> None:
         assert self.index.remove(e, keys, tier=tier) == self.model.remove(e, keys, tier)
-        self.twin.remove(e, keys, tier=tier)
+        if self.twin is not None:
+            self.twin.remove(e, keys, tier=tier)
 
     @rule(
         e=endpoint_ids(),
@@ -275,25 +304,29 @@ class IndexMachine(RuleBasedStateMachine):
         at = None if grace is None else self.now + grace / 2
         got = self.index.discard_speculative(e, keys, not_after=not_after, at=at)
         assert got == self.model.discard_speculative(e, keys, not_after, at)
-        self.twin.discard_speculative(e, keys, not_after=not_after, at=at)
+        if self.twin is not None:
+            self.twin.discard_speculative(e, keys, not_after=not_after, at=at)
 
     @rule(e=endpoint_ids())
     def clear_endpoint(self, e: EndpointId) -> None:
         self.index.clear_endpoint(e)
-        self.twin.clear_endpoint(e)
+        if self.twin is not None:
+            self.twin.clear_endpoint(e)
         self.model.clear_endpoint(e)
 
     @rule(e=endpoint_ids())
     def remove_endpoint(self, e: EndpointId) -> None:
         self.index.remove_endpoint(e)
-        self.twin.remove_endpoint(e)
+        if self.twin is not None:
+            self.twin.remove_endpoint(e)
         self.model.remove_endpoint(e)
 
     @rule(dt=st.integers(0, 4))
     def expire(self, dt: int) -> None:
         self.now += dt / 2
         assert self.index.expire(self.now) == self.model.expire(self.now)
-        self.twin.expire(self.now)
+        if self.twin is not None:
+            self.twin.expire(self.now)
 
     @rule(keys=chains())
     def match(self, keys: list[int]) -> None:
@@ -305,7 +338,8 @@ class IndexMachine(RuleBasedStateMachine):
 
     @invariant()
     def insert_fast_path_equals_walk(self) -> None:
-        assert snapshot(self.index) == snapshot(self.twin)
+        if self.twin is not None:
+            assert snapshot(self.index) == snapshot(self.twin)
 
     @invariant()
     def same_contents(self) -> None:
@@ -337,18 +371,34 @@ class IndexMachine(RuleBasedStateMachine):
                 keys = list(base[:cut])
                 expected = self.model.match(keys)
                 assert self.index.match(keys) == expected
-                assert self.index._match_walk(keys) == expected
+                assert self.index.match(np.array(keys, dtype=np.uint64)) == expected
+                if not self.compiled:
+                    assert self.index._match_walk(keys) == expected
 
 
 TestIndexMachine = IndexMachine.TestCase
 TestIndexMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 
 
+class CompiledIndexMachine(IndexMachine):
+    """The same state machine against `CompiledPrefixIndex` and the naive model."""
+
+    compiled = True
+
+
+TestCompiledIndexMachine = pytest.mark.skipif(not jit.AVAILABLE, reason="numba not installed")(
+    CompiledIndexMachine.TestCase
+)
+TestCompiledIndexMachine.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+
+
 # -- targeted tests ----------------------------------------------------------------
 
 
-def test_reverse_touch_evicts_the_tail_and_keeps_the_prefix() -> None:
-    index = PrefixIndex(default_capacity_blocks=4)
+def test_reverse_touch_evicts_the_tail_and_keeps_the_prefix(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=4)
     index.insert(E0, [1, 2, 3, 4])
     index.insert(E0, [10, 11])  # 2 over capacity: the first chain's tail goes
     assert index.match([1, 2, 3, 4]) == {E0: PrefixMatch(2, 2.0)}
@@ -357,8 +407,8 @@ def test_reverse_touch_evicts_the_tail_and_keeps_the_prefix() -> None:
     index.check_invariants()
 
 
-def test_chain_longer_than_capacity_keeps_its_first_blocks() -> None:
-    index = PrefixIndex(default_capacity_blocks=3)
+def test_chain_longer_than_capacity_keeps_its_first_blocks(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=3)
     index.insert(E0, [1, 2, 3, 4, 5])
     assert index.size(E0) == 3
     assert index.match([1, 2, 3, 4, 5]) == {E0: PrefixMatch(3, 3.0)}
@@ -366,8 +416,8 @@ def test_chain_longer_than_capacity_keeps_its_first_blocks() -> None:
     index.check_invariants()
 
 
-def test_retouching_a_chain_protects_it() -> None:
-    index = PrefixIndex(default_capacity_blocks=4)
+def test_retouching_a_chain_protects_it(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=4)
     index.insert(E0, [1, 2])
     index.insert(E0, [3, 4])
     index.insert(E0, [1, 2])  # [3, 4] is now least recently used
@@ -377,8 +427,8 @@ def test_retouching_a_chain_protects_it() -> None:
     assert index.match([3]) == {E0: PrefixMatch(1, 1.0)}
 
 
-def test_match_is_a_read_and_does_not_touch_lru() -> None:
-    index = PrefixIndex(default_capacity_blocks=2)
+def test_match_is_a_read_and_does_not_touch_lru(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=2)
     index.insert(E0, [1])
     index.insert(E0, [2])
     for _ in range(3):
@@ -388,8 +438,8 @@ def test_match_is_a_read_and_does_not_touch_lru() -> None:
     assert index.holders(2) == {E0}
 
 
-def test_duplicate_keys_in_one_call() -> None:
-    index = PrefixIndex(default_capacity_blocks=3)
+def test_duplicate_keys_in_one_call(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=3)
     index.insert(E0, [7, 7, 8, 7])
     assert index.size(E0) == 2
     assert index.match([7, 7, 8, 7, 9]) == {E0: PrefixMatch(4, 4.0)}
@@ -397,16 +447,16 @@ def test_duplicate_keys_in_one_call() -> None:
     index.check_invariants()
 
 
-def test_match_edge_cases() -> None:
-    index = PrefixIndex()
+def test_match_edge_cases(make: Callable[..., Any]) -> None:
+    index = make()
     assert index.match([]) == {}
     index.insert(E0, [1, 2, 3])
     assert index.match([9, 1, 2]) == {}
     assert index.match([1, 9, 3]) == {E0: PrefixMatch(1, 1.0)}
 
 
-def test_match_lengths_per_endpoint_and_shared_prefixes() -> None:
-    index = PrefixIndex()
+def test_match_lengths_per_endpoint_and_shared_prefixes(make: Callable[..., Any]) -> None:
+    index = make()
     index.insert(E0, [1, 2, 3, 4])
     index.insert(E1, [1, 2])
     index.insert(E2, [1, 2, 3, 4, 5])
@@ -419,8 +469,8 @@ def test_match_lengths_per_endpoint_and_shared_prefixes() -> None:
     assert index.holders(2) == {E0, E1, E2, E3}
 
 
-def test_tier_weights_use_the_best_tier_held() -> None:
-    index = PrefixIndex()
+def test_tier_weights_use_the_best_tier_held(make: Callable[..., Any]) -> None:
+    index = make()
     w = DEFAULT_TIER_WEIGHTS
     index.insert(E0, [1, 2, 3, 4])
     index.insert(E0, [3, 4], tier=Tier.CPU)  # now GPU and CPU: GPU counts
@@ -444,8 +494,8 @@ def test_tier_weights_use_the_best_tier_held() -> None:
     index.check_invariants()
 
 
-def test_custom_tier_weights_override_defaults_per_tier() -> None:
-    index = PrefixIndex(tier_weights={Tier.GPU: 0.5, Tier.DISK: 0.0})
+def test_custom_tier_weights_override_defaults_per_tier(make: Callable[..., Any]) -> None:
+    index = make(tier_weights={Tier.GPU: 0.5, Tier.DISK: 0.0})
     assert index.tier_weights == {Tier.GPU: 0.5, Tier.CPU: 0.8, Tier.DISK: 0.0}
     index.insert(E0, [1, 2, 3])
     assert index.match([1, 2, 3]) == {E0: PrefixMatch(3, 1.5)}
@@ -453,8 +503,8 @@ def test_custom_tier_weights_override_defaults_per_tier() -> None:
     assert index.match([1, 2, 3])[E1] == PrefixMatch(2, 0.0)
 
 
-def test_capacity_shrink_evicts_least_recently_used() -> None:
-    index = PrefixIndex()
+def test_capacity_shrink_evicts_least_recently_used(make: Callable[..., Any]) -> None:
+    index = make()
     index.insert(E0, [1, 2, 3])
     index.insert(E0, [4, 5, 6])
     index.set_capacity(E0, 4)  # oldest first: 3 2 1 6 5 4 -> 3 and 2 go
@@ -472,8 +522,10 @@ def test_capacity_shrink_evicts_least_recently_used() -> None:
     index.check_invariants()
 
 
-def test_set_capacity_registers_and_unknown_endpoints_read_as_empty() -> None:
-    index = PrefixIndex(default_capacity_blocks=10)
+def test_set_capacity_registers_and_unknown_endpoints_read_as_empty(
+    make: Callable[..., Any],
+) -> None:
+    index = make(default_capacity_blocks=10)
     assert index.capacity(E0) == 10
     assert index.size(E0) == 0
     assert index.endpoints() == []
@@ -561,8 +613,8 @@ def test_mass_removal_compacts_the_deque() -> None:
     index.check_invariants()
 
 
-def test_expire_drops_due_speculative_entries_only() -> None:
-    index = PrefixIndex()
+def test_expire_drops_due_speculative_entries_only(make: Callable[..., Any]) -> None:
+    index = make()
     index.insert(E0, [1, 2, 3], speculative_until=10.0)
     index.insert(E0, [4])  # confirmed
     index.insert(E0, [4, 5], speculative_until=5.0)  # 4 stays confirmed
@@ -584,8 +636,8 @@ def test_expire_drops_due_speculative_entries_only() -> None:
     index.check_invariants()
 
 
-def test_confirmed_insert_confirms_speculation() -> None:
-    index = PrefixIndex()
+def test_confirmed_insert_confirms_speculation(make: Callable[..., Any]) -> None:
+    index = make()
     index.insert(E0, [1, 2], speculative_until=1.0)
     index.insert(E0, [1, 2])
     assert index.expire(2.0) == 0
@@ -612,8 +664,8 @@ def test_remove_endpoint_frees_and_reuses_its_slot() -> None:
     index.check_invariants()
 
 
-def test_clear_endpoint_keeps_registration_and_capacity() -> None:
-    index = PrefixIndex()
+def test_clear_endpoint_keeps_registration_and_capacity(make: Callable[..., Any]) -> None:
+    index = make()
     index.set_capacity(E0, 7)
     index.insert(E0, [1, 2, 3], tier=Tier.DISK, speculative_until=3.0)
     index.insert(E1, [1])
@@ -627,8 +679,8 @@ def test_clear_endpoint_keeps_registration_and_capacity() -> None:
     index.check_invariants()
 
 
-def test_stats_counts() -> None:
-    index = PrefixIndex(default_capacity_blocks=2)
+def test_stats_counts(make: Callable[..., Any]) -> None:
+    index = make(default_capacity_blocks=2)
     index.insert(E0, [1, 2, 3])
     index.insert(E1, [1], speculative_until=1.0)
     index.remove(E0, [1])
@@ -654,13 +706,15 @@ def test_stats_counts() -> None:
         ({"tier_weights": [0.5]}, "tier_weights"),
     ],
 )
-def test_invalid_configuration_names_the_field(kwargs: dict[str, object], field: str) -> None:
+def test_invalid_configuration_names_the_field(
+    make: Callable[..., Any], kwargs: dict[str, object], field: str
+) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(field)):
-        PrefixIndex(**kwargs)  # type: ignore[arg-type]
+        make(**kwargs)
 
 
-def test_invalid_arguments() -> None:
-    index = PrefixIndex()
+def test_invalid_arguments(make: Callable[..., Any]) -> None:
+    index = make()
     with pytest.raises(ValueError, match=r"^blocks"):
         index.set_capacity(E0, 0)
     with pytest.raises(ValueError, match="speculative_until"):
@@ -698,7 +752,13 @@ def test_match_fast_path_equals_walk_on_long_chains(
     chain: list[int], lengths: list[int], cpu_every: int, probe: int
 ) -> None:
     """Long chains cross match's chunk boundaries; each endpoint holds a prefix."""
-    index = PrefixIndex()
+    for cls in INDEX_CLASSES:
+        long_chain_matches(cls(), chain, lengths, cpu_every, probe)
+
+
+def long_chain_matches(
+    index: Any, chain: list[int], lengths: list[int], cpu_every: int, probe: int
+) -> None:
     expected: dict[EndpointId, PrefixMatch] = {}
     for i, n in enumerate(lengths):
         e = EndpointId(f"e{i}")
@@ -714,9 +774,18 @@ def test_match_fast_path_equals_walk_on_long_chains(
             w = [gpu_w] * (m - cpu) + [cpu_w] * cpu
             expected[e] = PrefixMatch(m, math.fsum(w))
     assert index.match(chain) == expected
-    assert index._match_walk(chain) == expected
     probe_keys = chain[:probe] + [2**64 - 1 - i for i in range(3)]
-    assert index.match(probe_keys) == index._match_walk(probe_keys)
+    if isinstance(index, PrefixIndex):
+        assert index._match_walk(chain) == expected
+        assert index.match(probe_keys) == index._match_walk(probe_keys)
+    else:
+        pure = PrefixIndex()
+        for i, n in enumerate(lengths):
+            pure.insert(EndpointId(f"e{i}"), chain[:n])
+            if cpu_every and n:
+                pure.remove(EndpointId(f"e{i}"), chain[:n][::cpu_every], tier=Tier.GPU)
+                pure.insert(EndpointId(f"e{i}"), chain[:n][::cpu_every], tier=Tier.CPU)
+        assert list(index.match(probe_keys).items()) == list(pure.match(probe_keys).items())
 
 
 # -- insert's fast path against the per-key walk -------------------------------------
@@ -825,3 +894,30 @@ def test_count_into_matches_the_c_helper() -> None:
     _count_into(by_python, keys)
     _count_elements(by_c, keys)
     assert by_python == by_c == {1: 3, 3: 3, 2**64 - 1: 1} == Counter(keys) + Counter({1: 2})
+
+
+def test_keys_as_uint64_arrays(make: Callable[..., Any]) -> None:
+    """Every method takes the chain as a list or as a 1-D uint64 array, with the same result."""
+    index = make(default_capacity_blocks=10)
+    keys = np.array([1, 2**64 - 1, 3, 2**63], dtype=np.uint64)
+    index.insert(E0, keys, speculative_until=5.0)
+    index.insert(E1, keys[:2], tier=Tier.CPU)
+    assert (
+        index.match(keys)
+        == index.match(keys.tolist())
+        == {
+            E1: PrefixMatch(2, 2 * DEFAULT_TIER_WEIGHTS[Tier.CPU]),
+            E0: PrefixMatch(4, 4.0),
+        }
+    )
+    assert index.holders(2**64 - 1) == {E0, E1}
+    assert index.confirm(E0, keys[:1]) == 1
+    assert index.discard_speculative(E0, keys[1:2], not_after=5.0, at=1.0) == 1
+    assert index.discard_speculative(E0, keys[2:3], not_after=5.0) == 1
+    assert index.remove(E1, keys[1:], tier=Tier.CPU) == 1
+    assert index.expire(1.0) == 1
+    assert index.match(keys) == {
+        E1: PrefixMatch(1, DEFAULT_TIER_WEIGHTS[Tier.CPU]),
+        E0: PrefixMatch(1, 1.0),
+    }
+    assert index.match(np.zeros(0, dtype=np.uint64)) == {}

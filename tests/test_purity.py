@@ -57,8 +57,12 @@ ALLOWED_STDLIB = frozenset(
 )
 """Standard-library modules with no I/O, clock, thread, process or environment access."""
 
-ALLOWED_THIRD_PARTY = frozenset({"numpy", "attrs"})
-"""The core's runtime dependencies (pyproject: numpy and attrs; PyYAML is the drivers')."""
+ALLOWED_THIRD_PARTY = frozenset({"numpy", "attrs", "numba"})
+"""The core's runtime dependencies (pyproject: numpy and attrs; PyYAML is the drivers').
+
+numba (the optional `fast` extra) compiles kernels that the pure paths beside
+them compute bit for bit (`prefixroute.jit`); it decides nothing.
+"""
 
 FORBIDDEN_BUILTINS = frozenset(
     {"open", "print", "input", "breakpoint", "exec", "eval", "compile", "__import__", "hash"}

@@ -548,3 +548,11 @@ def test_an_endpoints_block_size_converts_its_capacity_unless_configured() -> No
     fixed = Router(blocker=Blocker(block_size=16), engine_block_size=16)
     decide(fixed, Request(model="m", token_ids=list(range(40))), [ep], 0.0)
     assert fixed.index.capacity(EndpointId("e0")) == 128
+
+
+@pytest.mark.parametrize("bad", [-1, 2**64, 2**70])
+def test_events_refuse_block_keys_outside_uint64_when_built(bad: int) -> None:
+    for event in (BlockStored, BlockRemoved):
+        with pytest.raises(ValueError, match=r"block keys must be integers in \[0, 2\*\*64\)"):
+            event(EndpointId("e0"), [1, bad])
+    assert BlockStored(EndpointId("e0"), [0, 2**64 - 1]).keys == (0, 2**64 - 1)

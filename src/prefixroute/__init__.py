@@ -14,6 +14,7 @@ from prefixroute.admission import (
     TokenBucketAdmission,
 )
 from prefixroute.blocks import Blocker, BlockKey, HashMode
+from prefixroute.compiled_index import CompiledPrefixIndex, make_index
 from prefixroute.config import ConfigError, load_config
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState, Role
@@ -59,6 +60,7 @@ __all__ = [
     "BlockRemoved",
     "BlockStored",
     "Blocker",
+    "CompiledPrefixIndex",
     "CompletionListener",
     "ConcurrencyAdmission",
     "ConfigError",
@@ -104,5 +106,6 @@ __all__ = [
     "default_profile",
     "default_registry",
     "load_config",
+    "make_index",
     "parse_openai",
 ]

@@ -68,11 +68,21 @@ Bellare and Micciancio, "A New Paradigm for Collision-Free Hashing:
 Incrementality at Reduced Cost", EUROCRYPT 1997): key `i` depends on every
 block up to `i` and on its position. The position tag needs no key: `c_j`
 is already keyed, and distinct positions get distinct tags (GAMMA is odd),
-so swapping two blocks changes the chain. Each step is one vectorised numpy
-pass: one vector-matrix product over the `(blocks, block_size)` view of the
-values (no copy but the widening cast inside `np.dot`), then nine ufuncs and
-one `np.add.accumulate` over the per-block vector. Block sizes of any parity
-work: a lane is one 32-bit value widened to 64 bits, never a pair.
+so swapping two blocks changes the chain. Block sizes of any parity work: a
+lane is one 32-bit value widened to 64 bits, never a pair.
+
+Two implementations compute the chain, bit for bit (the tests hold both to
+`reference_keys`). The numpy path: one vector-matrix product over the
+`(blocks, block_size)` view of the values (no copy but the widening cast
+inside `np.dot`), then nine ufuncs and one `np.add.accumulate` over the
+per-block vector; at a few hundred blocks the ufuncs' call overhead is most
+of its cost. The compiled path (`_chain_kernel`, numba through
+`prefixroute.jit`, used when numba is installed unless `compiled=False`): one
+call that touches each cache line of the values once, then makes three
+passes over the output (block sums, `fmix64`, running sum), with each 64-bit
+lane key split into 32-bit halves so that the products of the block sums are
+32 x 32 -> 64 bits, which the compiler vectorises; the caller allocates the
+output.
 
 Why not the polynomial rolling hash `K_i = sum_j c_j * P**(i-j)` done with a
 cumsum: modulo 2**64 it has a key-independent weakness. For any odd `P` and
@@ -128,12 +138,14 @@ Limits: a keyed non-cryptographic hash, not a MAC
 - Text-mode blocks are characters, not the engine's tokens, so text mode
   predicts cache hits approximately, as GIE's approximate plugin does.
 
-Cost: O(values) for the dot product and O(blocks) for the rest, with no
-Python loop over blocks. Lane keys are memoised per (namespace, block size)
-and namespaces per request fields, in small bounded memos (cleared when
+Cost: O(values) for the block sums and O(blocks) for the rest, with no
+Python loop over blocks, on either path. Lane keys are memoised per
+(namespace, block size), and namespaces and whole plans (namespace, block
+size, lane keys) per request fields, in small bounded memos (cleared when
 full). The measured costs (token and text mode, a namespace never seen
-before, the plain-Python reference, and the floor of touching the bytes
-once) are in docs/performance.md, from `benchmarks/test_bench_hashing.py`.
+before, the plain-Python reference, the numpy path beside the compiled one,
+and the floor of touching the bytes once) are in docs/performance.md, from
+`benchmarks/test_bench_hashing.py`.
 """
 
 from __future__ import annotations
@@ -143,12 +155,13 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Final, NewType
+from typing import Any, Final, NewType
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
+from prefixroute import jit
 from prefixroute.request import Request
 
 __all__ = ["BlockKey", "Blocker", "HashMode", "reference_keys", "text_values"]
@@ -243,6 +256,90 @@ def reference_keys(values: Sequence[int], namespace: int, block_size: int) -> li
     return keys
 
 
+# -- the compiled kernel ------------------------------------------------------------
+
+_K_GAMMA: Final = np.uint64(_GAMMA)  # numba sees module-level numpy scalars as typed constants
+_K_FM_C1: Final = np.uint64(_FM_C1)
+_K_FM_C2: Final = np.uint64(_FM_C2)
+_K_33: Final = np.uint64(33)
+_K_32: Final = np.uint64(32)
+_K_LOW32: Final = np.uint64(0xFFFF_FFFF)
+
+
+@jit.njit
+def _chain_kernel(
+    values: npt.NDArray[np.unsignedinteger[Any]],
+    lanes: npt.NDArray[np.uint64],
+    tag: int,
+    parent: int,
+    out: npt.NDArray[np.uint64],
+) -> None:
+    """The chain in one compiled call, into `out`: what `Blocker._chain` computes, bit for bit.
+
+    `values` is an unsigned array of <= 32-bit integers, `lanes` the block's
+    lane keys, `out` one slot per full block (the caller allocates it: an
+    array made here would cost more to hand back to Python than a short
+    chain costs to compute), `tag` the first block's position tag
+    `(start + 1) * GAMMA` and `parent` the key before the first block, both
+    as int64 bit patterns (a small Python int types as int64, so one
+    specialisation serves every call and the dispatcher converts no numpy
+    scalar). uint64 arithmetic wraps modulo 2**64, as numpy's does. After a
+    pass that touches each cache line of `values` (see the comment), three
+    passes over `out`: the block sums, `fmix64`, the running sum. The block
+    sum splits each lane key into 32-bit halves, `k = lo + hi * 2**32`, so
+    every product is 32 x 32 -> 64 bits (which the compiler vectorises) and
+    `sum_l k_l * t_l = sum_l lo_l * t_l + (sum_l hi_l * t_l) * 2**32` mod 2**64.
+    O(len(values)).
+    """
+    b = lanes.shape[0]
+    n = out.shape[0]
+    # Touch one value per 64-byte line first: independent loads the CPU keeps many
+    # of in flight, where the block sums' loads wait behind their arithmetic. A fresh
+    # prompt out of cache then costs about half as much; one in cache costs the same.
+    # (Stored where the result goes later, so the compiler keeps the loop.)
+    touched = np.uint64(0)
+    for i in range(0, n * b, 16):
+        touched += np.uint64(values[i])
+    if n:
+        out[n - 1] = touched
+    if b == 1:
+        k = lanes[0]
+        for j in range(n):
+            out[j] = k * np.uint64(values[j])
+    else:
+        for j in range(n):
+            s_lo = np.uint64(0)
+            s_hi = np.uint64(0)
+            base = j * b
+            for lane in range(b):
+                v = np.uint64(values[base + lane])
+                key = lanes[lane]
+                s_lo += (key & _K_LOW32) * v
+                s_hi += (key >> _K_32) * v
+            out[j] = s_lo + (s_hi << _K_32)
+    tag0 = np.uint64(tag)
+    for j in range(n):  # g_j = fmix64(c_j + (start + j + 1) * GAMMA)
+        x = out[j] + tag0 + np.uint64(j) * _K_GAMMA
+        x ^= x >> _K_33
+        x *= _K_FM_C1
+        x ^= x >> _K_33
+        x *= _K_FM_C2
+        x ^= x >> _K_33
+        out[j] = x
+    acc = np.uint64(parent)
+    for j in range(n):  # K_i = parent + g_0 + ... + g_i
+        acc += out[j]
+        out[j] = acc
+
+
+def _as_int64(value: int) -> int:
+    """The int64 with the bit pattern of `value` in [0, 2**64) (how the kernel takes uint64s)."""
+    return value - (1 << 64) if value >> 63 else value
+
+
+_FIRST_TAG: Final = _as_int64(_GAMMA)  # the position tag of block 0
+
+
 def text_values(text: str) -> npt.NDArray[np.uint32]:
     """The Unicode code points of `text` as a uint32 array (its UTF-32 encoding).
 
@@ -266,8 +363,15 @@ def _check_hash_args(namespace: int, block_size: int) -> int:
 # -- the Blocker --------------------------------------------------------------------
 
 
+_Plan = tuple[bool, int, int, "npt.NDArray[np.uint64]"]
+"""How a request's chain is made: (hash its token ids, not its characters;
+namespace; block size in those units; lane keys)."""
+
+
 class _Memo:
-    """Bounded memos of a `Blocker`: namespaces by request fields, lane keys by namespace.
+    """Bounded memos of a `Blocker`: namespaces by request fields, lane keys by namespace,
+    and `plans`: everything but the values, by request fields, so that a request
+    of known fields costs `Blocker.keys` one dict look-up before the chain.
 
     Mutable state inside a frozen value, invisible from outside: it only
     remembers pure functions of their arguments. Each dict is cleared when it
@@ -276,9 +380,10 @@ class _Memo:
     callers at worst compute an entry twice.
     """
 
-    __slots__ = ("lanes", "namespaces", "tags")
+    __slots__ = ("lanes", "namespaces", "plans", "tags")
 
     def __init__(self) -> None:
+        self.plans: dict[tuple[bool, bool, str, str | None, str | None, str | None], _Plan] = {}
         self.namespaces: dict[tuple[str | None, ...], int] = {}
         self.lanes: dict[tuple[int, int], npt.NDArray[np.uint64]] = {}
         self.tags: npt.NDArray[np.uint64] = _position_tags(1024)
@@ -359,6 +464,16 @@ def _tenant_groups(value: object) -> Mapping[str, str]:
     return MappingProxyType(out)
 
 
+def _to_compiled(value: object) -> bool:
+    if value is None:
+        return jit.AVAILABLE
+    if not isinstance(value, bool):
+        raise ValueError(f"compiled must be True, False or None, got {value!r}")
+    if value and not jit.AVAILABLE:
+        raise ValueError("compiled=True needs numba (the `fast` extra), which is not installed")
+    return value
+
+
 def _check_chars_per_token(_: object, __: attrs.Attribute[float], value: object) -> None:
     if (
         isinstance(value, bool)
@@ -380,6 +495,10 @@ class Blocker:
     namespace, so tenants never share keys even for identical prompts,
     except tenants that `tenant_groups` maps to the same group: they share
     the group's namespace (and no other group's or tenant's).
+    `compiled` picks how the chain is computed: the numba kernel (True) or
+    the numpy path (False); None (the default) means the kernel when numba
+    is installed (`prefixroute.jit.AVAILABLE`). Both give the same keys bit
+    for bit, so it is not part of the value (equality, hash, repr).
     Invalid values raise ValueError naming the field.
     """
 
@@ -390,6 +509,9 @@ class Blocker:
     isolate_tenants: bool = False
     tenant_groups: Mapping[str, str] = attrs.field(
         factory=dict, converter=_tenant_groups, hash=False
+    )
+    compiled: bool = attrs.field(
+        default=None, converter=_to_compiled, eq=False, hash=False, repr=False
     )
 
     def __attrs_post_init__(self) -> None:
@@ -488,17 +610,42 @@ class Blocker:
         block never gets a key. A fresh array the caller may keep or modify.
         O(prompt length), vectorised.
         """
-        unit = self._unit(request)
-        if unit is _Unit.TOKENS:
-            assert request.token_ids is not None
-            values = request.token_ids
+        token_ids = request.token_ids
+        memo_key = (
+            token_ids is None,
+            request.prompt is None,
+            request.model,
+            request.lora,
+            request.cache_salt,
+            request.tenant if self.isolate_tenants else None,
+        )
+        plans = self._memo.plans
+        plan = plans.get(memo_key)
+        if plan is None:
+            if len(plans) >= _MEMO_LIMIT:
+                plans.clear()
+            plan = plans[memo_key] = self._plan(request)
+        tokens, namespace, block_size, lanes = plan
+        if tokens:
+            assert token_ids is not None
+            values = token_ids
         else:
             assert request.prompt is not None
             values = text_values(request.prompt)
-        block_size = self._unit_block_size(unit)
         if len(values) < block_size:
             return np.empty(0, dtype=np.uint64)
-        return self._chain(values, self._namespace(request, unit), block_size)
+        if self.compiled:
+            out = np.empty(len(values) // block_size, dtype=np.uint64)
+            _chain_kernel(values, lanes, _FIRST_TAG, 0, out)
+            return out
+        return self._chain(values, namespace, block_size)
+
+    def _plan(self, request: Request) -> _Plan:
+        unit = self._unit(request)
+        block_size = self._unit_block_size(unit)
+        namespace = self._namespace(request, unit)
+        lanes = self._memo.lane_keys(namespace, block_size)
+        return unit is _Unit.TOKENS, namespace, block_size, lanes
 
     def prompt_tokens(self, request: Request, chars_per_token: float | None = None) -> int:
         """The prompt's length in tokens: `len(token_ids)`, else `ceil(chars / chars_per_token)`.
@@ -520,6 +667,8 @@ class Blocker:
         configured one either way); for token blocks in text mode, their
         (converted) size.
         """
+        if request.token_ids is not None and self.mode is HashMode.TOKEN:
+            return float(self.block_size)  # the router's case, first
         unit = self._unit(request)
         size = self._unit_block_size(unit)
         if unit is _Unit.TOKENS:
@@ -539,8 +688,8 @@ class Blocker:
 
         Any 1-D array of integers in [0, 2**32) is accepted (uint32 is the
         zero-copy case). Equal to `reference_keys(token_ids, namespace,
-        block_size)`. O(len(token_ids)) in one `np.dot` plus about ten
-        ufuncs over the per-block vector.
+        block_size)`. O(len(token_ids)): one compiled call (`compiled`), or
+        one `np.dot` plus about ten ufuncs over the per-block vector.
 
         `parent` and `start` continue a chain: the keys of blocks `start,
         start + 1, ...` of a prompt whose block `start - 1` has key `parent`
@@ -581,15 +730,21 @@ class Blocker:
         parent: int = 0,
         start: int = 0,
     ) -> npt.NDArray[np.uint64]:
-        """The vectorised chain; `values` is unsigned, <= 32 bits, and holds >= 1 full block.
+        """The chain; `values` is unsigned, <= 32 bits, and holds >= 1 full block.
 
-        Ufuncs take `out` positionally and constants as 0-d arrays: on
+        The compiled kernel (`_chain_kernel`) when `compiled`, else numpy.
+        There, ufuncs take `out` positionally and constants as 0-d arrays: on
         vectors of a few hundred blocks the call overhead is the cost, and
         keyword parsing and scalar conversion double it.
         """
-        n_blocks = len(values) // block_size
         memo = self._memo
         lanes = memo.lane_keys(namespace, block_size)
+        if self.compiled:
+            tag = _as_int64(((start + 1) * _GAMMA) & _MASK64) if start else _FIRST_TAG
+            out = np.empty(len(values) // block_size, dtype=np.uint64)
+            _chain_kernel(values, lanes, tag, _as_int64(parent), out)
+            return out
+        n_blocks = len(values) // block_size
         c: npt.NDArray[np.uint64]
         if block_size == 1:
             c = np.multiply(values, lanes[0], dtype=np.uint64)

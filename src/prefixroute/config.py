@@ -37,7 +37,8 @@ from typing import Any
 
 from prefixroute.admission import AdmissionChain
 from prefixroute.blocks import Blocker
-from prefixroute.index import PrefixIndex, Tier
+from prefixroute.compiled_index import make_index
+from prefixroute.index import Tier
 from prefixroute.ledger import TenantLedger
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.profile import Profile, WeightedScorer
@@ -118,7 +119,7 @@ def load_config(source: Mapping[str, Any], *, registry: Registry | None = None) 
                 raise ConfigError(weights.where(name), f"unknown tier (use {sorted(tiers)})")
             parsed[tiers[name]] = weights.number(name, 0.0)
         index_kwargs["tier_weights"] = parsed
-    index = build(PrefixIndex, index_kwargs, "index", error=ConfigError)
+    index = build(make_index, index_kwargs, "index", error=ConfigError)
     router_kwargs = read_section(doc, "router", _ROUTER)
     ledger = build(
         TenantLedger, read_section(doc, "tenants", _TENANTS), "tenants", error=ConfigError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import attrs
 import numpy as np
@@ -11,7 +11,26 @@ import numpy.typing as npt
 from prefixroute.endpoint import EndpointId
 from prefixroute.request import Request
 
-__all__ = ["Decision", "Deferral", "Rejection"]
+__all__ = ["CandidateIds", "Decision", "Deferral", "Rejection"]
+
+
+class CandidateIds:
+    """A decision's candidate ids before anyone asked for them: `ids[i]` for i in `rows`.
+
+    The router passes one to `Decision(candidates=...)` so a decision costs
+    no per-candidate Python work unless `Decision.candidates` is read.
+    """
+
+    __slots__ = ("_ids", "_rows")
+
+    def __init__(self, ids: Sequence[EndpointId], rows: npt.NDArray[np.intp]) -> None:
+        self._ids = ids
+        self._rows = rows
+
+    def ids(self) -> tuple[EndpointId, ...]:
+        """The ids, as a tuple. O(len(rows))."""
+        ids = self._ids
+        return tuple([ids[i] for i in self._rows.tolist()])
 
 
 @attrs.frozen(slots=True)
@@ -44,7 +63,24 @@ class Deferral:
     deadline: float
 
 
-@attrs.frozen(slots=True, eq=False)
+_REPR = (
+    "endpoint",
+    "fallbacks",
+    "matched_blocks",
+    "total_blocks",
+    "predicted_cached_tokens",
+    "prompt_tokens",
+    "request",
+    "profile",
+    "picker",
+    "candidates",
+    "scorer_names",
+    "weights",
+    "decided_at",
+)
+
+
+@attrs.frozen(slots=True, eq=False, repr=False)
 class Decision:
     """Where one request goes, with everything needed to explain and settle it.
 
@@ -63,6 +99,12 @@ class Decision:
     private token: together they let the router settle each of its own
     decisions exactly once (`Router.on_complete` raises `SettlementError`
     otherwise). Equality is identity.
+
+    `candidates`, `totals` and `block_keys` are tuples for their readers, but
+    the router hands over its arrays (`CandidateIds`, a float64 and a uint64
+    array) and the tuples are built on first read: most decisions are
+    forwarded and settled without anyone reading them. `keys` is the block
+    keys as the router's read-only uint64 array.
     """
 
     endpoint: EndpointId
@@ -74,18 +116,59 @@ class Decision:
     request: Request
     profile: str
     picker: str
-    candidates: tuple[EndpointId, ...]
+    _candidates: tuple[EndpointId, ...] | CandidateIds = attrs.field(alias="candidates")
     scorer_names: tuple[str, ...]
     weights: tuple[float, ...]
     raw: npt.NDArray[np.float64] = attrs.field(repr=False)
-    totals: tuple[float, ...] = attrs.field(repr=False)
+    _totals: tuple[float, ...] | npt.NDArray[np.float64] = attrs.field(repr=False, alias="totals")
     matches: Mapping[EndpointId, int] = attrs.field(repr=False)
     decided_at: float
     load_tokens: int = attrs.field(repr=False)
-    block_keys: tuple[int, ...] = attrs.field(repr=False)
+    _block_keys: tuple[int, ...] | npt.NDArray[np.uint64] = attrs.field(
+        repr=False, alias="block_keys"
+    )
     epoch: int = attrs.field(default=0, repr=False)
     serial: int = attrs.field(default=0, repr=False)
     issuer: object = attrs.field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _REPR)
+        return f"Decision({fields})"
+
+    @property
+    def candidates(self) -> tuple[EndpointId, ...]:
+        """The candidates' ids, in the order the scorers saw them. O(1) after the first read."""
+        value = self._candidates
+        if not isinstance(value, tuple):
+            value = value.ids()
+            object.__setattr__(self, "_candidates", value)
+        return value
+
+    @property
+    def totals(self) -> tuple[float, ...]:
+        """The weighted totals the picker saw, per candidate. O(1) after the first read."""
+        value = self._totals
+        if not isinstance(value, tuple):
+            value = tuple(value.tolist())
+            object.__setattr__(self, "_totals", value)
+        return value
+
+    @property
+    def block_keys(self) -> tuple[int, ...]:
+        """The request's block keys (Python ints). O(1) after the first read."""
+        value = self._block_keys
+        if not isinstance(value, tuple):
+            value = tuple(value.tolist())
+            object.__setattr__(self, "_block_keys", value)
+        return value
+
+    @property
+    def keys(self) -> npt.NDArray[np.uint64]:
+        """The request's block keys as a read-only uint64 array (what the router settles with)."""
+        value = self._block_keys
+        if isinstance(value, tuple):
+            return np.array(value, dtype=np.uint64)
+        return value
 
     @property
     def scores(self) -> dict[EndpointId, dict[str, float]]:

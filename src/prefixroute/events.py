@@ -3,8 +3,9 @@
 Drivers translate engine KV-cache events (vLLM's `BlockStored`,
 `BlockRemoved`, `AllBlocksCleared` over ZMQ, or a simulator's) and endpoint
 lifecycle changes into these values and hand them to `Router.observe`. Block
-keys are in the router's key space (`prefixroute.blocks`); translating an
-engine's own block hashes is the driver's job.
+keys are in the router's key space (`prefixroute.blocks`: uint64 values; an
+event with a key outside [0, 2**64) is refused with ValueError when it is
+built); translating an engine's own block hashes is the driver's job.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ __all__ = [
 ]
 
 
+_KEY_LIMIT = 1 << 64
+
+
 def _keys(value: object) -> tuple[int, ...]:
-    return tuple(int(k) for k in value)  # type: ignore[attr-defined]
+    """The block keys as ints; ValueError unless each is in [0, 2**64) (a uint64 key)."""
+    keys = tuple(int(k) for k in value)  # type: ignore[attr-defined]
+    if keys and (min(keys) < 0 or max(keys) >= _KEY_LIMIT):
+        raise ValueError("block keys must be integers in [0, 2**64)")
+    return keys
 
 
 @attrs.frozen(slots=True)

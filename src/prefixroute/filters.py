@@ -4,17 +4,24 @@ Filters that guard against degraded metrics (stale, saturated) fail open:
 when every candidate would be dropped they keep them all, because routing to
 a busy endpoint beats rejecting a request the fleet could still serve (the
 same choice GIE makes for its saturation detector).
+
+Every built-in filter also has `filter_rows` (`plugins.RowFilter`): the same
+verdict on rows of the router's `EndpointTable`. Verdicts that depend on the
+endpoints alone (healthy, model, role, saturation) are masks computed once
+per table; the others (stale metrics: `now`; hot spot: the router's
+in-flight counts) are a few vectorised operations per request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
+import numpy as np
 
-from prefixroute.endpoint import EndpointState, Role
+from prefixroute.endpoint import EndpointState, EndpointTable, Role, Rows
 from prefixroute.plugins import RouteContext
 
 __all__ = [
@@ -28,12 +35,32 @@ __all__ = [
 ]
 
 
+def _table(ctx: RouteContext) -> EndpointTable:
+    table = ctx.table
+    if table is None:
+        raise ValueError("filter_rows needs ctx.table (the router's EndpointTable)")
+    return table
+
+
+def _fresh(observed_at: float | None, oldest: float) -> bool:
+    return observed_at is not None and observed_at >= oldest
+
+
+def _mask(table: EndpointTable, keep: Iterable[bool]) -> np.ndarray:
+    out: np.ndarray = np.fromiter(keep, dtype=np.bool_, count=len(table))
+    return out
+
+
 @attrs.frozen
 class HealthyFilter:
     """Keeps endpoints whose `healthy` flag is set. Type `healthy-filter`."""
 
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         return [e for e in candidates if e.healthy]
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        table = _table(ctx)
+        return table.narrow(("healthy",), rows, lambda: table.healthy, False)
 
 
 @attrs.frozen
@@ -51,6 +78,19 @@ class ModelFilter:
         model = ctx.request.model
         lora = ctx.request.lora if self.require_adapter else None
         return [e for e in candidates if e.serves(model) and (lora is None or lora in e.adapters)]
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        table = _table(ctx)
+        model = ctx.request.model
+        lora = ctx.request.lora if self.require_adapter else None
+
+        def mask() -> np.ndarray:
+            return _mask(
+                table,
+                (e.serves(model) and (lora is None or lora in e.adapters) for e in table.endpoints),
+            )
+
+        return table.narrow(("model", model, lora), rows, mask, False)
 
 
 def _roles(value: object) -> frozenset[Role]:
@@ -77,6 +117,12 @@ class RoleFilter:
         roles = self.roles
         return [e for e in candidates if e.role in roles]
 
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        table = _table(ctx)
+        roles = self.roles
+        mask = lambda: _mask(table, (e.role in roles for e in table.endpoints))  # noqa: E731
+        return table.narrow(("role", roles), rows, mask, False)
+
 
 @attrs.frozen
 class StaleMetricsFilter:
@@ -93,6 +139,21 @@ class StaleMetricsFilter:
         oldest = ctx.now - self.max_age_s
         fresh = [e for e in candidates if e.observed_at is not None and e.observed_at >= oldest]
         return fresh or list(candidates)
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        """O(1) when every endpoint of the table is fresh, or every one stale."""
+        table = _table(ctx)
+        oldest = ctx.now - self.max_age_s
+        low, high = table.observed_min, table.observed_max
+        if (low is not None and low >= oldest) or high is None or high < oldest:
+            return rows  # all fresh, or all stale (fail open)
+        if table.exact:
+            out = rows[table.observed_at[rows] >= oldest]  # NaN (never observed) is stale
+        else:  # an integer time beyond float64's exact range: compare as Python does
+            eps = table.endpoints
+            keep = [i for i in rows.tolist() if _fresh(eps[i].observed_at, oldest)]
+            out = np.array(keep, dtype=np.intp)
+        return rows if len(out) in (0, len(rows)) else out
 
 
 @attrs.frozen
@@ -113,6 +174,14 @@ class SaturationFilter:
         q, kv = self.max_waiting, self.max_kv_usage
         ok = [e for e in candidates if e.waiting <= q and e.kv_usage <= kv]
         return ok or list(candidates)
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        table = _table(ctx)
+        q, kv = self.max_waiting, self.max_kv_usage
+        mask = lambda: _mask(  # noqa: E731
+            table, (e.waiting <= q and e.kv_usage <= kv for e in table.endpoints)
+        )
+        return table.narrow(("saturation", q, kv), rows, mask, True)
 
 
 @attrs.frozen
@@ -141,6 +210,24 @@ class HotSpotFilter:
         limit = self.ratio * sum(counts) / len(counts) + self.slack
         ok = [e for e, n in zip(candidates, counts, strict=True) if n <= limit]
         return ok or list(candidates)
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        n = len(rows)
+        if n < 2:
+            return rows
+        table = _table(ctx)
+        counts = table.requests_at(ctx.load, rows)
+        if rows is table.all_rows and ctx.load is table.load_owner:
+            limit = self.ratio * table.inflight_total / n + self.slack
+            if counts.max() <= limit:
+                return rows
+        else:
+            limit = self.ratio * int(counts.sum()) / n + self.slack
+        ok = counts <= limit
+        if ok.all():
+            return rows
+        out = rows[ok]
+        return out if len(out) else rows
 
 
 _REFRESH = 256  # requests between re-rankings of the tenants
@@ -222,9 +309,37 @@ class TailPoolFilter:
     def filter(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[EndpointState]:
         tail = self._observe(ctx.request.tenant, ctx.now)
         fleet = ctx.endpoints or candidates  # the pool is drawn from every endpoint
-        n = len(fleet)
-        if n < self.min_endpoints:
+        if len(fleet) < self.min_endpoints:
             return list(candidates)
+        pool = self._pool(fleet)
+        kept = [e for e in candidates if (e.id in pool) == tail]
+        return kept or list(candidates)
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        """As `filter`; the pool is memoised per table when drawn from all its endpoints."""
+        table = _table(ctx)
+        tail = self._observe(ctx.request.tenant, ctx.now)
+        if ctx.endpoints and len(ctx.endpoints) == len(table):
+            if len(table) < self.min_endpoints:
+                return rows
+
+            def mask() -> np.ndarray:
+                pool = self._pool(ctx.endpoints)
+                return _mask(table, (eid in pool for eid in table.ids))
+
+            in_pool = table.memo(("tail-pool", self.pool_fraction), mask)
+        else:
+            fleet = ctx.endpoints or table.select(rows)
+            if len(fleet) < self.min_endpoints:
+                return rows
+            pool = self._pool(fleet)
+            in_pool = _mask(table, (eid in pool for eid in table.ids))
+        out = rows[in_pool[rows] == tail]
+        return rows if len(out) in (0, len(rows)) else out
+
+    def _pool(self, fleet: Sequence[EndpointState]) -> set[str]:
+        """The ids of the reserved pool among `fleet` (at least `min_endpoints` of them)."""
+        n = len(fleet)
         k = min(n - 1, max(1, math.floor(self.pool_fraction * n + 0.5)))
         ranks = self._state.ranks
         if len(ranks) > 4 * n + 1024:
@@ -232,9 +347,7 @@ class TailPoolFilter:
         for e in fleet:
             if e.id not in ranks:
                 ranks[e.id] = _pool_rank(e.id)
-        pool = set(sorted((e.id for e in fleet), key=ranks.__getitem__, reverse=True)[:k])
-        kept = [e for e in candidates if (e.id in pool) == tail]
-        return kept or list(candidates)
+        return set(sorted((e.id for e in fleet), key=ranks.__getitem__, reverse=True)[:k])
 
     def _decayed(self, entry: list[float], now: float) -> float:
         return entry[0] * math.exp(-_LN2 * max(0.0, now - entry[1]) / self.half_life_s)

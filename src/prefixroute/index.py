@@ -98,6 +98,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from prefixroute.endpoint import EndpointId
 
@@ -106,6 +108,7 @@ __all__ = [
     "DEFAULT_TIER_WEIGHTS",
     "IndexInvariantError",
     "IndexStats",
+    "Keys",
     "PrefixIndex",
     "PrefixMatch",
     "Tier",
@@ -144,6 +147,15 @@ _COMPACT_SLACK = 1024  # a deque may hold 2 * size + this many items before comp
 _HEAP_SLACK = 4096  # the deadline heap may hold 2 * live + this many keys before a rebuild
 _FIRST_CHUNK = 32  # keys fetched by match's first chunk; chunks then double
 _GPU_ONLY = 1 << Tier.GPU  # the tier bitset of a plain entry (not stored)
+
+Keys = Sequence[int] | npt.NDArray[np.uint64]
+"""A chain of block keys: ints in [0, 2**64), or a 1-D uint64 array (as `Blocker.keys` returns)."""
+
+
+def _listed(keys: npt.NDArray[np.uint64]) -> list[int]:
+    """A uint64 key array as a list of Python ints (what the dict-based index stores)."""
+    out: list[int] = keys.tolist()
+    return out
 
 
 _consume = deque[object](maxlen=0).extend
@@ -233,6 +245,25 @@ def _positive_int(value: object, name: str) -> int:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _tier_weights(tier_weights: Mapping[Tier, float] | None) -> dict[Tier, float]:
+    """`DEFAULT_TIER_WEIGHTS` overridden by `tier_weights`; `ValueError` naming the bad field."""
+    weights = dict(DEFAULT_TIER_WEIGHTS)
+    if tier_weights is not None:
+        if not isinstance(tier_weights, Mapping):
+            raise ValueError(f"tier_weights must be a mapping, got {tier_weights!r}")
+        for tier, weight in tier_weights.items():
+            try:
+                t = Tier(tier)
+            except ValueError:
+                raise ValueError(f"tier_weights has an unknown tier {tier!r}") from None
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise ValueError(f"tier_weights[{t.name}] must be a number, got {weight!r}")
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"tier_weights[{t.name}] must be within [0, 1], got {weight!r}")
+            weights[t] = float(weight)
+    return weights
+
+
 class PrefixIndex:
     """Block key -> holding endpoints, with a per-endpoint LRU bounded by capacity.
 
@@ -259,22 +290,7 @@ class PrefixIndex:
         `ValueError` naming the field.
         """
         self._default_capacity = _positive_int(default_capacity_blocks, "default_capacity_blocks")
-        weights = dict(DEFAULT_TIER_WEIGHTS)
-        if tier_weights is not None:
-            if not isinstance(tier_weights, Mapping):
-                raise ValueError(f"tier_weights must be a mapping, got {tier_weights!r}")
-            for tier, weight in tier_weights.items():
-                try:
-                    t = Tier(tier)
-                except ValueError:
-                    raise ValueError(f"tier_weights has an unknown tier {tier!r}") from None
-                if isinstance(weight, bool) or not isinstance(weight, int | float):
-                    raise ValueError(f"tier_weights[{t.name}] must be a number, got {weight!r}")
-                if not 0.0 <= weight <= 1.0:
-                    raise ValueError(
-                        f"tier_weights[{t.name}] must be within [0, 1], got {weight!r}"
-                    )
-                weights[t] = float(weight)
+        weights = _tier_weights(tier_weights)
         self._weights: Mapping[Tier, float] = MappingProxyType(weights)
         self._gpu_weight = weights[Tier.GPU]
         # Weight of a tier bitset = weight of its lowest (best) tier.
@@ -363,7 +379,7 @@ class PrefixIndex:
     def insert(
         self,
         endpoint: EndpointId,
-        keys: Sequence[int],
+        keys: Keys,
         *,
         tier: Tier = Tier.GPU,
         speculative_until: float | None = None,
@@ -387,6 +403,8 @@ class PrefixIndex:
         """
         tier = Tier(tier)
         deadline = None
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         if speculative_until is not None:
             deadline = float(speculative_until)
             if math.isnan(deadline):
@@ -659,7 +677,7 @@ class PrefixIndex:
         self._heap = heap
         self._heap_keys = self._n_spec
 
-    def confirm(self, endpoint: EndpointId, keys: Sequence[int]) -> int:
+    def confirm(self, endpoint: EndpointId, keys: Keys) -> int:
         """Make `endpoint`'s speculative entries among `keys` confirmed.
 
         Returns how many changed. Does not touch the LRU. Cost:
@@ -669,6 +687,8 @@ class PrefixIndex:
         ep = self._eps.get(endpoint)
         if ep is None or not ep.spec:
             return 0
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         spec = ep.spec
         before = len(spec)
         _consume(map(spec.pop, keys, repeat(None)))
@@ -680,7 +700,7 @@ class PrefixIndex:
     def discard_speculative(
         self,
         endpoint: EndpointId,
-        keys: Sequence[int],
+        keys: Keys,
         *,
         not_after: float,
         at: float | None = None,
@@ -698,6 +718,8 @@ class PrefixIndex:
         ep = self._eps.get(endpoint)
         if ep is None or not ep.spec:
             return 0
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         spec = ep.spec
         changed = 0
         if at is None:
@@ -724,7 +746,7 @@ class PrefixIndex:
         self._maybe_rebuild_heap()
         return changed
 
-    def remove(self, endpoint: EndpointId, keys: Sequence[int], *, tier: Tier | None = None) -> int:
+    def remove(self, endpoint: EndpointId, keys: Keys, *, tier: Tier | None = None) -> int:
         """Clear `tier` of `endpoint`'s entries for `keys`; all tiers when `tier` is None.
 
         An entry left with no tier is removed. Unknown endpoints and keys are
@@ -735,6 +757,8 @@ class PrefixIndex:
         ep = self._eps.get(endpoint)
         if ep is None or not ep.size:
             return 0
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         bit = ep.bit
         get = self._holders.get
         tiers = ep.tiers
@@ -842,7 +866,7 @@ class PrefixIndex:
 
     # -- queries -------------------------------------------------------------
 
-    def match(self, keys: Sequence[int]) -> dict[EndpointId, PrefixMatch]:
+    def match(self, keys: Keys) -> dict[EndpointId, PrefixMatch]:
         """Each endpoint's longest prefix of `keys` held (any tier, speculative included).
 
         Only endpoints with at least one matched block appear. Reads do not
@@ -853,6 +877,8 @@ class PrefixIndex:
         endpoint holding a matched block outside GPU-only memory. A miss on
         `keys[0]` is one dict lookup.
         """
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         n = len(keys)
         if not n:
             return {}
@@ -908,12 +934,14 @@ class PrefixIndex:
                 out[ep.id] = new(PrefixMatch, (length, weighted))
         return out
 
-    def _match_walk(self, keys: Sequence[int]) -> dict[EndpointId, PrefixMatch]:
+    def _match_walk(self, keys: Keys) -> dict[EndpointId, PrefixMatch]:
         """The plain-Python reference for `match`: a per-key, per-endpoint walk.
 
         Kept beside the fast path and tested against it (STYLE.md 10);
         `benchmarks/test_bench_index.py` measures both.
         """
+        if isinstance(keys, np.ndarray):
+            keys = _listed(keys)
         out: dict[EndpointId, PrefixMatch] = {}
         alive = list(self._eps.values())
         weights: dict[EndpointId, list[float]] = {ep.id: [] for ep in alive}

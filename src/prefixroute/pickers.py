@@ -52,6 +52,14 @@ not, and may name a matched worker that then fails its health check). Ties
 break at random by `ctx.rng` (SGLang takes the first minimum, or whichever
 tenant its concurrent map yields first). One tree per model, as in the
 source.
+
+Every built-in picker also has `pick_top(ctx, totals, count)`
+(`plugins.TopPicker`): the first `count + 1` entries of what `pick` returns,
+from a float64 array of totals, drawing the same random numbers. The router
+keeps only the chosen endpoint and `max_fallbacks` runners-up, so ranking
+every candidate (a sort, O(n log n) in Python) is wasted: `_top` finds the
+runners-up with `numpy.argpartition` (O(n)) and sorts only those, with the
+same tie order (descending total, then candidate order).
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ import math
 from collections.abc import Sequence
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
 from prefixroute.plugins import RouteContext
 from prefixroute.radix import RadixTree, token_text
@@ -81,6 +91,44 @@ def _ranked(totals: Sequence[float], first: int) -> list[int]:
     order.remove(first)
     order.insert(0, first)
     return order
+
+
+Totals = npt.NDArray[np.float64]
+_PARTITION = 256  # from this many candidates on, partition first instead of sorting all
+_SMALL = 16  # up to this many, Python's sort of a list beats numpy's per-call overheads
+
+
+def _head(totals: Totals, m: int) -> list[int]:
+    """The first `m` indexes of the stable descending order `_ranked` sorts by.
+
+    That order is (descending total, then ascending index): numpy's stable
+    argsort of the negated totals gives it (-0.0 and 0.0 compare equal in
+    both). Totals are never NaN (the profile clamps scores, weights are
+    finite), so the order is total. Below `_PARTITION` candidates one
+    argsort, O(n log n) in C; from there `argpartition` finds the `m`
+    largest in O(n), every index tied with the smallest of them joins, and
+    only those are sorted, which gives the same head.
+    """
+    n = len(totals)
+    if n <= _SMALL:
+        return sorted(range(n), key=totals.tolist().__getitem__, reverse=True)[:m]
+    if n < _PARTITION or m >= n:
+        return np.argsort(-totals, kind="stable")[:m].tolist()  # type: ignore[no-any-return]
+    part = np.argpartition(totals, n - m)[n - m :]
+    near = np.flatnonzero(totals >= totals[part].min())
+    return near[np.argsort(-totals[near], kind="stable")][:m].tolist()  # type: ignore[no-any-return]
+
+
+def _top(totals: Totals, first: int, count: int, head: list[int] | None = None) -> list[int]:
+    """`_ranked(totals.tolist(), first)[: count + 1]`, without ranking everyone.
+
+    `head`: `_head(totals, m)` for some m >= count + 1, when the caller has it.
+    """
+    if count <= 0 or len(totals) == 1:
+        return [first]
+    if head is None:
+        head = _head(totals, count + 1)
+    return [first, *[i for i in head if i != first][:count]]
 
 
 def _sample(weights: Sequence[float], u: float) -> int:
@@ -109,6 +157,18 @@ class MaxScorePicker:
         first = tied[0] if len(tied) == 1 else tied[ctx.rng.randrange(len(tied))]
         return _ranked(totals, first)
 
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        """One argsort gives the best, whether it is tied, and the runners-up."""
+        if len(totals) <= _SMALL:
+            return self.pick(ctx, totals.tolist())[: count + 1]
+        head = _head(totals, max(2, count + 1))
+        first = head[0]
+        floor = float(totals[first]) - self.tolerance
+        if len(head) > 1 and totals[head[1]] >= floor:  # tied: `pick`'s draw, in index order
+            tied = np.flatnonzero(totals >= floor).tolist()
+            first = tied[ctx.rng.randrange(len(tied))]
+        return _top(totals, first, count, head)
+
 
 @attrs.frozen
 class WeightedRandomPicker:
@@ -120,6 +180,10 @@ class WeightedRandomPicker:
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
         first = _sample([max(0.0, t) for t in totals], ctx.rng.random())
         return _ranked(totals, first)
+
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        first = _sample([max(0.0, t) for t in totals.tolist()], ctx.rng.random())
+        return _top(totals, first, count)
 
 
 @attrs.frozen
@@ -134,6 +198,14 @@ class PowerOfTwoPicker:
         first = a if totals[a] >= totals[b] else b
         return _ranked(totals, first)
 
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        n = len(totals)
+        if n == 1:
+            return [0]
+        a, b = ctx.rng.sample(range(n), 2)
+        first = a if totals[a] >= totals[b] else b
+        return _top(totals, first, count)
+
 
 @attrs.frozen
 class SoftmaxPicker:
@@ -145,10 +217,15 @@ class SoftmaxPicker:
     temperature: float = attrs.field(default=0.1, validator=attrs.validators.gt(0.0))
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        return _ranked(totals, self._first(ctx, totals))
+
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        return _top(totals, self._first(ctx, totals.tolist()), count)
+
+    def _first(self, ctx: RouteContext, totals: Sequence[float]) -> int:
         top = max(totals)
         t = self.temperature
-        first = _sample([math.exp((x - top) / t) for x in totals], ctx.rng.random())
-        return _ranked(totals, first)
+        return _sample([math.exp((x - top) / t) for x in totals], ctx.rng.random())
 
 
 @attrs.frozen
@@ -157,6 +234,9 @@ class RandomPicker:
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
         return _ranked(totals, ctx.rng.randrange(len(totals)))
+
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        return _top(totals, ctx.rng.randrange(len(totals)), count)
 
 
 @attrs.define
@@ -176,6 +256,11 @@ class RoundRobinPicker:
         turn = self._turn
         self._turn = turn + 1
         return _ranked(totals, turn % len(totals))
+
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        turn = self._turn
+        self._turn = turn + 1
+        return _top(totals, turn % len(totals), count)
 
 
 def _least(values: Sequence[int], ctx: RouteContext) -> int:
@@ -230,11 +315,18 @@ class CacheAwarePicker:
             self._evicted_at = now
 
     def pick(self, ctx: RouteContext, totals: Sequence[float]) -> list[int]:
+        return _ranked(totals, self._first(ctx, len(totals)))
+
+    def pick_top(self, ctx: RouteContext, totals: Totals, count: int) -> list[int]:
+        return _top(totals, self._first(ctx, len(totals)), count)
+
+    def _first(self, ctx: RouteContext, n: int) -> int:
+        """SGLang's choice (the module docstring), recorded in the tree."""
         candidates = ctx.candidates
-        if len(candidates) != len(totals):
+        if len(candidates) != n:
             raise ValueError(
                 f"cache-aware-picker needs ctx.candidates, one per total: "
-                f"got {len(candidates)} candidates for {len(totals)} totals"
+                f"got {len(candidates)} candidates for {n} totals"
             )
         self._evict_when_due(ctx.now, self.eviction_interval_s, self.max_tree_size)
         request = ctx.request
@@ -260,4 +352,4 @@ class CacheAwarePicker:
                 first = _least(loads, ctx)
         if seq:
             tree.insert(seq, candidates[first].id, ctx.now)
-        return _ranked(totals, first)
+        return first

@@ -5,6 +5,14 @@ an `AdmissionPolicy` first. Each protocol has exactly one method; optional
 capabilities would be protocols of their own (STYLE.md 4, after GIE's
 `plugins.go`). Plugins read everything they need from the `RouteContext`,
 which the router builds once per decision.
+
+Array capabilities, each optional and its own protocol: `RowFilter`,
+`RowScorer` and `TopPicker` work on rows of the router's columnar
+`EndpointTable` (numpy index arrays) instead of lists of `EndpointState`s.
+Every built-in plugin has them; a profile whose plugins all have them runs
+vectorised, any other runs the one-method protocols exactly as before, so
+third-party plugins stay as simple to write as ever. Each array method
+must give exactly what its list method gives (tests/test_profile_rows.py).
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from prefixroute.decision import Decision, Deferral, Rejection
-from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.endpoint import EndpointId, EndpointState, EndpointTable, Rows
 from prefixroute.index import PrefixMatch
 from prefixroute.load import LoadTracker
 from prefixroute.request import Request, Usage
@@ -27,8 +38,11 @@ __all__ = [
     "Filter",
     "Picker",
     "RouteContext",
+    "RowFilter",
+    "RowScorer",
     "Scorer",
     "TenantView",
+    "TopPicker",
 ]
 
 
@@ -50,12 +64,19 @@ class RouteContext:
     (None when a plugin is driven without a router). `endpoints` holds every
     endpoint passed to `route`, before any filter. `candidates` holds the
     endpoints left after the filters, in the order scorers and pickers see
-    them (the router sets it once filtering is done).
+    them (the router sets it once filtering is done; on the array path it
+    is built from `table` and the candidate rows only if a plugin reads it).
+    `block_keys` is the request's chain of block keys (a list of ints, built
+    on first read when the router passed its uint64 array). `table` is the
+    router's `EndpointTable` of `endpoints` (None when a plugin is driven
+    without a router); the array capabilities read it.
     """
 
     __slots__ = (
-        "block_keys",
-        "candidates",
+        "_best_match",
+        "_block_keys",
+        "_candidates",
+        "_rows",
         "endpoints",
         "load",
         "matches",
@@ -63,6 +84,7 @@ class RouteContext:
         "prompt_tokens",
         "request",
         "rng",
+        "table",
         "tenants",
         "tokens_per_block",
         "total_blocks",
@@ -74,30 +96,67 @@ class RouteContext:
         request: Request,
         now: float,
         rng: random.Random,
-        block_keys: Sequence[int],
+        block_keys: Sequence[int] | npt.NDArray[np.uint64],
         prompt_tokens: int,
         tokens_per_block: float,
         matches: Mapping[EndpointId, PrefixMatch],
         load: LoadTracker,
         tenants: TenantView | None = None,
+        table: EndpointTable | None = None,
     ) -> None:
         self.request = request
         self.tenants = tenants
         self.now = now
         self.rng = rng
-        self.block_keys = block_keys
+        self._block_keys = block_keys
         self.total_blocks = len(block_keys)
         self.prompt_tokens = prompt_tokens
         self.tokens_per_block = tokens_per_block
         self.matches = matches
         self.load = load
-        self.candidates: Sequence[EndpointState] = ()
+        self.table = table
+        self._candidates: Sequence[EndpointState] | None = ()
+        self._rows: Rows | None = None
+        self._best_match: int | None = None
         self.endpoints: Sequence[EndpointState] = ()
 
     @property
+    def block_keys(self) -> Sequence[int]:
+        """The request's block keys (Python ints). O(1), or O(blocks) on the first read."""
+        keys = self._block_keys
+        if isinstance(keys, np.ndarray):
+            keys = self._block_keys = keys.tolist()
+        return keys
+
+    @property
+    def candidates(self) -> Sequence[EndpointState]:
+        """The endpoints left after the filters (see the class docstring)."""
+        found = self._candidates
+        if found is None:
+            assert self.table is not None and self._rows is not None
+            found = self._candidates = self.table.select(self._rows)
+        return found
+
+    @candidates.setter
+    def candidates(self, value: Sequence[EndpointState]) -> None:
+        self._candidates = value
+        self._rows = None
+
+    def set_rows(self, rows: Rows) -> None:
+        """Set the candidates as rows of `table` (the array path); `candidates` follows."""
+        self._rows = rows
+        self._candidates = None
+
+    @property
     def best_match(self) -> int:
-        """The longest prefix match, in blocks, over all endpoints (0 = a cold request)."""
-        return max((m.blocks for m in self.matches.values()), default=0)
+        """The longest prefix match, in blocks, over all endpoints (0 = a cold request).
+
+        O(matches) on the first read, O(1) after (`matches` never changes).
+        """
+        best = self._best_match
+        if best is None:
+            best = self._best_match = max((m.blocks for m in self.matches.values()), default=0)
+        return best
 
 
 @runtime_checkable
@@ -128,6 +187,41 @@ class Picker(Protocol):
         `totals[i]` is candidate i's weighted score. The result holds every
         index exactly once.
         """
+        ...
+
+
+@runtime_checkable
+class RowFilter(Protocol):
+    """An optional capability: a `Filter` that also narrows rows of `ctx.table`."""
+
+    def filter_rows(self, ctx: RouteContext, rows: Rows) -> Rows:
+        """The rows `filter` would keep, ascending; `rows` itself when it keeps all.
+
+        Must equal `filter(ctx, table.select(rows))` (same endpoints, same order).
+        """
+        ...
+
+
+@runtime_checkable
+class RowScorer(Protocol):
+    """An optional capability: a `Scorer` that also scores rows of `ctx.table`."""
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> npt.NDArray[np.float64]:
+        """One float64 score per row, equal bit for bit to `score` on those endpoints.
+
+        The result may be read-only and shared (a column memoised in the
+        table): callers copy it before changing it.
+        """
+        ...
+
+
+@runtime_checkable
+class TopPicker(Protocol):
+    """An optional capability: a `Picker` that ranks only what the router keeps."""
+
+    def pick_top(self, ctx: RouteContext, totals: npt.NDArray[np.float64], count: int) -> list[int]:
+        """The first `count + 1` indexes (fewer when there are fewer) that `pick`
+        would return for `totals.tolist()`, drawing the same random numbers."""
         ...
 
 

@@ -4,20 +4,28 @@ The profile owns composition (STYLE.md 6): it clamps each scorer's output to
 [0, 1] (NaN counts as 0), multiplies by the scorer's weight and sums. The
 shape follows the Gateway API Inference Extension's scheduling profiles
 (`EndpointPickerConfig.schedulingProfiles`).
+
+A profile whose filters, scorers and picker all have the array capabilities
+(`plugins.RowFilter`, `RowScorer`, `TopPicker`: every built-in does) runs on
+rows of the router's `EndpointTable` (`score_rows`); any other runs the
+one-method protocols (`score`). Both give the same figures bit for bit: the
+same clamp, and the totals as the same `weights @ raw` product.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
 import numpy.typing as npt
 
-from prefixroute.endpoint import EndpointState
+from prefixroute.endpoint import EndpointState, Rows
 from prefixroute.pickers import MaxScorePicker
 from prefixroute.plugins import Filter, Picker, RouteContext, Scorer
+from prefixroute.scorers import UNIT_ROW_SCORERS
 
 __all__ = ["Profile", "WeightedScorer"]
 
@@ -66,22 +74,44 @@ class Profile:
     scorers: tuple[WeightedScorer, ...] = attrs.field(converter=_scorers, default=())
     picker: tuple[str, Picker] = attrs.field(factory=lambda: ("max-score-picker", MaxScorePicker()))
     max_fallbacks: int = attrs.field(default=2, validator=attrs.validators.ge(0))
+    # Derived once (the profile is frozen): what every decision would rebuild otherwise.
+    scorer_names: tuple[str, ...] = attrs.field(init=False, eq=False, repr=False)
+    """The scorers' instance names, in order."""
+    weights: tuple[float, ...] = attrs.field(init=False, eq=False, repr=False)
+    """The scorers' weights, in order."""
+    _weight_array: npt.NDArray[np.float64] = attrs.field(init=False, eq=False, repr=False)
+    row_filters: bool = attrs.field(init=False, eq=False, repr=False)
+    """Whether every filter has `filter_rows` (the array path)."""
+    row_scorers: bool = attrs.field(init=False, eq=False, repr=False)
+    """Whether every scorer has `score_rows` (the array path)."""
+    top_picker: bool = attrs.field(init=False, eq=False, repr=False)
+    """Whether the picker has `pick_top`."""
+    _row_methods: tuple[Any, ...] = attrs.field(init=False, eq=False, repr=False)
+    _unit_rows: bool = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.name:
             raise ValueError("profile name must be non-empty")
         _unique([n for n, _ in self.filters], "filter")
         _unique([s.name for s in self.scorers], "scorer")
-
-    @property
-    def scorer_names(self) -> tuple[str, ...]:
-        """The scorers' instance names, in order."""
-        return tuple(ws.name for ws in self.scorers)
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        """The scorers' weights, in order."""
-        return tuple(ws.weight for ws in self.scorers)
+        weights = tuple(ws.weight for ws in self.scorers)
+        array = np.array(weights)
+        array.flags.writeable = False
+        set_ = object.__setattr__
+        set_(self, "scorer_names", tuple(ws.name for ws in self.scorers))
+        set_(self, "weights", weights)
+        set_(self, "_weight_array", array)
+        set_(self, "row_filters", all(hasattr(f, "filter_rows") for _, f in self.filters))
+        set_(self, "row_scorers", all(hasattr(ws.scorer, "score_rows") for ws in self.scorers))
+        set_(self, "top_picker", hasattr(self.picker[1], "pick_top"))
+        row_scorers = self.row_scorers
+        set_(
+            self,
+            "_row_methods",
+            tuple(ws.scorer.score_rows for ws in self.scorers) if row_scorers else (),  # type: ignore[attr-defined]
+        )
+        # built-ins whose `score_rows` never leaves [0, 1] (nor gives NaN): no clamp to check
+        set_(self, "_unit_rows", all(type(ws.scorer) in UNIT_ROW_SCORERS for ws in self.scorers))
 
     def score(
         self, ctx: RouteContext, candidates: Sequence[EndpointState]
@@ -119,7 +149,33 @@ class Profile:
         if not (raw.min() >= 0.0 and raw.max() <= 1.0):  # NaN fails both comparisons
             raw = np.clip(np.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
         raw.flags.writeable = False
-        totals: list[float] = (np.array(self.weights) @ raw).tolist()
+        totals: list[float] = (self._weight_array @ raw).tolist()
+        return raw, totals
+
+    def score_rows(
+        self, ctx: RouteContext, rows: Rows
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """`score` for the candidates at `rows` of `ctx.table`, every scorer a `RowScorer`.
+
+        The same figures bit for bit, the totals as a float64 array. O(scorers
+        x candidates) in a few numpy operations per scorer. The clamp's check
+        (a min and a max over the scores) is skipped when every scorer is one
+        of `scorers.UNIT_ROW_SCORERS`, whose `score_rows` is within [0, 1] by
+        construction: the clamp would change nothing.
+        """
+        n = len(rows)
+        scorers = self.scorers
+        if not scorers or n == 0:
+            raw = np.zeros((len(scorers), n))
+            raw.flags.writeable = False
+            return raw, np.zeros(n)
+        raw = np.array([score_rows(ctx, rows) for score_rows in self._row_methods], np.float64)
+        if self._unit_rows:
+            pass  # every scorer is a built-in whose scores are within [0, 1] already
+        elif not (raw.min() >= 0.0 and raw.max() <= 1.0):  # NaN fails both comparisons
+            raw = np.clip(np.nan_to_num(raw, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        raw.flags.writeable = False
+        totals: npt.NDArray[np.float64] = self._weight_array @ raw
         return raw, totals
 
 

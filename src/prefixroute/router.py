@@ -4,6 +4,17 @@
 simulator). It reads no clock, does no I/O and starts no thread: `now` is an
 argument and randomness comes from the `random.Random` it was built with, so
 the same inputs give the same decisions in every driver.
+
+Per request the router works on an `EndpointTable` (the endpoints in numpy
+columns), rebuilt only when the endpoints passed to `route` change (a new
+list, or new snapshots in it), so that when every plugin of the profile has
+the array capabilities (every built-in does) filtering, scoring and picking
+are a few vectorised operations instead of Python loops over the endpoints;
+its in-flight columns mirror the router's `LoadTracker` as it changes. The
+block keys stay a uint64 array (the pure `PrefixIndex` gets them as one list,
+converted once per call). Decisions are the same bit for bit as the
+one-method protocols give (tests/test_profile_rows.py, and the simulator's
+figures: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ import numpy.typing as npt
 from prefixroute.admission import AlwaysAdmit
 from prefixroute.blocks import Blocker, HashMode
 from prefixroute.calibration import CharsPerToken
-from prefixroute.decision import Decision, Deferral, Rejection
-from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.compiled_index import Index, make_index
+from prefixroute.decision import CandidateIds, Decision, Deferral, Rejection
+from prefixroute.endpoint import EndpointId, EndpointState, EndpointTable
 from prefixroute.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -116,6 +128,113 @@ def default_profile() -> Profile:
         ),
         picker=("max-score-picker", MaxScorePicker()),
     )
+
+
+_EXACT = 2**53  # counts a float64 holds exactly
+
+
+class _TrackedLoad(LoadTracker):
+    """The router's `LoadTracker`: keeps its current table's in-flight columns in step.
+
+    Every change of a count goes through `start`, `finish` or `forget`, so
+    the columns of the table it is bound to equal the dictionaries' values
+    at all times (O(1) more per change). Binding a new table fills its
+    columns from the dictionaries, O(endpoints).
+    """
+
+    __slots__ = ("_table",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._table: EndpointTable | None = None
+
+    def bind(self, table: EndpointTable) -> None:
+        """Mirror this tracker's in-flight counts in `table`'s columns from now on."""
+        old = self._table
+        if old is not None:
+            old.load_owner = None
+        self._table = None
+        requests, tokens = self.requests_view(), self.tokens_view()
+        total = 0
+        for eid, i in table.row.items():
+            n, t = requests.get(eid, 0), tokens.get(eid, 0)
+            if n > _EXACT or t > _EXACT:  # plugins fall back to the dictionaries
+                return
+            table.inflight_requests[i] = n
+            table.inflight_tokens[i] = t
+            total += n
+        table.inflight_total = total
+        table.load_owner = self
+        self._table = table
+
+    def _sync(self, endpoint: EndpointId) -> None:
+        table = self._table
+        if table is None:
+            return
+        i = table.row.get(endpoint)
+        if i is None:
+            return
+        n, t = self.requests(endpoint), self.tokens(endpoint)
+        if n > _EXACT or t > _EXACT:
+            table.load_owner = None
+            self._table = None
+            return
+        table.inflight_total += n - int(table.inflight_requests[i])
+        table.inflight_requests[i] = n
+        table.inflight_tokens[i] = t
+        table.note_change(i)
+
+    def start(self, endpoint: EndpointId, tokens: int) -> None:
+        # `LoadTracker.start` and `_sync` in one (a request's hot path: fewer calls)
+        requests, counts = self._requests, self._tokens
+        n = requests[endpoint] = requests.get(endpoint, 0) + 1
+        t = counts[endpoint] = counts.get(endpoint, 0) + tokens
+        table = self._table
+        if table is not None:
+            i = table.row.get(endpoint)
+            if i is not None:
+                self._put(table, i, n, t)
+
+    def finish(self, endpoint: EndpointId, tokens: int) -> None:
+        super().finish(endpoint, tokens)
+        table = self._table
+        if table is not None:
+            i = table.row.get(endpoint)
+            if i is not None:
+                self._put(table, i, self._requests.get(endpoint, 0), self._tokens.get(endpoint, 0))
+
+    def _put(self, table: EndpointTable, i: int, n: int, t: int) -> None:
+        """`_sync`'s update of row `i` to the counts `n` and `t`."""
+        if n > _EXACT or t > _EXACT:
+            table.load_owner = None
+            self._table = None
+            return
+        requests = table.inflight_requests
+        table.inflight_total += n - int(requests[i])
+        requests[i] = n
+        table.inflight_tokens[i] = t
+        table.note_change(i)
+
+    def forget(self, endpoint: EndpointId) -> None:
+        super().forget(endpoint)
+        self._sync(endpoint)
+
+    def check_invariants(self) -> None:
+        """`LoadTracker`'s checks, and that the bound table's columns equal the counts."""
+        super().check_invariants()
+        table = self._table
+        if table is None:
+            return
+        if table.load_owner is not self:
+            raise AssertionError("the bound table names another owner")
+        requests, tokens = self.requests_view(), self.tokens_view()
+        for eid, i in table.row.items():
+            if table.inflight_requests[i] != requests.get(eid, 0):
+                raise AssertionError(f"mirrored requests of {eid} differ from the tracker's")
+            if table.inflight_tokens[i] != tokens.get(eid, 0):
+                raise AssertionError(f"mirrored tokens of {eid} differ from the tracker's")
+        if table.inflight_total != sum(requests.get(eid, 0) for eid in table.row):
+            raise AssertionError("the mirrored total differs from the tracker's")
 
 
 @attrs.define(slots=True)
@@ -225,7 +344,7 @@ class Router:
         profile: Profile | None = None,
         *,
         blocker: Blocker | None = None,
-        index: PrefixIndex | None = None,
+        index: Index | None = None,
         admission: AdmissionPolicy | None = None,
         ledger: TenantLedger | None = None,
         rng: random.Random | None = None,
@@ -244,12 +363,12 @@ class Router:
             raise ValueError(f"engine_block_size must be >= 1, got {engine_block_size!r}")
         self.profile = profile if profile is not None else default_profile()
         self.blocker = blocker if blocker is not None else Blocker()
-        self.index = index if index is not None else PrefixIndex()
+        self.index: Index = index if index is not None else make_index()
         self.admission: AdmissionPolicy = admission if admission is not None else AlwaysAdmit()
         # a runtime-checkable isinstance inspects every protocol member: decide once
         self._deferring = isinstance(self.admission, Deferring)
         self._listening = isinstance(self.admission, CompletionListener)
-        self.load = LoadTracker()
+        self.load: LoadTracker = _TrackedLoad()
         self.ledger = ledger if ledger is not None else TenantLedger()
         self.rng = rng if rng is not None else random.Random(0)
         self.speculative_ttl_s = speculative_ttl_s
@@ -271,6 +390,10 @@ class Router:
         self._generations: dict[EndpointId, int] = {}
         self._next_generation = 0
         self._removed: OrderedDict[EndpointId, None] = OrderedDict()
+        # The table of the endpoints last passed to route, and a copy of that sequence
+        # to tell in one C-level comparison whether the next call passes the same.
+        self._table = EndpointTable(())
+        self._table_of: list[EndpointState] | tuple[EndpointState, ...] | None = None
         if self.blocker.mode is HashMode.TOKEN:
             self._index_block_tokens = float(self.blocker.block_size)
         else:
@@ -303,9 +426,12 @@ class Router:
 
         `endpoints` must have distinct ids (ValueError otherwise: a driver
         bug). Cost: hashing the prompt once (O(tokens), vectorised), one
-        index walk (O(matched blocks)), O(endpoints) per filter and scorer,
-        and recording the chosen endpoint's blocks (O(blocks)). `now` must
-        be finite (ValueError).
+        index walk (O(matched blocks)), filters, scorers and picker (a few
+        vectorised O(endpoints) passes on the array path, Python loops over
+        the endpoints for plugins without the array capabilities; O(endpoints)
+        more to rebuild the table when `endpoints` changed), and recording
+        the chosen endpoint's blocks (O(blocks)). `now` must be finite
+        (ValueError).
         """
         _check_now(now)
         self.index.expire(now)
@@ -386,62 +512,93 @@ class Router:
                 now,
             )
         blocker = self.blocker
-        keys = (blocker.keys(request) if hashed is None else hashed).tolist()
+        keys = blocker.keys(request) if hashed is None else np.asarray(hashed, dtype=np.uint64)
+        if keys.flags.writeable:  # the decision keeps it: nobody may change it later
+            keys = keys.view()
+            keys.flags.writeable = False
+        # the pure index takes keys as Python ints: convert the array once per call
+        index_keys = keys.tolist() if isinstance(self.index, PrefixIndex) else keys
         tokens_per_block = blocker.tokens_per_block(
             request,
             None if request.token_ids is not None else self.chars_per_token.get(request.model),
         )
-        matches = self.index.match(keys)
+        matches = self.index.match(index_keys)
+        table = self._table
         ctx = RouteContext(
             request=request,
             now=now,
             rng=self.rng,
-            block_keys=keys,
+            block_keys=index_keys,
             prompt_tokens=prompt_tokens,
             tokens_per_block=tokens_per_block,
             matches=matches,
             load=self.load,
             tenants=self.ledger,
+            table=table,
         )
         ctx.endpoints = endpoints
 
         profile = self.profile
-        candidates = list(endpoints)
-        for name, flt in profile.filters:
-            candidates = flt.filter(ctx, candidates)
-            if not candidates:
-                reason = f"no endpoint can serve model {request.model!r}: {name} left no candidate"
-                return self._reject(
-                    request,
-                    Rejection(503, reason, retry_after_s=1.0, kind="no-candidate"),
-                    now,
-                )
+        rows = None
+        candidates: list[EndpointState] = []
+        if profile.row_filters:  # the array path (plugins.RowFilter)
+            rows = table.all_rows
+            for name, flt in profile.filters:
+                rows = flt.filter_rows(ctx, rows)  # type: ignore[attr-defined]
+                if not len(rows):
+                    return self._no_candidate(request, name, now)
+            ctx.set_rows(rows)
+        else:
+            candidates = list(endpoints)
+            for name, flt in profile.filters:
+                candidates = flt.filter(ctx, candidates)
+                if not candidates:
+                    return self._no_candidate(request, name, now)
+            ctx.candidates = candidates
+            if profile.row_scorers:
+                rows = table.rows_of(candidates)
 
-        ctx.candidates = candidates
-        raw, totals = profile.score(ctx, candidates)
         picker_name, picker = profile.picker
-        order = picker.pick(ctx, totals)
-        chosen = candidates[order[0]]
-        fallbacks = tuple(candidates[i].id for i in order[1 : 1 + profile.max_fallbacks])
+        count = profile.max_fallbacks
+        if rows is not None and profile.row_scorers:
+            raw, totals = profile.score_rows(ctx, rows)
+            if profile.top_picker:
+                order = picker.pick_top(ctx, totals, count)  # type: ignore[attr-defined]
+            else:
+                order = picker.pick(ctx, totals.tolist())
+            ids = table.ids
+            at = rows[order[: 1 + count]].tolist()
+            chosen_id = ids[at[0]]
+            fallbacks = tuple(ids[i] for i in at[1 : 1 + count])
+            candidate_ids: tuple[EndpointId, ...] | CandidateIds = CandidateIds(ids, rows)
+            totals_field: tuple[float, ...] | npt.NDArray[np.float64] = totals
+        else:
+            candidates = list(ctx.candidates)
+            raw, totals_list = profile.score(ctx, candidates)
+            order = picker.pick(ctx, totals_list)
+            chosen_id = candidates[order[0]].id
+            fallbacks = tuple(candidates[i].id for i in order[1 : 1 + count])
+            candidate_ids = tuple(e.id for e in candidates)
+            totals_field = tuple(totals_list)
 
-        match = matches.get(chosen.id)
+        match = matches.get(chosen_id)
         matched = match.blocks if match is not None else 0
         predicted = 0
         if matched:  # whole engine blocks, never the last token (the class docstring)
             engine_block = self.engine_block_size or self._block_sizes.get(
-                chosen.id, DEFAULT_ENGINE_BLOCK_SIZE
+                chosen_id, DEFAULT_ENGINE_BLOCK_SIZE
             )
             reusable = min(int(matched * tokens_per_block), prompt_tokens - 1)
             predicted = max(0, reusable - reusable % engine_block)
         load_tokens = prompt_tokens - predicted + (request.max_tokens or 0)
 
-        if keys:
-            self.index.insert(chosen.id, keys, speculative_until=now + self.speculative_ttl_s)
-        self.load.start(chosen.id, load_tokens)
+        if len(keys):
+            self.index.insert(chosen_id, index_keys, speculative_until=now + self.speculative_ttl_s)
+        self.load.start(chosen_id, load_tokens)
         if not matches:
-            self.load.note_cold(chosen.id, now)
+            self.load.note_cold(chosen_id, now)
         if request.session is not None:
-            self.load.bind_session((request.tenant, request.session), chosen.id)
+            self.load.bind_session((request.tenant, request.session), chosen_id)
         counters = self.counters
         counters.decisions += 1
         counters.prompt_tokens += prompt_tokens
@@ -453,7 +610,7 @@ class Router:
         )
 
         return Decision(
-            endpoint=chosen.id,
+            endpoint=chosen_id,
             fallbacks=fallbacks,
             matched_blocks=matched,
             total_blocks=len(keys),
@@ -462,18 +619,24 @@ class Router:
             request=request,
             profile=profile.name,
             picker=picker_name,
-            candidates=tuple(e.id for e in candidates),
+            candidates=candidate_ids,
             scorer_names=profile.scorer_names,
             weights=profile.weights,
             raw=raw,
-            totals=tuple(totals),
+            totals=totals_field,
             matches={eid: m.blocks for eid, m in matches.items()},
             decided_at=now,
             load_tokens=load_tokens,
-            block_keys=tuple(keys),
-            epoch=self._generation(chosen.id),
+            block_keys=keys,
+            epoch=self._generation(chosen_id),
             serial=self._serial,
             issuer=self._token,
+        )
+
+    def _no_candidate(self, request: Request, name: str, now: float) -> Rejection:
+        reason = f"no endpoint can serve model {request.model!r}: {name} left no candidate"
+        return self._reject(
+            request, Rejection(503, reason, retry_after_s=1.0, kind="no-candidate"), now
         )
 
     def _prompt_tokens(self, request: Request) -> int:
@@ -482,12 +645,24 @@ class Router:
             return len(request.token_ids)
         return self.blocker.prompt_tokens(request, self.chars_per_token.get(request.model))
 
-    def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> None:
-        """Refuse duplicate ids, then size each endpoint's index capacity from its state.
+    def _sync_capacities(self, endpoints: Sequence[EndpointState]) -> EndpointTable:
+        """Refuse duplicate ids, size each endpoint's index capacity, build the table.
 
-        An id passed here is live again even if it was removed before. O(endpoints)
-        dict look-ups; the index is touched only when a capacity changes.
+        An id passed here is live again even if it was removed before. When the
+        endpoints are the same as last time (equal sequences: the same snapshot
+        objects, compared in C) and no event changed an endpoint's mode or
+        removed one since, nothing can have changed: the last table is reused
+        at the cost of that comparison. Otherwise O(endpoints) dict look-ups
+        and a new `EndpointTable`; the index is touched only when a capacity
+        changes.
         """
+        last = self._table_of
+        if last is not None:
+            if type(endpoints) is type(last):
+                if endpoints == last:
+                    return self._table
+            elif tuple(endpoints) == last:
+                return self._table
         ids = {e.id for e in endpoints}
         if len(ids) != len(endpoints):
             raise ValueError("endpoints passed to route() must have distinct ids")
@@ -512,6 +687,11 @@ class Router:
                 capacity = max(1, int(tokens / self._index_block_tokens)) * factor
                 self.index.set_capacity(e.id, capacity)
                 seen[e.id] = (blocks, factor)
+        table = self._table = EndpointTable(endpoints)
+        self._table_of = list(endpoints) if type(endpoints) is list else tuple(endpoints)
+        if isinstance(self.load, _TrackedLoad):
+            self.load.bind(table)
+        return table
 
     def _generation(self, endpoint: EndpointId) -> int:
         """The live generation of `endpoint`, starting one on first sight."""
@@ -590,9 +770,11 @@ class Router:
         if self._generations.get(decision.endpoint) != decision.epoch:
             return
         self.load.finish(decision.endpoint, decision.load_tokens)
-        keys = decision.block_keys
-        if not keys:
+        keys = decision._block_keys
+        if not len(keys):
             return
+        if isinstance(keys, np.ndarray) and isinstance(self.index, PrefixIndex):
+            keys = keys.tolist()
         not_after = decision.decided_at + self.speculative_ttl_s  # not refreshed since
         if not usage.ok:  # the engine computed nothing we know of: take the guess back
             self.index.discard_speculative(decision.endpoint, keys, not_after=not_after)
@@ -643,12 +825,14 @@ class Router:
                     else:
                         self._precise.discard(eid)
                     self._capacity_seen.pop(eid, None)  # resized at the next route
+                    self._table_of = None
             case EndpointRemoved(endpoint=eid):
                 self.index.remove_endpoint(eid)
                 self.load.forget(eid)
                 self._precise.discard(eid)
                 self._block_sizes.pop(eid, None)
                 self._capacity_seen.pop(eid, None)
+                self._table_of = None
                 self._generations.pop(eid, None)
                 self._removed[eid] = None
                 self._removed.move_to_end(eid)

@@ -30,20 +30,32 @@ library (the simulator compares them as baselines):
   `router_temperature` 0.0 by default (`KvRouterConfig::default()`,
   `lib/llm/src/kv_router/config.rs`; docs/architecture/kv_cache_routing.md,
   `--kv-overlap-score-weight` "Defaults to 1").
+
+Every built-in scorer also has `score_rows` (`plugins.RowScorer`): the same
+scores, bit for bit, for rows of the router's `EndpointTable`, as float64
+arrays. Columns that depend on the endpoints alone (queue depth, KV usage,
+loaded adapters) are computed once per table; the router's in-flight
+counts are gathered from the table's mirrored columns. Each array expression
+repeats its list twin's operations in the same order on the same float64
+values (numpy's elementwise +, *, / are IEEE-exact like Python's); `math.exp`
+stays a Python call, since numpy's SIMD exp may differ in the last bit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
+import numpy as np
+import numpy.typing as npt
 
-from prefixroute.endpoint import EndpointState
+from prefixroute.endpoint import EndpointState, EndpointTable, Rows
 from prefixroute.plugins import RouteContext
 
 __all__ = [
+    "UNIT_ROW_SCORERS",
     "ColdSpreadScorer",
     "ConsistentHashScorer",
     "InflightScorer",
@@ -56,6 +68,20 @@ __all__ = [
 ]
 
 _unit = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+Scores = npt.NDArray[np.float64]
+
+
+def _table(ctx: RouteContext) -> EndpointTable:
+    table = ctx.table
+    if table is None:
+        raise ValueError("score_rows needs ctx.table (the router's EndpointTable)")
+    return table
+
+
+def _column(table: EndpointTable, values: Iterable[float]) -> Scores:
+    out: Scores = np.fromiter(values, dtype=np.float64, count=len(table))
+    out.flags.writeable = False
+    return out
 
 
 @attrs.frozen
@@ -66,7 +92,9 @@ class PrefixAffinityScorer:
             + length_weight * min(1, weighted_matched * tokens_per_block / length_ref_tokens)
 
     `weighted_matched` counts each matched block at its tier's weight (GPU 1).
-    A request with no full block scores 0 everywhere. O(candidates).
+    A request with no full block scores 0 everywhere. A full match can round
+    to 1 + an ulp: the score is capped at 1 (what the profile's clamp does).
+    O(candidates).
     """
 
     length_weight: float = attrs.field(default=0.2, validator=_unit)
@@ -87,8 +115,41 @@ class PrefixAffinityScorer:
                 out.append(0.0)
             else:
                 w = m.weighted
-                out.append(ratio_w * w + lw * min(1.0, w * length_w))
+                value = ratio_w * w + lw * min(1.0, w * length_w)
+                out.append(value if value <= 1.0 else 1.0)  # a rounding can pass 1 by an ulp
         return out
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """O(matched endpoints) in Python, plus one gather.
+
+        Clamped into [0, 1] as the profile would (a rounding can pass 1 by an
+        ulp), so that the result is within [0, 1] (`UNIT_ROW_SCORERS`).
+        """
+        total = ctx.total_blocks
+        matches = ctx.matches
+        table = _table(ctx)
+        if not total or not matches:
+            return table.zeros(rows)
+        lw = self.length_weight
+        ratio_w = (1.0 - lw) / total
+        length_w = ctx.tokens_per_block / self.length_ref_tokens
+        row = table.row
+        at: list[int] = []
+        values: list[float] = []
+        for eid, m in matches.items():
+            i = row.get(eid)
+            if i is not None:
+                w = m.weighted
+                at.append(i)
+                value = ratio_w * w + lw * min(1.0, w * length_w)
+                values.append(value if value <= 1.0 else 1.0)  # the profile's clamp (>= 0 already)
+        full = np.zeros(len(table))
+        if len(at) > 8:
+            full[at] = values
+        else:
+            for i, value in zip(at, values, strict=True):
+                full[i] = value
+        return full if rows is table.all_rows else full[rows]
 
 
 @attrs.frozen
@@ -104,6 +165,17 @@ class QueueDepthScorer:
         inv = 1.0 / self.scale
         return [1.0 / (1.0 + e.waiting * inv) for e in candidates]
 
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """A column computed once per table, then one gather."""
+        table = _table(ctx)
+        scale = self.scale
+
+        def column() -> Scores:
+            inv = 1.0 / scale
+            return _column(table, (1.0 / (1.0 + e.waiting * inv) for e in table.endpoints))
+
+        return table.column(table.memo(("queue-depth", scale), column), rows)
+
 
 @attrs.frozen
 class KVUtilisationScorer:
@@ -111,6 +183,12 @@ class KVUtilisationScorer:
 
     def score(self, ctx: RouteContext, candidates: Sequence[EndpointState]) -> list[float]:
         return [1.0 - e.kv_usage for e in candidates]
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """A column computed once per table, then one gather."""
+        table = _table(ctx)
+        column = lambda: _column(table, (1.0 - e.kv_usage for e in table.endpoints))  # noqa: E731
+        return table.column(table.memo(("kv-free",), column), rows)
 
 
 @attrs.frozen
@@ -140,6 +218,44 @@ class InflightScorer:
             for e in candidates
         ]
 
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """A column per table kept up to date row by row as the router's counts change.
+
+        O(rows whose counts changed since the last request) in Python (`score`'s
+        own expression) plus one gather; vectorised over the counts, in
+        `score`'s order of operations, when the table does not mirror `ctx.load`
+        or its change log was cut.
+        """
+        table = _table(ctx)
+        load = ctx.load
+        if load is not table.load_owner:
+            requests = table.requests_at(load, rows)
+            return self._vector(requests, table.tokens_at(load, rows))
+        # keyed by the parameters (equal scorers share a column, as they would by `self`)
+        key = ("inflight", self.request_scale, self.token_scale, self.token_weight)
+        entry = table.memo(key, _fresh_entry)
+        changed, entry[1] = table.changed_since(entry[1])
+        column = entry[0]
+        if column is None or changed is None:
+            column = entry[0] = self._vector(table.inflight_requests, table.inflight_tokens)
+        elif changed:
+            get_r, get_t, ids = load.requests_view().get, load.tokens_view().get, table.ids
+            tw = self.token_weight
+            rw = 1.0 - tw
+            inv_r, inv_t = 1.0 / self.request_scale, 1.0 / self.token_scale
+            for i in set(changed) if len(changed) > 8 else changed:
+                eid = ids[i]
+                column[i] = rw / (1.0 + get_r(eid, 0) * inv_r) + tw / (1.0 + get_t(eid, 0) * inv_t)
+        # a copy either way: the memoised column changes under the caller's feet
+        return column.copy() if rows is table.all_rows else column[rows]  # type: ignore[no-any-return]
+
+    def _vector(self, requests: np.ndarray, tokens: np.ndarray) -> Scores:
+        tw = self.token_weight
+        rw = 1.0 - tw
+        inv_r, inv_t = 1.0 / self.request_scale, 1.0 / self.token_scale
+        out: Scores = rw / (1.0 + requests * inv_r) + tw / (1.0 + tokens * inv_t)
+        return out
+
 
 @attrs.frozen
 class SessionAffinityScorer:
@@ -154,6 +270,18 @@ class SessionAffinityScorer:
             return [0.0] * len(candidates)
         return [1.0 if e.id == target else 0.0 for e in candidates]
 
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        request = ctx.request
+        table = _table(ctx)
+        if request.session is None:
+            return table.zeros(rows)
+        target = ctx.load.session_endpoint((request.tenant, request.session))
+        at = None if target is None else table.row.get(target)
+        if at is None:
+            return table.zeros(rows)
+        out: Scores = (rows == at).astype(np.float64)
+        return out
+
 
 @attrs.frozen
 class LoraAffinityScorer:
@@ -167,6 +295,18 @@ class LoraAffinityScorer:
         if lora is None:
             return [0.0] * len(candidates)
         return [1.0 if lora in e.adapters else 0.0 for e in candidates]
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """A column per adapter, computed once per table, then one gather."""
+        lora = ctx.request.lora
+        table = _table(ctx)
+        if lora is None:
+            return table.zeros(rows)
+
+        def column() -> Scores:
+            return _column(table, (1.0 if lora in e.adapters else 0.0 for e in table.endpoints))
+
+        return table.column(table.memo(("lora", lora), column), rows)
 
 
 @attrs.frozen
@@ -191,6 +331,23 @@ class ColdSpreadScorer:
             last = load.last_cold(e.id)
             out.append(1.0 if last is None else 1.0 - math.exp(-max(0.0, now - last) / tau))
         return out
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """Zeros for a request with a hit; else `score`'s loop (math.exp per endpoint)."""
+        table = _table(ctx)
+        if ctx.best_match > 0:
+            return table.zeros(rows)
+        load, now, tau = ctx.load, ctx.now, self.tau_s
+        ids = table.ids
+        out = []
+        for i in rows.tolist():
+            last = load.last_cold(ids[i])
+            out.append(1.0 if last is None else 1.0 - math.exp(-max(0.0, now - last) / tau))
+        return np.array(out, dtype=np.float64)
+
+
+def _fresh_entry() -> list[object]:
+    return [None, -1]
 
 
 _HASH_KEYS = ("session", "tenant", "session-or-tenant")
@@ -230,11 +387,31 @@ class ConsistentHashScorer:
             value = request.session if request.session is not None else request.tenant
         if value is None:
             return [0.0] * len(candidates)
+        return self._hashes(value, [e.id for e in candidates])
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """`score`'s hashes, one per row (nothing to vectorise in blake2b)."""
+        value = self._key(ctx)
+        if value is None:
+            return np.zeros(len(rows))
+        ids = _table(ctx).ids
+        return np.array(self._hashes(value, [ids[i] for i in rows.tolist()]), dtype=np.float64)
+
+    def _key(self, ctx: RouteContext) -> str | None:
+        request = ctx.request
+        if self.key == "tenant":
+            return request.tenant
+        if self.key == "session":
+            return request.session
+        return request.session if request.session is not None else request.tenant
+
+    @staticmethod
+    def _hashes(value: str, ids: list[str]) -> list[float]:
         raw = value.encode()
         prefix = len(raw).to_bytes(4, "big") + raw  # length-prefixed: no (key, id) ambiguity
         out = []
-        for e in candidates:
-            digest = hashlib.blake2b(prefix + e.id.encode(), digest_size=8).digest()
+        for eid in ids:
+            digest = hashlib.blake2b(prefix + eid.encode(), digest_size=8).digest()
             out.append(int.from_bytes(digest, "big") / _TWO_64)
         return out
 
@@ -283,3 +460,43 @@ class KVCostScorer:
             cost = weight * prefill + tokens.get(e.id, 0) * per_block
             out.append(1.0 / (1.0 + cost * inv_scale))
         return out
+
+    def score_rows(self, ctx: RouteContext, rows: Rows) -> Scores:
+        """Vectorised, in `score`'s order of operations."""
+        table = _table(ctx)
+        total, weight = ctx.total_blocks, self.overlap_score_weight
+        row = table.row
+        held = np.zeros(len(table), dtype=np.int64)
+        for eid, m in ctx.matches.items():
+            i = row.get(eid)
+            if i is not None:
+                held[i] = m.blocks
+        prefill = total - held[rows]
+        per_block = 1.0 / ctx.tokens_per_block
+        inv_scale = 1.0 / self.scale
+        cost = weight * prefill + table.tokens_at(ctx.load, rows) * per_block
+        out: Scores = 1.0 / (1.0 + cost * inv_scale)
+        return out
+
+
+UNIT_ROW_SCORERS: frozenset[type] = frozenset(
+    {
+        ColdSpreadScorer,
+        ConsistentHashScorer,
+        InflightScorer,
+        KVUtilisationScorer,
+        LoraAffinityScorer,
+        PrefixAffinityScorer,
+        QueueDepthScorer,
+        SessionAffinityScorer,
+    }
+)
+"""The scorers (exactly these classes, not subclasses) whose `score_rows` is
+within [0, 1] and never NaN by construction, so a profile of them alone skips
+the clamp's check (`Profile.score_rows`): each is a ratio `x / (1 + y)` with
+`0 <= x <= 1 <= 1 + y`, a sum of two such terms whose numerators sum to at
+most 1 (`InflightScorer`: `(1 - w) + w` rounds to at most 1), a 0/1
+indicator, `1 - v` for a validated `v` in [0, 1] (`kv_usage`,
+`exp(-t)` with `t >= 0`), a 64-bit hash over 2**64, or clamped where it is
+computed (`PrefixAffinityScorer`). `KVCostScorer` is left out: its bound
+leans on the index's matches being no longer than the chain."""

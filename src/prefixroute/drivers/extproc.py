@@ -60,6 +60,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import gc
 import json
 import logging
 import os
@@ -284,22 +286,31 @@ def _streamed(phase: str, body: bytes, end_of_stream: bool) -> list[Any]:
     """`body` as `StreamedBodyResponse`s of at most `BODY_CHUNK_BYTES` for `phase`.
 
     O(len(body)) copying; an empty body is one empty message (it may carry
-    `end_of_stream`).
+    `end_of_stream`). Fields are set in place (no intermediate messages to
+    build and copy: this runs for every chunk of every answer).
     """
-    pieces = [body[i : i + BODY_CHUNK_BYTES] for i in range(0, len(body), BODY_CHUNK_BYTES)]
-    if not pieces:
-        pieces = [b""]
-    last = len(pieces) - 1
     out = []
-    for i, piece in enumerate(pieces):
-        mutation = pb.BodyMutation(
-            streamed_response=pb.StreamedBodyResponse(
-                body=piece, end_of_stream=end_of_stream and i == last
-            )
-        )
-        common = pb.CommonResponse(body_mutation=mutation)
-        out.append(pb.ProcessingResponse(**{phase: pb.BodyResponse(response=common)}))
+    last = max(len(body) - 1, 0) // BODY_CHUNK_BYTES * BODY_CHUNK_BYTES
+    for start in range(0, last + 1, BODY_CHUNK_BYTES):
+        response = pb.ProcessingResponse()
+        chunk = getattr(response, phase).response.body_mutation.streamed_response
+        chunk.body = body[start : start + BODY_CHUNK_BYTES]  # the whole body: no copy
+        chunk.end_of_stream = end_of_stream and start == last
+        out.append(response)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick(destination: str) -> tuple[Any, Any]:
+    """The destination header option and the `envoy.lb` metadata naming `destination`.
+
+    Cached: a pool has few destinations, and building the `Struct` from a
+    dict is the costly part of an answer. The messages are copied into each
+    response, never changed.
+    """
+    metadata = struct_pb2.Struct()
+    metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: destination}})
+    return _header_option(DESTINATION_HEADER, destination), metadata
 
 
 def _status(value: str | None) -> int:
@@ -549,15 +560,10 @@ class _Stream:
             )
         self.request_done = True
         self.headers_answered = True
-        address = healthy[0].address
+        header, metadata = _pick(healthy[0].address)
         common = pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(
-                set_headers=[_header_option(DESTINATION_HEADER, address)]
-            ),
-            clear_route_cache=True,
+            header_mutation=pb.HeaderMutation(set_headers=[header]), clear_route_cache=True
         )
-        metadata = struct_pb2.Struct()
-        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: address}})
         return [
             pb.ProcessingResponse(
                 request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
@@ -660,15 +666,14 @@ class _Stream:
         self, decision: Decision, payload: bytes, *, changed: bool, by_trailers: bool
     ) -> list[Any]:
         destination = self._destination(decision)
-        set_headers = [_header_option(DESTINATION_HEADER, destination)]
+        header, metadata = _pick(destination)
+        set_headers = [header]
         if changed or not self.headers_answered:
             # the body Envoy forwards is the one sent back here: its length, as GIE sets it
             set_headers.append(_header_option("content-length", str(len(payload))))
         common = pb.CommonResponse(
             header_mutation=pb.HeaderMutation(set_headers=set_headers), clear_route_cache=True
         )
-        metadata = struct_pb2.Struct()
-        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: destination}})
         if self.headers_answered:  # BUFFERED: everything rides on the body response
             if changed:
                 common.body_mutation.CopyFrom(pb.BodyMutation(body=payload))
@@ -839,12 +844,7 @@ class ExtProcServer:
         settings = self.config.extproc
         await self.processor.start()
         limit = settings.max_body_bytes + 1024 * 1024  # a BUFFERED body arrives in one message
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
-        )
+        server = grpc.aio.server(options=_grpc_options(limit))
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self.port = server.add_insecure_port(f"{_host(settings.host)}:{settings.port}")
@@ -890,6 +890,22 @@ class ExtProcServer:
         return app
 
 
+def _grpc_options(limit: int) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message sizes up to `limit` bytes, no BDP probes.
+
+    gRPC's bandwidth-delay-product estimator answers received data with a
+    PING to size its flow-control window; between Envoy and its picker
+    (loopback or one cluster hop, many small messages) that is a frame and a
+    wake-up of the gRPC thread per burst for nothing (docs/performance.md,
+    "ext_proc picker", measures it).
+    """
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.http2.bdp_probe", 0),
+    ]
+
+
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
@@ -897,6 +913,11 @@ def _host(host: str) -> str:
 async def _run(config: ExtProcConfig) -> None:
     server = ExtProcServer(config)
     await server.start()
+    # Everything alive now (modules, config, router, the pool's first scrape) lives as long
+    # as the process: out of the collector's generations, so its full collections no longer
+    # walk it on the request path (docs/performance.md, "GC pauses").
+    gc.collect()
+    gc.freeze()
     settings = config.extproc
     log.info(
         "prefixroute extproc: gRPC on %s:%d, metrics on %s",
@@ -916,8 +937,17 @@ async def _run(config: ExtProcConfig) -> None:
 
 
 def serve(config: ExtProcConfig) -> None:
-    """Run the ext_proc server until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`."""
-    asyncio.run(_run(config))
+    """Run the ext_proc server until SIGTERM/SIGINT, then drain for up to `drain_timeout_s`.
+
+    On a uvloop event loop when uvloop is installed (as uvicorn runs the
+    gateway): less CPU per gRPC message for the loop's own work.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_run(config))
+    else:
+        uvloop.run(_run(config))
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ to finish; a completed drain exits with status 0. Connections are uvicorn's
 httptools protocol with the gateway's client-side limits (head size and
 count, head and body read times, open connections:
 `prefixroute.drivers.gateway.protocol`); `uvicorn_config` builds the uvicorn
-configuration with them. `cli_arguments` and
+configuration with them. Once the app has started, the heap is frozen
+(`gc.freeze`), so the collector's full passes skip what lives as long as
+the process. `cli_arguments` and
 `cli_main` are the `prefixroute serve` command (`prefixroute.cli`), also run
 by `python -m prefixroute.drivers.gateway`.
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import resource
+import socket
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -45,6 +49,15 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self.gateway = gateway
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # Everything alive once the app has started (modules, config, router, the pool's
+        # first scrape) lives as long as the process: out of the collector's generations,
+        # so its full collections no longer walk it on the request path
+        # (docs/performance.md, "GC pauses").
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.gateway.draining = True
