@@ -172,17 +172,8 @@ class _TrackedLoad(LoadTracker):
         if table is None:
             return
         i = table.row.get(endpoint)
-        if i is None:
-            return
-        n, t = self.requests(endpoint), self.tokens(endpoint)
-        if n > _EXACT or t > _EXACT:
-            table.load_owner = None
-            self._table = None
-            return
-        table.inflight_total += n - int(table.inflight_requests[i])
-        table.inflight_requests[i] = n
-        table.inflight_tokens[i] = t
-        table.note_change(i)
+        if i is not None:
+            self._put(table, i, self.requests(endpoint), self.tokens(endpoint))
 
     def start(self, endpoint: EndpointId, tokens: int) -> None:
         # `LoadTracker.start` and `_sync` in one (a request's hot path: fewer calls)
@@ -197,14 +188,10 @@ class _TrackedLoad(LoadTracker):
 
     def finish(self, endpoint: EndpointId, tokens: int) -> None:
         super().finish(endpoint, tokens)
-        table = self._table
-        if table is not None:
-            i = table.row.get(endpoint)
-            if i is not None:
-                self._put(table, i, self._requests.get(endpoint, 0), self._tokens.get(endpoint, 0))
+        self._sync(endpoint)
 
     def _put(self, table: EndpointTable, i: int, n: int, t: int) -> None:
-        """`_sync`'s update of row `i` to the counts `n` and `t`."""
+        """Set row `i`'s mirrored counts to `n` and `t` (unbinds past float64's exact range)."""
         if n > _EXACT or t > _EXACT:
             table.load_owner = None
             self._table = None
