@@ -325,10 +325,10 @@ def wait_healthy(
 
     Returns the engines, in order: an engine that stalled (its log did not grow
     for `stall_s` before it was healthy) is killed and started once more with
-    the same command, and its replacement takes its place (a warning names
-    the stalled group's process states). On failure every engine in `engines`
-    is stopped and RuntimeError names the one that failed, its log file and
-    the log's tail. O(engines) polls a round.
+    the same command, with a whole new `timeout_s`, and its replacement takes
+    its place (a warning names the stalled group's process states). On
+    failure every engine in `engines` is stopped and RuntimeError names the
+    one that failed, its log file and the log's tail. O(engines) polls a round.
     """
     deadline = time.monotonic() + timeout_s
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -358,6 +358,7 @@ def wait_healthy(
                     )
                     engine = _respawn(engine)
                     respawned = True
+                    deadline = max(deadline, time.monotonic() + timeout_s)  # a whole new try
                     size, grown_at = -1, time.monotonic()
                     continue
             if problem is not None:
@@ -387,9 +388,17 @@ def _size(path: Path) -> int:
         return -1
 
 
+STUCK_KILL_S = 300.0
+"""How long `wait_healthy` waits for a stalled engine's group to die before starting it anew."""
+
+
 def _respawn(engine: Engine) -> Engine:
-    """Kill `engine`'s group and run its command again (same ports, log, environment)."""
-    kill_engine(engine)
+    """Kill `engine`'s group and run its command again (same ports, log, environment).
+
+    A stalled group was seen to outlive SIGKILL for over 90 s (a process
+    running, in no wait channel), hence the longer wait for it to go.
+    """
+    kill_engine(engine, timeout_s=STUCK_KILL_S)
     return attrs.evolve(engine, process=_spawn(engine.args, engine.env, engine.log))
 
 
