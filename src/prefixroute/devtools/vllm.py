@@ -249,9 +249,10 @@ def start_engine(
     """Start one engine on 127.0.0.1 (free ports unless given), by default until `/health` is 200.
 
     The engine is a session leader, so it and its EngineCore child form one
-    process group. Its log is `home/engine-PORT.log`. `cpus` pins its model
-    worker (`VLLM_CPU_OMP_THREADS_BIND`, e.g. "1"; by default vLLM pins every
-    engine's worker to the same first core). `dev_mode` sets
+    process group. Its log is `home/engine-PORT.log`. `cpus` confines all its
+    processes to those cores and pins its model worker there
+    (`VLLM_CPU_OMP_THREADS_BIND`, e.g. "1"; by default vLLM pins every
+    engine's worker to the same first core; see `_spawn` for why all of it). `dev_mode` sets
     `VLLM_SERVER_DEV_MODE=1`, which adds `POST /reset_prefix_cache` (the
     engine then publishes `AllBlocksCleared`). On a failed start (the
     process exits, or `/health` does not answer 200 within `timeout_s`) the
@@ -275,7 +276,7 @@ def start_engine(
         port=port,
         zmq_port=zmq_port,
         replay_port=replay_port,
-        process=_spawn(args, env, log),
+        process=_spawn(args, env, log, cpus),
         log=log,
         kv_bytes=kv_bytes,
         home=home,
@@ -288,11 +289,24 @@ def start_engine(
     return engine
 
 
-def _spawn(args: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: Sequence[str], env: Mapping[str, str], log: Path, cpus: str | None = None
+) -> subprocess.Popen[bytes]:
     """Start `args` as a session leader, its output in `log` after a first line of ours.
 
     The first line tells "started, printed nothing" apart from "never started".
+    With `cpus` (a list such as "1" or "0,2-3") every process of the engine
+    starts confined to those cores (`taskset`), not only its model worker.
+    Why: `import torch` pins itself to each allowed core in turn (cpuinfo's
+    enumeration), and on this kind of machine (Linux 6.18 in Firecracker) a
+    task that moves itself onto a core where another engine's pinned worker
+    spins was seen to wait there for minutes, unkillable until the worker
+    paused (/proc/PID/stack: `affine_move_task` in `sched_setaffinity`).
+    That was the restarted engine that "printed nothing" in CI. Confined to
+    its own core, the import never visits the other engine's core.
     """
+    if cpus is not None:
+        args = ["taskset", "-c", cpus, *args]
     with open(log, "wb") as sink:
         sink.write(
             f"# prefixroute started at {time.strftime('%H:%M:%S')}: {shlex.join(args)}\n".encode()
@@ -399,7 +413,7 @@ def _respawn(engine: Engine) -> Engine:
     running, in no wait channel), hence the longer wait for it to go.
     """
     kill_engine(engine, timeout_s=STUCK_KILL_S)
-    return attrs.evolve(engine, process=_spawn(engine.args, engine.env, engine.log))
+    return attrs.evolve(engine, process=_spawn(engine.args, engine.env, engine.log, engine.cpus))
 
 
 def _group_states(pgid: int) -> str:
@@ -410,6 +424,9 @@ def _group_states(pgid: int) -> str:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[2]) == pgid:
                 wchan = (stat.parent / "wchan").read_text().strip() or "-"
+                with contextlib.suppress(OSError, IndexError):  # the kernel stack: root only
+                    top = (stat.parent / "stack").read_text().partition("\n")[0]
+                    wchan += " " + top.split()[-1]
                 found.append(f"{stat.parent.name} {fields[0]} {wchan}")
     return ", ".join(found) or "none"
 
