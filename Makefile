@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench side-by-side inference-perf envoy vllm engine-truth lint typecheck clean
+.PHONY: test demo bench side-by-side inference-perf envoy vllm engine-truth redis lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ $(VLLM_STAMP): tests/engine/vllm/setup.sh tests/fixtures/tiny-model/tokenizer.js
 	PYTHON=$(PYTHON) bash tests/engine/vllm/setup.sh .venv-vllm
 	touch $(VLLM_STAMP)
 
+# A real Redis for the shared-state tests (tests/test_shared_state.py, issue 15): Debian's
+# redis-server package, installed only when no redis-server is found (sudo when not root).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y redis-server; }
+	@$$(command -v redis-server || echo /usr/bin/redis-server) --version
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -43,7 +51,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(ENVOY_STAMP) $(VLLM_STAMP)
+test: lint typecheck $(ENVOY_STAMP) $(VLLM_STAMP) redis
 	$(BIN)/pytest -q -m "not engine"
 	# the real-engine tier: two real vLLM engines (tests/engine)
 	$(BIN)/pytest -q -m engine tests/engine

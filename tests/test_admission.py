@@ -580,3 +580,65 @@ def test_chain_runs_the_builtins_together() -> None:
     assert chain.admit(actx()) is None
     r = chain.admit(actx())
     assert isinstance(r, Rejection) and r.kind == "rate-limit"
+
+
+class _Store:
+    """The `SharedBuckets` capability as a driver provides it: a verdict fetched ahead, or none."""
+
+    def __init__(self, share: float = 1.0) -> None:
+        self.share = share
+        self.verdict: tuple[float, float] | None = None
+        self.asked: list[tuple[str, int]] = []
+
+    def take(self, tenant: str, cost: int, now: float) -> tuple[float, float] | None:
+        self.asked.append((tenant, cost))
+        return self.verdict
+
+
+def test_a_shared_verdict_decides_and_keeps_the_local_refusals_wording() -> None:
+    policy = TokenBucketAdmission(requests_per_s=1.0, tokens_per_s=100.0)
+    store = _Store()
+    policy.share_with(store)
+    store.verdict = (0.0, 0.0)
+    for _ in range(5):  # far over the local burst: the store admitted and charged each
+        assert ask(policy, 0.0, tokens=10, max_tokens=5) is None
+    assert store.asked[-1] == ("t", 15) and policy.tracked_tenants() == 0
+    store.verdict = (0.25, 0.0)
+    refused = ask(policy, 0.0)
+    assert refused is not None and refused.status == 429 and refused.retry_after_s == 0.25
+    assert refused.reason == "tenant 't' is over its rate limit of 1 requests/s (burst 1)"
+    store.verdict = (0.0, 1.0)
+    too_large = ask(policy, 0.0, tokens=500)
+    assert too_large is not None and (too_large.status, too_large.kind) == (400, "too-large")
+    policy.share_with(None)
+    assert ask(policy, 0.0) is None and ask(policy, 0.0) is not None  # local buckets again
+
+
+def test_without_a_verdict_each_replica_refills_at_its_share_of_the_rate() -> None:
+    policy = TokenBucketAdmission(requests_per_s=4.0, request_burst=1.0)
+    policy.share_with(_Store(share=0.25))  # four replicas: one request/s each
+    admitted = sum(ask(policy, t / 10) is None for t in range(41))  # 4 s at 10 requests/s
+    assert admitted == 5  # the burst, then 1/s (not 4/s)
+    unshared = TokenBucketAdmission(requests_per_s=4.0, request_burst=1.0)
+    # 4/s sampled every 0.1 s: the burst, then one admission per 0.25-0.3 s
+    assert sum(ask(unshared, t / 10) is None for t in range(41)) == 14
+    # the burst is shared too: four replicas falling back at once let one burst through, not 4
+    bursty = TokenBucketAdmission(requests_per_s=4.0, request_burst=8.0)
+    bursty.share_with(_Store(share=0.25))
+    assert sum(ask(bursty, 0.0) is None for _ in range(10)) == 2
+
+
+def test_a_shared_concurrency_cap_counts_the_other_replicas_requests() -> None:
+    policy = ConcurrencyAdmission(max_in_flight=3)
+    here = Tenants({"t": 1})
+    assert policy.admit(actx(tenants=here)) is None
+    peers = {"t": 2}
+    policy.share_with(lambda tenant: peers.get(tenant, 0))
+    refused = policy.admit(actx(tenants=here))
+    assert isinstance(refused, Rejection) and refused.kind == "concurrency"
+    assert "has 3 requests in flight, its limit is 3" in refused.reason
+    peers["t"] = 1
+    assert policy.admit(actx(tenants=here)) is None
+    policy.share_with(None)
+    peers["t"] = 9
+    assert policy.admit(actx(tenants=here)) is None

@@ -26,6 +26,7 @@ from prefixroute import (
     Usage,
     WeightedScorer,
 )
+from prefixroute.compiled_index import make_index
 from prefixroute.endpoint import EndpointId
 from prefixroute.filters import HealthyFilter
 from prefixroute.plugins import AdmissionContext
@@ -556,3 +557,25 @@ def test_events_refuse_block_keys_outside_uint64_when_built(bad: int) -> None:
         with pytest.raises(ValueError, match=r"block keys must be integers in \[0, 2\*\*64\)"):
             event(EndpointId("e0"), [1, bad])
     assert BlockStored(EndpointId("e0"), [0, 2**64 - 1]).keys == (0, 2**64 - 1)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_peer_decision_teaches_another_replica_where_a_prefix_went(compiled: bool) -> None:
+    """Replica B applies replica A's decision: B's next request with that prefix goes there."""
+    a, b = (Router(index=make_index(compiled=compiled)) for _ in range(2))
+    eps = fleet(4)
+    first = decide(a, chat("Where did this go?"), eps, 0.0)
+    decide(b, chat("Warm up B's table with another prompt entirely.", tenant="u"), eps, 0.0)
+    assert b.apply_peer_decision(first.endpoint, first.keys, 0.1)
+    again = decide(b, chat("Where did this go?"), eps, 0.2)
+    assert again.endpoint == first.endpoint and again.matched_blocks == first.total_blocks
+    # entries are speculative: gone after the TTL unless confirmed
+    b.index.expire(0.1 + b.speculative_ttl_s + 1.0)
+    assert not b.index.match(first.keys)
+    # precise endpoints learn from their engine's events only; removed ones not at all
+    b.observe(ModeChanged(endpoint=EndpointId("e1"), precise=True))
+    assert not b.apply_peer_decision(EndpointId("e1"), first.keys, 0.3)
+    b.observe(EndpointRemoved(endpoint=EndpointId("e2")))
+    assert not b.apply_peer_decision(EndpointId("e2"), first.keys, 0.3)
+    b.index.check_invariants()
+    b.load.check_invariants()

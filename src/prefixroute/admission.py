@@ -26,8 +26,9 @@ Fair queueing, which defers instead of refusing, lives in
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Protocol
 
 import attrs
 
@@ -50,6 +51,7 @@ __all__ = [
     "AdmissionChain",
     "AlwaysAdmit",
     "ConcurrencyAdmission",
+    "SharedBuckets",
     "SheddingAdmission",
     "TokenBucketAdmission",
 ]
@@ -257,6 +259,49 @@ def _effective(
     )
 
 
+class SharedBuckets(Protocol):
+    """Where `TokenBucketAdmission` takes its charges when several replicas share buckets.
+
+    A driver implements it over a shared store (issue 15:
+    `prefixroute.drivers.coordinator`); the core stays pure, so the store's
+    answer must already be at hand when `admit` runs (the driver fetches it
+    in its one round trip just before `Router.route`).
+    """
+
+    @property
+    def share(self) -> float:
+        """The fraction of each rate a replica may use on its own (1 / live replicas)."""
+        ...
+
+    def take(self, tenant: str, cost: int, now: float) -> tuple[float, float] | None:
+        """The store's (request wait, token wait) for this request, in seconds.
+
+        (0, 0) means admitted and already charged in the store; anything
+        else refused. None means the store had no answer (down, slow, or no
+        verdict fetched for this request): the policy then uses its local
+        bucket at `share` of the rates.
+        """
+        ...
+
+
+def _shared_limits(limits: _Limits, share: float) -> _Limits:
+    """`limits` scaled by `share`: rates and bursts (a request burst of at least one request).
+
+    Bursts too: while a shared store answers, the local buckets are not
+    charged and sit full, so with unscaled bursts N replicas falling back at
+    once would each let a whole burst through. A request costing more than
+    its share of the token burst then waits for the store (429).
+    """
+    if share >= 1.0:
+        return limits
+    return _Limits(
+        request_rate=None if limits.request_rate is None else limits.request_rate * share,
+        request_burst=max(1.0, limits.request_burst * share),
+        token_rate=None if limits.token_rate is None else limits.token_rate * share,
+        token_burst=limits.token_burst * share,
+    )
+
+
 @attrs.define(on_setattr=attrs.setters.frozen)
 class TokenBucketAdmission:
     """Per-tenant token buckets on requests/s and tokens/s. Type `token-bucket-admission`.
@@ -298,6 +343,14 @@ class TokenBucketAdmission:
     exactly after `retry_after_s` gets in despite float rounding; over any
     window [t0, t1] a tenant is admitted at most
     `burst + rate * (t1 - t0 + 1e-6)` of each unit. O(1) per decision.
+
+    Shared across replicas (`share_with`): the buckets live in a shared
+    store and the driver fetches the store's verdict for each request
+    (`cost` and `limits` give it the script's arguments); `admit` turns
+    that verdict into the same admission, 429 or 400 as a local bucket
+    would. When the store has no answer, the local bucket is used at the
+    replica's share of each rate and burst (1/N with N replicas), so N
+    replicas together still admit about the limit.
     """
 
     requests_per_s: float | None = attrs.field(default=None, validator=_check_rate)
@@ -321,6 +374,7 @@ class TokenBucketAdmission:
     _buckets: OrderedDict[str, _Bucket] = attrs.field(
         init=False, factory=OrderedDict, eq=False, repr=False
     )
+    _shared: list[SharedBuckets] = attrs.field(init=False, factory=list, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         top = {
@@ -358,6 +412,15 @@ class TokenBucketAdmission:
             bucket.stamp = now
         return bucket
 
+    def share_with(self, shared: SharedBuckets | None) -> None:
+        """Take charges from `shared` from now on (None: back to local buckets only)."""
+        self._shared[:] = [] if shared is None else [shared]
+
+    def cost(self, request: Request, prompt_tokens: int) -> int:
+        """What `request` costs the tenant's token bucket: prompt plus (expected) output tokens."""
+        out = request.max_tokens
+        return prompt_tokens + (self.default_output_tokens if out is None else out)
+
     def limits(self, tenant: str) -> tuple[float | None, float, float | None, float]:
         """`tenant`'s effective (requests_per_s, request_burst, tokens_per_s, token_burst)."""
         lim = self._limits.get(tenant, self._default)
@@ -373,20 +436,43 @@ class TokenBucketAdmission:
         limits = self._limits.get(tenant, self._default)
         if limits.unlimited:
             return None
-        out = request.max_tokens
-        cost = ctx.prompt_tokens + (self.default_output_tokens if out is None else out)
+        cost = self.cost(request, ctx.prompt_tokens)
         now = ctx.now
-        bucket = self._bucket(tenant, limits, now)
+        if self._shared:
+            shared = self._shared[0]
+            verdict = shared.take(tenant, cost, now)
+            if verdict is not None:
+                return self._verdict(tenant, limits, cost, *verdict, retry_base=0.0)
+            local = _shared_limits(limits, shared.share)
+            return self._take_local(tenant, limits, local, cost, now)
+        return self._take_local(tenant, limits, limits, cost, now)
+
+    def _take_local(
+        self, tenant: str, limits: _Limits, local: _Limits, cost: int, now: float
+    ) -> Rejection | None:
+        """Charge the local bucket (refilled under `local`, which may be a share of `limits`)."""
+        bucket = self._bucket(tenant, local, now)
         wait_r = wait_t = 0.0
-        if limits.request_rate is not None:
-            wait_r = _wait(bucket.requests, 1.0, limits.request_rate, limits.request_burst)
-        if limits.token_rate is not None:
-            wait_t = _wait(bucket.tokens, cost, limits.token_rate, limits.token_burst)
+        if local.request_rate is not None:
+            wait_r = _wait(bucket.requests, 1.0, local.request_rate, local.request_burst)
+        if local.token_rate is not None:
+            wait_t = _wait(bucket.tokens, cost, local.token_rate, local.token_burst)
         if wait_r == 0.0 and wait_t == 0.0:
-            if limits.request_rate is not None:
+            if local.request_rate is not None:
                 bucket.requests -= 1.0
-            if limits.token_rate is not None:
+            if local.token_rate is not None:
                 bucket.tokens -= cost
+            return None
+        return self._verdict(
+            tenant, limits, cost, wait_r, wait_t, retry_base=max(0.0, bucket.stamp - now)
+        )
+
+    @staticmethod
+    def _verdict(
+        tenant: str, limits: _Limits, cost: int, wait_r: float, wait_t: float, *, retry_base: float
+    ) -> Rejection | None:
+        """None when both waits are 0, else the 400 (can never fit) or 429 (retry later)."""
+        if wait_r <= 0.0 and wait_t <= 0.0:
             return None
         if limits.token_rate is not None and cost > limits.token_burst:
             # Retrying cannot help: the client must ask for less (a smaller max_tokens).
@@ -394,7 +480,7 @@ class TokenBucketAdmission:
         return Rejection(
             429,
             _refusal(tenant, limits, cost, wait_r, wait_t),
-            retry_after_s=max(wait_r, wait_t) + max(0.0, bucket.stamp - now),
+            retry_after_s=max(wait_r, wait_t) + retry_base,
             kind="rate-limit",
         )
 
@@ -476,6 +562,11 @@ class ConcurrencyAdmission:
     `overrides[tenant]` when listed, else `max_in_flight`; None (`null`) is
     unlimited (the default) and 0 refuses every request of that tenant.
     Stateless, O(1).
+
+    Shared across replicas (`share_with`), the count adds the other
+    replicas' in-flight requests of the tenant as last synced (a driver's
+    shared store), so the cap holds for the fleet, give or take what
+    arrived within one sync interval.
     """
 
     max_in_flight: int | None = attrs.field(default=None, validator=_check_cap)
@@ -483,13 +574,23 @@ class ConcurrencyAdmission:
         factory=dict, converter=_cap_overrides, hash=False
     )
     retry_after_s: float = attrs.field(default=1.0, validator=_check_retry_after)
+    _peers: list[Callable[[str], int]] = attrs.field(
+        init=False, factory=list, eq=False, hash=False, repr=False
+    )
+
+    def share_with(self, peers: Callable[[str], int] | None) -> None:
+        """Count `peers(tenant)` more requests in flight (other replicas'); None: none."""
+        self._peers[:] = [] if peers is None else [peers]
 
     def admit(self, ctx: AdmissionContext) -> Rejection | Deferral | None:
         tenant = ctx.request.tenant
         cap = self.overrides.get(tenant, self.max_in_flight)
         if cap is None:
             return None
-        if (n := ctx.tenants.in_flight(tenant)) < cap:
+        n = ctx.tenants.in_flight(tenant)
+        if self._peers:
+            n += self._peers[0](tenant)
+        if n < cap:
             return None
         return Rejection(
             429,

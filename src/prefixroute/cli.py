@@ -30,6 +30,7 @@ from prefixroute import __version__
 from prefixroute.config import ConfigError, load_config
 from prefixroute.decision import Decision, Rejection
 from prefixroute.drivers.documents import read_document
+from prefixroute.drivers.sections import DRIVER_SECTIONS
 from prefixroute.endpoint import EndpointState
 from prefixroute.openai import parse_openai
 from prefixroute.request import RequestError, Usage
@@ -319,7 +320,7 @@ CONFIG_KINDS = {
 # The sections each kind has and the router document has not. The gateway's are
 # `prefixroute.drivers.settings.DRIVER_SECTIONS` (a test keeps them equal): spelled out here
 # so that recognising a document imports no driver.
-_GATEWAY_KEYS = ("server", "endpoints", "scrape", "identity", "metrics", "kv_events", "models")
+_GATEWAY_KEYS = DRIVER_SECTIONS
 _SCENARIO_KEYS = ("name", "description", "duration_s", "metrics_interval_s", "workload")
 
 
@@ -328,7 +329,8 @@ def config_kind(doc: Mapping[str, Any]) -> str:
 
     `extproc` -> ext_proc config (it may hold the gateway's sections too);
     `server`, `endpoints` (a list), `scrape`, `identity`, `metrics`,
-    `kv_events`, `models` -> gateway config; `simulator` -> simulator policy; `name`, `description`,
+    `kv_events`, `models`, `shared_state` -> gateway config; `simulator` ->
+    simulator policy; `name`, `description`,
     `duration_s`, `metrics_interval_s`, `workload` or an `endpoints` mapping
     (`{count, profile}`) -> scenario; otherwise a router config (which is
     also a simulator policy without a `simulator` section). A document with

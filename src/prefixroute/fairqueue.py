@@ -23,21 +23,28 @@ The Virtual Token Counter (Sheng, Cao, Li, Zhu, Zheng, Gonzalez and Stoica,
 - whenever there is capacity, the backlogged tenant with the smallest counter
   sends its oldest request.
 
-Capacity: the fleet is saturated when the router's own in-flight requests
-reach `max_in_flight_per_endpoint` x the number of endpoints (exact and
-fresh, unlike scraped queues). With capacity and an empty queue a request is
-admitted at once (still charged), so fair queueing costs nothing until the
-fleet is full. Queues are bounded: a tenant with `max_queue_per_tenant`
-requests waiting gets 429 `queue-full` (its own excess; without this bound
-one burster could fill the shared queue and lock everybody else out), and a
-full shared queue (`max_queue`) answers 503 `queue-full`. A request
-deferred longer than `max_wait_s` is refused with 503 `deadline` by the
-next `release`: never dropped silently.
+Capacity: the fleet is saturated when the router's in-flight requests (its
+own, exact and fresh unlike scraped queues, plus the other replicas' as last
+synced when replicas share load) reach `max_in_flight_per_endpoint` x the
+number of endpoints. With capacity and an empty queue a request is admitted
+at once (still charged), so fair queueing costs nothing until the fleet is
+full. Queues are bounded: a tenant with `max_queue_per_tenant` requests
+waiting gets 429 `queue-full` (its own excess; without this bound one
+burster could fill the shared queue and lock everybody else out), and a full
+shared queue (`max_queue`) answers 503 `queue-full`. A request deferred
+longer than `max_wait_s` is refused with 503 `deadline` by the next
+`release`: never dropped silently.
 
 State is bounded: counters of tenants that are neither queued nor above the
 lifting floor are forgotten, since a returning tenant would be lifted to the
 floor anyway (exactly what forgetting gives, as long as the floor has not
 fallen since: it falls only when the whole queue drains).
+
+Several replicas share one virtual time (issue 15; the queues stay local):
+a driver takes each replica's charges (`take_charges`), adds them to a
+shared store (Redis ``HINCRBYFLOAT`` on one hash), and hands the store's
+per-tenant sums back (`apply_counters`), which raise the local counters to
+them. `FairQueueAdmission`'s docstring states the rule.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import attrs
 
@@ -94,7 +102,19 @@ class _Item:
 class _State:
     """FairQueueAdmission's mutable state: its `_state` field (`init=False`)."""
 
-    __slots__ = ("backlog", "counters", "heap", "last", "live", "queued", "seq", "waiting")
+    __slots__ = (
+        "backlog",
+        "charges",
+        "counters",
+        "heap",
+        "last",
+        "last_tenant",
+        "live",
+        "queued",
+        "seq",
+        "unshared",
+        "waiting",
+    )
 
     def __init__(self) -> None:
         self.counters: dict[str, float] = {}
@@ -107,6 +127,10 @@ class _State:
         self.waiting: deque[_Item] = deque()
         self.queued = 0
         self.last = 0.0  # counter of the last tenant that left the queue
+        self.last_tenant: str | None = None  # that tenant
+        # charges made since the last take_charges, per tenant; None until its first call
+        self.charges: dict[str, float] | None = None
+        self.unshared = 0  # charges left out of `charges` because it was full
 
 
 @attrs.define
@@ -123,7 +147,43 @@ class FairQueueAdmission:
     passed over) when a concurrency cap skips some; memory O(queued
     requests + recently served tenants). `check_invariants()` checks the
     bookkeeping.
+
+    Shared virtual time, for N replicas in front of one fleet (issue 15).
+    A tenant's virtual time is the service it received from the whole
+    fleet, so one served heavily through replica A waits its turn on
+    replica B too. A driver, every sync interval:
+
+    1. ``charges = take_charges()``: what this replica charged each tenant
+       (weighted tokens, after dividing by the tenant's weight) since the
+       previous call; the lifts are not charges and are not in it;
+    2. adds them to the store (Redis ``HINCRBYFLOAT <prefix>:vtc tenant
+       charge``), so the store holds each tenant's charges from every
+       replica, summed;
+    3. ``apply_counters(store)`` with that hash as read back.
+
+    The rule of `apply_counters`: for every tenant this replica knows (has
+    a counter for), ``counter := max(counter, global)``; a tenant it does
+    not know is not created (it gets its global value at the first sync
+    after it turns up here; memory stays bounded by local activity). A
+    backlogged tenant whose counter rose is re-queued in the release order
+    at its new counter, and when the last tenant to leave the queue rises,
+    so does the floor it set. Lifting a newly backlogged tenant to the
+    floor stays local: a lift is not service received, and two replicas
+    lifting the same tenant must not charge it twice. So counters never
+    fall, the floor never falls through a sync, and every counter is at
+    least the tenant's global service once synced: virtual time is the
+    fleet's, to within one sync interval of charges. Replicas must share
+    `weights`, `input_weight` and `output_weight` (one config), since the
+    store sums charges already divided by the weight.
+
+    Charges are recorded from the first call of `take_charges` on (a
+    replica that never shares keeps none), for at most `MAX_PENDING_TENANTS`
+    tenants between two calls; a further tenant's charges stay local only
+    (`unshared_charges` counts them).
     """
+
+    MAX_PENDING_TENANTS: ClassVar[int] = 65_536
+    """Tenants whose charges `take_charges` holds at most between two calls."""
 
     max_in_flight_per_endpoint: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     max_in_flight_per_tenant: int | None = attrs.field(
@@ -149,6 +209,54 @@ class FairQueueAdmission:
         """The tenant's virtual token counter (the lifting floor if it was forgotten)."""
         return self._state.counters.get(tenant, self._floor())
 
+    @property
+    def unshared_charges(self) -> int:
+        """Charges kept out of `take_charges` because `MAX_PENDING_TENANTS` were pending."""
+        return self._state.unshared
+
+    # -- shared virtual time (see the class docstring) ----------------------------
+
+    def take_charges(self) -> dict[str, float]:
+        """The charges made since the previous call, per tenant (> 0 each), and start afresh.
+
+        The first call returns ``{}`` and starts the recording. The caller
+        owns the dict. O(1).
+        """
+        st = self._state
+        taken = st.charges if st.charges is not None else {}
+        st.charges = {}
+        return taken
+
+    def apply_counters(self, counters: Mapping[str, float]) -> None:
+        """Raise known tenants' counters to the store's global `counters` (never lower them).
+
+        `counters` maps tenant to the sum of every replica's charges (the
+        store's hash). Tenants this replica has no counter for are left
+        out. A value this replica would read that is not a finite number
+        raises ValueError, and nothing is applied. O(min(len(counters),
+        known tenants) + raised backlogged tenants x log queued tenants).
+        """
+        st = self._state
+        known = st.counters
+        if len(counters) <= len(known):
+            pairs = [(t, v) for t, v in counters.items() if t in known]
+        else:
+            pairs = [(t, counters[t]) for t in known if t in counters]
+        raised: list[tuple[str, float]] = []
+        for tenant, value in pairs:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"counter of {tenant!r} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"counter of {tenant!r} must be finite, got {value!r}")
+            if value > known[tenant]:
+                raised.append((tenant, float(value)))
+        for tenant, value in raised:
+            known[tenant] = value
+            if tenant in st.backlog:
+                self._push(tenant)  # its old heap entry goes stale
+            if tenant == st.last_tenant and value > st.last:
+                st.last = value
+
     # -- the protocol -------------------------------------------------------------
 
     def admit(self, ctx: AdmissionContext) -> Rejection | Deferral | None:
@@ -160,6 +268,7 @@ class FairQueueAdmission:
             self._lift(tenant)
             self._charge(tenant, self.input_weight * ctx.prompt_tokens)
             st.last = st.counters[tenant]
+            st.last_tenant = tenant
             return None
         if st.queued >= self.max_queue:
             return Rejection(
@@ -304,7 +413,16 @@ class FairQueueAdmission:
         base = counters.get(tenant)
         if base is None:  # forgotten while idle: it was at or below the floor
             base = self._floor()
-        counters[tenant] = base + cost / self.weights.get(tenant, 1.0)
+        charge = cost / self.weights.get(tenant, 1.0)
+        counters[tenant] = base + charge
+        pending = self._state.charges
+        if pending is not None and charge > 0:
+            if tenant in pending:
+                pending[tenant] += charge
+            elif len(pending) < self.MAX_PENDING_TENANTS:
+                pending[tenant] = charge
+            else:
+                self._state.unshared += 1
 
     def _next_tenant(self) -> str | None:
         """Pop the backlogged tenant with the smallest counter (oldest entry on ties)."""
@@ -320,6 +438,7 @@ class FairQueueAdmission:
         del st.backlog[tenant]
         st.live.pop(tenant, None)
         st.last = st.counters[tenant]
+        st.last_tenant = tenant
 
     def _prune(self) -> None:
         """Forget idle tenants at or below the floor (they would be lifted to it anyway)."""

@@ -36,6 +36,15 @@ Memory is bounded whatever the number of tenants:
 `in_flight(tenant)` is exact for every tenant, tracked or not (admission's
 concurrency caps rely on it): a dict holds only tenants with requests in
 flight, so its size is bounded by the requests actually in flight.
+
+Ledgers merge (`TenantLedger.merge`): each replica of a gateway or picker
+keeps its own, and one view of several is a merge. Sums and histograms add
+up; the Space-Saving tables combine as in Parallel Space Saving (Cafaro,
+Pulimeno and Tempesta, "A parallel space saving algorithm for frequent items
+and the Hurwitz zeta distribution", Information Sciences 329, 2016,
+arXiv:1401.0702; the same combine step as ClickHouse's
+``SpaceSaving::merge``), which keeps the guarantees above for the union of
+the two streams.
 """
 
 from __future__ import annotations
@@ -162,7 +171,8 @@ class LedgerSnapshot:
 
     The tenants' figures plus `other`'s add up to `total`'s (for `requests`,
     count ``requests - count_error`` per tenant). `evictions` counts
-    Space-Saving replacements since the ledger was built.
+    Space-Saving replacements since the ledger was built (a merged ledger:
+    both ledgers' plus the rows the merge folded into ``other``).
     """
 
     tenants: tuple[TenantSnapshot, ...]
@@ -288,6 +298,40 @@ def _count_rejection(kinds: dict[str, int], kind: str, n: int) -> None:
     kinds[kind] = kinds.get(kind, 0) + n
 
 
+def _combined(parts: Iterable[_Account]) -> _Account:
+    """A new row holding the sum of `parts`, which stay unchanged. O(parts x occupied buckets).
+
+    Its count is its requests and its error 0 (an aggregate's; the caller
+    sets a tracked tenant's). Unlike `_Account.merge`, the result does not
+    depend on the order of `parts`: rejection kinds are summed first, and
+    when more than `MAX_REJECTION_KINDS` named kinds result, the least
+    frequent (ties: the later name) fold into ``"other"``.
+    """
+    row = _Account()
+    kinds: dict[str, int] = {}
+    for part in parts:
+        row.requests += part.requests
+        row.prompt += part.prompt
+        row.predicted += part.predicted
+        row.completed += part.completed
+        row.failed += part.failed
+        row.completed_prompt += part.completed_prompt
+        row.cached += part.cached
+        row.completed_predicted += part.completed_predicted
+        row.abs_error += part.abs_error
+        row.rejected += part.rejected
+        for kind, n in part.rejections.items():
+            kinds[kind] = kinds.get(kind, 0) + n
+        row.ttft.merge(part.ttft)
+        row.e2e.merge(part.e2e)
+    row.count = row.requests
+    named = sorted((k for k in kinds if k != OTHER), key=lambda k: (-kinds[k], k))
+    for kind in named[MAX_REJECTION_KINDS:]:
+        kinds[OTHER] = kinds.get(OTHER, 0) + kinds.pop(kind)
+    row.rejections = kinds
+    return row
+
+
 class TenantLedger:
     """Per-tenant accounting for a router, in memory bounded by `top_k` (see the module doc).
 
@@ -344,7 +388,9 @@ class TenantLedger:
         # (count when pushed, tie-break, tenant): one entry per unpinned tracked tenant.
         self._heap: list[tuple[int, int, str]] = []
         self._seq = 0
-        self._stream = 0  # requests of unpinned tenants: the Space-Saving stream length
+        # Sum of the unpinned Space-Saving counts: the stream length (unpinned tenants'
+        # requests), or at most it after a merge (the rows a merge drops take theirs away).
+        self._stream = 0
         self._evictions = 0
         self._other = _Account()
         self._total = _Account()  # its histograms are scratch, rebuilt by `snapshot`
@@ -498,6 +544,13 @@ class TenantLedger:
         """Requests routed and not yet completed, over all tenants. O(1)."""
         return self._in_flight_total
 
+    def in_flight_by_tenant(self) -> dict[str, int]:
+        """Every tenant with requests in flight, and how many (a copy). O(such tenants).
+
+        What a replica shares so that concurrency caps hold across replicas.
+        """
+        return dict(self._in_flight)
+
     def snapshot(self) -> LedgerSnapshot:
         """Every figure as frozen values, with fairness. O(k log k + k * buckets)."""
         flights = self._in_flight
@@ -560,6 +613,98 @@ class TenantLedger:
             ),
             prediction_mae=_ratio(total.prediction_abs_error_tokens, den),
         )
+
+    def merge(self, other: TenantLedger) -> TenantLedger:
+        """A new ledger as if one ledger had seen both `self`'s and `other`'s events.
+
+        Why: every gateway or picker replica keeps its own ledger (issue 15).
+        Prometheus sums the counters it scrapes, but the top-k table, the
+        latency quantiles and the fairness figures need one view of all
+        replicas: an operator's, a test's, the simulator's. Neither ledger
+        changes. How:
+
+        - Pinned rows, ``other``, the totals, in-flight counts, rejections
+          and latency histograms add up exactly (histograms bucket by
+          bucket, so quantiles keep their 3.85% bound).
+        - The unpinned tables combine as in Parallel Space Saving (module
+          docstring). A ledger's *floor* is its smallest unpinned count when
+          its table is full, else 0: the most requests an untracked tenant
+          can have had there. A tenant tracked by both ledgers sums counts
+          and errors; one tracked by one ledger only also gets the other's
+          floor added to its count and its error. The `top_k` largest counts
+          stay (ties: the smaller error, then the name); the other rows fold
+          into ``other`` as evicted rows do, and count as evictions. For the
+          union of the two streams, a tracked tenant's true count still lies
+          in ``[requests - count_error, requests]``, and every tenant with
+          more than ``N / top_k`` requests is tracked (the top_k kept counts
+          sum to at most the two ledgers' stream lengths).
+        - A row with more than `MAX_REJECTION_KINDS` named rejection kinds
+          folds the least frequent into ``"other"``.
+
+        The merge is commutative. It is associative, with an empty ledger as
+        its identity, while no merge drops a row or folds a rejection kind
+        (beyond that it loses precision as Space-Saving does; totals and
+        in-flight counts stay exact). Fed the union of the events of two
+        ledgers (a completion or rejection after its tenant's first request
+        in its own ledger), one ledger that evicted nobody equals their merge.
+
+        Cost: O((k + p) log k + occupied histogram buckets + tenants in
+        flight) for k = `top_k` and p pinned tenants. Raises ValueError when
+        the ledgers' `top_k`, `pinned` or `tail_quantile` differ (no single
+        bounded-memory rule would describe the result), TypeError when
+        `other` is not a `TenantLedger`.
+        """
+        if not isinstance(other, TenantLedger):
+            raise TypeError(f"can only merge a TenantLedger, got {type(other).__name__}")
+        for name, mine, theirs in (
+            ("top_k", self._top_k, other._top_k),
+            ("pinned", sorted(self._pinned), sorted(other._pinned)),
+            ("tail_quantile", self._tail_quantile, other._tail_quantile),
+        ):
+            if mine != theirs:
+                raise ValueError(
+                    f"cannot merge ledgers with different {name}: {mine!r} and {theirs!r}"
+                )
+        out = TenantLedger(
+            top_k=self._top_k, pinned=self._pinned, tail_quantile=self._tail_quantile
+        )
+        mine_rows, their_rows, pinned = self._table, other._table, self._pinned
+        for tenant in out._table:
+            out._table[tenant] = _combined((mine_rows[tenant], their_rows[tenant]))
+        floor_a, floor_b = self._floor(), other._floor()
+        rows: list[tuple[str, _Account]] = []
+        for tenant in sorted((mine_rows.keys() | their_rows.keys()) - pinned):
+            a, b = mine_rows.get(tenant), their_rows.get(tenant)
+            row = _combined(r for r in (a, b) if r is not None)
+            row.count = (floor_a if a is None else a.count) + (floor_b if b is None else b.count)
+            row.error = (floor_a if a is None else a.error) + (floor_b if b is None else b.error)
+            rows.append((tenant, row))
+        rows.sort(key=lambda tr: (-tr[1].count, tr[1].error, tr[0]))
+        kept, dropped = rows[: self._top_k], rows[self._top_k :]
+        # Heap entries pushed in (count, name) order: a sorted list is a heap.
+        for tenant, row in sorted(kept, key=lambda tr: (tr[1].count, tr[0])):
+            out._table[tenant] = row
+            out._seq += 1
+            out._heap.append((row.count, out._seq, tenant))
+        out._stream = sum(row.count for _, row in kept)
+        out._other = _combined((self._other, other._other, *(row for _, row in dropped)))
+        out._total = _combined((self._total, other._total))
+        out._total.ttft.clear()  # scratch, rebuilt by `snapshot`
+        out._total.e2e.clear()
+        out._evictions = self._evictions + other._evictions + len(dropped)
+        flights = dict(self._in_flight)
+        for tenant, n in other._in_flight.items():
+            flights[tenant] = flights.get(tenant, 0) + n
+        out._in_flight = flights
+        out._in_flight_total = self._in_flight_total + other._in_flight_total
+        return out
+
+    def _floor(self) -> int:
+        """The smallest unpinned count if the table is full, else 0. O(k)."""
+        if len(self._heap) < self._top_k:
+            return 0
+        table = self._table
+        return min(table[t].count for _, _, t in self._heap)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the table, heap, in-flight counts or sums are inconsistent."""

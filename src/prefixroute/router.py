@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import numpy as np
@@ -205,6 +205,14 @@ class _TrackedLoad(LoadTracker):
     def forget(self, endpoint: EndpointId) -> None:
         super().forget(endpoint)
         self._sync(endpoint)
+
+    def set_peers(
+        self, requests: Mapping[EndpointId, int], tokens: Mapping[EndpointId, int]
+    ) -> list[EndpointId]:
+        changed = super().set_peers(requests, tokens)
+        for endpoint in changed:
+            self._sync(endpoint)
+        return changed
 
     def check_invariants(self) -> None:
         """`LoadTracker`'s checks, and that the bound table's columns equal the counts."""
@@ -626,6 +634,10 @@ class Router:
             request, Rejection(503, reason, retry_after_s=1.0, kind="no-candidate"), now
         )
 
+    def prompt_tokens(self, request: Request) -> int:
+        """The prompt in tokens as admission sees it (for a driver's shared rate limits)."""
+        return self._prompt_tokens(request)
+
     def _prompt_tokens(self, request: Request) -> int:
         """The prompt in tokens: exact for token ids, else with the model's learned ratio."""
         if request.token_ids is not None:
@@ -794,6 +806,46 @@ class Router:
     def open_decisions(self) -> int:
         """Decisions made and not yet settled by `on_complete`. O(1)."""
         return len(self._open)
+
+    def apply_peer_decision(
+        self,
+        endpoint: EndpointId,
+        keys: npt.NDArray[np.uint64],
+        now: float,
+        *,
+        completed: bool = False,
+        session: tuple[str, str] | None = None,
+    ) -> bool:
+        """Record another replica's decision: `endpoint` gets `keys` as speculative entries.
+
+        What this router records for a decision of its own (the chain's
+        keys, speculative for `speculative_ttl_s` from `now`), so replicas
+        sharing their decisions (issue 15) keep one approximate index. With
+        `completed`, the peer's request was served by `endpoint`: its
+        entries become confirmed, as `on_complete` confirms this router's
+        own (without it a peer's entries would expire while the deciding
+        replica keeps its own: the simulator measured a third of the hit
+        rate lost on `mooncake`). Skipped, returning False, for an endpoint
+        in precise mode (its engine's events are the truth every replica
+        receives), removed from the pool, or a completion when
+        `confirm_on_complete` is off (a driver skips endpoints its pool
+        does not have). `session` (tenant, session id) binds that session to
+        `endpoint`, as this router's own decisions do (for session
+        affinity). O(keys).
+        """
+        _check_now(now)
+        if endpoint in self._removed:
+            return False
+        if session is not None:
+            self.load.bind_session(session, endpoint)
+        if endpoint in self._precise or not len(keys):
+            return False
+        if completed and not self.confirm_on_complete:
+            return False
+        index_keys = keys.tolist() if isinstance(self.index, PrefixIndex) else keys
+        until = None if completed else now + self.speculative_ttl_s
+        self.index.insert(endpoint, index_keys, speculative_until=until)
+        return True
 
     def observe(self, event: IndexEvent) -> None:
         """Apply a KV-cache or endpoint event to the router's state."""

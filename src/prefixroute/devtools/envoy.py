@@ -1,6 +1,6 @@
 """A real Envoy for tests and benchmarks: locate the binary, render an example config, run it.
 
-Used by the tests (`tests/test_envoy_e2e.py`) and by
+Used by the tests (`tests/test_envoy_e2e.py`, `tests/test_envoy_pickers.py`) and by
 `benchmarks/side_by_side.py`; it works from a checkout of the repository
 (`ROOT`, three folders above this package), where `.venv-envoy` and
 `examples/envoy/` live.
@@ -14,8 +14,8 @@ process we signal is Envoy itself).
 
 Configs are the shipped `examples/envoy/*.yaml`, loaded as YAML and changed in
 exactly the places a test must change (listener, admin and ext_proc ports,
-the model servers of the configs that list them), so the files the tests use
-are the files users run.
+the model servers of the configs that list them, the pickers of
+envoy-2pickers.yaml), so the files the tests use are the files users run.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ def render(
     ports: Ports,
     *,
     fallback: Sequence[str] = (),
+    pickers: Sequence[str] = (),
     without_filters: Sequence[str] = (),
     processing_mode: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -121,6 +122,8 @@ def render(
 
     `fallback` lists the model servers, for the configs that list them: the
     fail-open fallback cluster, the `inference` cluster of envoy-fallbacks.yaml.
+    `pickers` lists the ext_proc servers ("host:port"s) of the `extproc`
+    cluster, for envoy-2pickers.yaml; by default the one at `ports.extproc`.
 
     `without_filters` drops HTTP filters (and early header mutations) by name:
     the cluster-only test removes ext_proc and the header scrubber to send its
@@ -140,7 +143,7 @@ def render(
     early = manager["typed_config"].get("early_header_mutation_extensions", [])
     early[:] = [f for f in early if f["name"] not in without_filters]
     clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
-    _endpoints(clusters["extproc"], [f"127.0.0.1:{ports.extproc}"])
+    _endpoints(clusters["extproc"], list(pickers) or [f"127.0.0.1:{ports.extproc}"])
     for listed in ("inference_fallback", "inference"):
         if listed in clusters and clusters[listed].get("type") == "STATIC":
             if not fallback:

@@ -47,10 +47,17 @@ class Deferrals:
         router: Router,
         endpoints: Callable[[], Sequence[EndpointState]],
         clock: Callable[[], float],
+        *,
+        on_settled: Callable[[Decision, Usage, EndpointId | None], None] | None = None,
+        on_released: Callable[[Decision], None] | None = None,
     ) -> None:
         self.router = router
         self.endpoints = endpoints
         self.clock = clock
+        self.on_settled = on_settled
+        """Called after each settlement the router accepted (shared state shares it)."""
+        self.on_released = on_released
+        """Called with each released decision handed to its waiter (shared state shares it)."""
         self.deferring = isinstance(router.admission, Deferring)
         # id(request) -> (request, future); the request is held so its id stays unique
         self._waiters: dict[int, tuple[Request, asyncio.Future[Decision | Rejection]]] = {}
@@ -96,6 +103,8 @@ class Deferrals:
                 waiter = self._waiters.pop(id(request), None)
                 if waiter is not None and waiter[0] is request and not waiter[1].done():
                     waiter[1].set_result(outcome)
+                    if self.on_released is not None and isinstance(outcome, Decision):
+                        self.on_released(outcome)
                 elif isinstance(outcome, Decision):
                     self._settle(outcome, Usage(ok=False), None)
                     abandoned = True
@@ -137,3 +146,6 @@ class Deferrals:
             self.router.on_complete(decision, usage, self.clock(), served_by=served_by)
         except SettlementError as exc:
             log.error("settling a decision was refused (a driver bug): %s", exc)
+            return
+        if self.on_settled is not None:
+            self.on_settled(decision, usage, served_by)

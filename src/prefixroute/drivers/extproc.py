@@ -622,14 +622,7 @@ class _Stream:
                     retry_after_s=1.0,
                 )
         ex.begin()
-        t0 = time.perf_counter()
-        outcome = owner.router.route(request, states, owner.clock(), keys=prepared.keys)
-        elapsed = time.perf_counter() - t0
-        if isinstance(outcome, Decision):
-            owner.metrics.observe_decision(elapsed, "decision", decision=outcome)
-        else:
-            kind = "deferral" if isinstance(outcome, Deferral) else "rejection"
-            owner.metrics.observe_decision(elapsed, kind)
+        outcome = await owner.decide(request, states, prepared.keys)
         if isinstance(outcome, Deferral):
             outcome = await owner.wait(request, outcome)
             if isinstance(outcome, Decision) and self.subset is not None:

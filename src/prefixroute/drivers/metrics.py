@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -441,6 +442,14 @@ class GatewayMetrics:
         """
         self.registry.register(_KVEventsCollector(snapshots))
 
+    def add_shared_state(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        """Export the replica's shared-state link (`prefixroute_shared_state_*`) at scrape time.
+
+        `status` is `Coordinator.status` (issue 15): up or down, replicas
+        seen, verdicts and syncs answered locally, peer decisions applied.
+        """
+        self.registry.register(_SharedStateCollector(status))
+
     # -- the request path ---------------------------------------------------------------
 
     def model_label(self, model: str) -> str:
@@ -676,6 +685,60 @@ class _KVEventsCollector(Collector):
         yield precise
         yield mapped
         yield lag
+
+
+class _SharedStateCollector(Collector):
+    """The shared-state link of this replica (`Coordinator.status`), at scrape time."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]) -> None:
+        self._status = status
+
+    def describe(self) -> Iterable[Metric]:
+        """The families, without samples."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        """One sample per family. O(1)."""
+        return list(self._families(self._status()))
+
+    def _families(self, status: Mapping[str, Any] | None) -> Iterator[Metric]:
+        families = (
+            (
+                _gauge,
+                "prefixroute_shared_state_up",
+                "1 while the shared store (Redis) answers, 0 while this replica runs alone.",
+                lambda st: 1.0 if st["state"] == "up" else 0.0,
+            ),
+            (
+                _gauge,
+                "prefixroute_shared_state_replicas",
+                "Replicas seen alive in the shared store at the last sync (this one included).",
+                lambda st: st["replicas"],
+            ),
+            (
+                _counter,
+                "prefixroute_shared_state_fallbacks",
+                "Shared-store calls answered from local state (store down, slow or refusing).",
+                lambda st: st["fallbacks"],
+            ),
+            (
+                _counter,
+                "prefixroute_shared_state_local_verdicts",
+                "Rate-limit verdicts made on this replica's share, without the shared bucket.",
+                lambda st: st["local_verdicts"],
+            ),
+            (
+                _counter,
+                "prefixroute_shared_state_peer_decisions",
+                "Other replicas' decisions applied to this replica's index.",
+                lambda st: st["peer_decisions"],
+            ),
+        )
+        for make, name, doc, value in families:
+            family = make(name, doc, ())
+            if status is not None:
+                family.add_metric([], float(value(status)))
+            yield family
 
 
 class _ScrapeCollector(Collector):

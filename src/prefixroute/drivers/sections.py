@@ -16,7 +16,19 @@ import attrs
 from prefixroute.config import ConfigError, read_section
 from prefixroute.schema import build
 
-__all__ = ["build_section", "positive_number"]
+__all__ = ["DRIVER_SECTIONS", "build_section", "positive_number"]
+
+DRIVER_SECTIONS = (
+    "server",
+    "endpoints",
+    "scrape",
+    "identity",
+    "metrics",
+    "kv_events",
+    "models",
+    "shared_state",
+)
+"""The top-level sections a `DriverConfig` reads itself; the rest is the router's document."""
 
 
 def positive_number(_inst: object, attr: attrs.Attribute[float], value: float) -> None:

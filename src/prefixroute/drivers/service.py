@@ -9,8 +9,10 @@ checks the engines (telling the router when an endpoint leaves), the
 where deferred requests wait; and they turn a request body into a routed
 `Request` the same way (`RoutingService.read_request`: JSON, identity, the
 OpenAI parser, tenant isolation salts, asking a streaming engine for usage,
-then 404 for a model no endpoint serves). `RoutingService` is that shared
-part; each driver subclasses it.
+then 404 for a model no endpoint serves) and route it the same way
+(`RoutingService.decide`: with a `shared_state` section, one shared-state
+round trip first for a rate-limited tenant, `prefixroute.drivers.coordinator`).
+`RoutingService` is that shared part; each driver subclasses it.
 
 A body over `OFFLOAD_BYTES` (`TOKENS_OFFLOAD_BYTES` when tokenizers are
 configured: parsing then includes tokenizing) is parsed (and re-serialised when it changes) in
@@ -35,7 +37,9 @@ import numpy.typing as npt
 from prometheus_client import CollectorRegistry
 
 from prefixroute.blocks import Blocker
+from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.drivers.context import check_context
+from prefixroute.drivers.coordinator import Coordinator
 from prefixroute.drivers.deferral import Deferrals
 from prefixroute.drivers.errors import clip
 from prefixroute.drivers.kvevents import KVEventsManager
@@ -45,7 +49,7 @@ from prefixroute.drivers.settings import DriverConfig
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import EndpointRemoved
 from prefixroute.openai import parse_openai
-from prefixroute.request import Request, RequestError, is_text
+from prefixroute.request import Request, RequestError, Usage, is_text
 from prefixroute.router import Router
 
 __all__ = [
@@ -170,19 +174,37 @@ class RoutingService:
         self.identity = config.identity
         self.tokenizers = config.models
         self._offload_bytes = TOKENS_OFFLOAD_BYTES if config.models else OFFLOAD_BYTES
-        self.deferrals = Deferrals(self.router, self.pool.states, clock)
+        self.deferrals = Deferrals(
+            self.router,
+            self.pool.states,
+            clock,
+            on_settled=self._settled,
+            on_released=self._released,
+        )
+        self.coordinator: Coordinator | None = None
+        if config.shared_state is not None:
+            from prefixroute.drivers.shared import SharedState  # the `shared` extra
+
+            self.coordinator = Coordinator(
+                self.router, SharedState(config.shared_state), clock=clock
+            )
+            self.metrics.add_shared_state(self.coordinator.status)
         self.draining = False
         self._workers: concurrent.futures.ThreadPoolExecutor | None = None
 
     async def start_service(self, release_interval_s: float) -> None:
-        """Start the pool (one scrape and health round first) and the release ticker."""
+        """Start the pool (one scrape and health round first), shared state, the release ticker."""
         await self.pool.start()
         await self.kv_events.start()
+        if self.coordinator is not None:
+            await self.coordinator.start()
         self.deferrals.start(release_interval_s)
 
     async def stop_service(self, reason: str) -> None:
         """Answer requests still deferred with 503 (`reason`), stop the ticker and the pool."""
         await self.deferrals.stop(reason)
+        if self.coordinator is not None:
+            await self.coordinator.stop()
         await self.kv_events.stop()
         await self.pool.stop()
         if self._workers is not None:
@@ -194,6 +216,14 @@ class RoutingService:
 
     def _health_changed(self, endpoint: EndpointId, healthy: bool) -> None:
         self.kv_events.on_health(endpoint, healthy)
+
+    def _settled(self, decision: Decision, usage: Usage, served_by: EndpointId | None) -> None:
+        if self.coordinator is not None:
+            self.coordinator.after_complete(decision, usage, served_by)
+
+    def _released(self, decision: Decision) -> None:
+        if self.coordinator is not None:
+            self.coordinator.queue_decision(decision)
 
     def release_deferred(self) -> None:
         """Hand released requests to their waiting handlers (`Deferrals.release`)."""
@@ -366,6 +396,34 @@ class RoutingService:
             request=request, payload=payload, usage_asked=usage_asked, changed=forwarded is not None
         )
 
+    async def decide(
+        self,
+        request: Request,
+        states: Sequence[EndpointState],
+        keys: npt.NDArray[np.uint64] | None,
+    ) -> Decision | Rejection | Deferral:
+        """Route `request` over `states` and record the decision's metrics.
+
+        With shared state, a rate-limited tenant's bucket is taken in the
+        shared store first (one round trip, bounded by its `timeout_ms`), and
+        the decision is queued for the other replicas' indexes. The
+        decision-latency metric times `Router.route` alone.
+        """
+        coordinator = self.coordinator
+        if coordinator is not None:
+            await coordinator.before_route(request)
+        t0 = time.perf_counter()
+        outcome = self.router.route(request, states, self.clock(), keys=keys)
+        elapsed = time.perf_counter() - t0
+        if coordinator is not None:
+            coordinator.after_route(outcome)
+        if isinstance(outcome, Decision):
+            self.metrics.observe_decision(elapsed, "decision", decision=outcome)
+        else:
+            kind = "deferral" if isinstance(outcome, Deferral) else "rejection"
+            self.metrics.observe_decision(elapsed, kind)
+        return outcome
+
     def health_report(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) for `/health`: 200 with a healthy endpoint and not draining."""
         states = self.pool.states()
@@ -378,4 +436,6 @@ class RoutingService:
         }
         if self.kv_events.streams:  # each endpoint with KV events: precise or approximate, why
             body["kv_events"] = self.kv_events.modes()
+        if self.coordinator is not None:  # up, or down and serving on local state (still 200)
+            body["shared_state"] = self.coordinator.status()
         return (200 if status == "ok" else 503), body

@@ -3,12 +3,13 @@
 `prefixroute serve` (the gateway) and `prefixroute extproc` (the Envoy
 picker) read one document: the router sections that
 `prefixroute.config.load_config` accepts, plus `server`, `endpoints`,
-`scrape`, `identity` and `metrics`. The picker adds its own `extproc`
-section (`prefixroute.drivers.extproc.ExtProcConfig`). This module sits
-apart from both drivers so that neither one's optional dependencies
-(starlette and uvicorn, grpc and the Envoy protos) reach the other's import
-path, and so that `prefixroute.drivers.service`, which both build on, reads
-its configuration without importing a driver.
+`scrape`, `identity`, `metrics`, `kv_events`, `models` and `shared_state`.
+The picker adds its own `extproc` section
+(`prefixroute.drivers.extproc.ExtProcConfig`). This module sits apart from
+both drivers so that neither one's optional dependencies (starlette and
+uvicorn, grpc and the Envoy protos) reach the other's import path, and so
+that `prefixroute.drivers.service`, which both build on, reads its
+configuration without importing a driver.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from prefixroute.drivers.documents import read_document
 from prefixroute.drivers.identity import IdentityConfig
 from prefixroute.drivers.kvevents import KVEventsConfig
 from prefixroute.drivers.pool import EndpointSpec, ScrapeConfig, read_endpoints
-from prefixroute.drivers.sections import build_section, positive_number
+from prefixroute.drivers.sections import DRIVER_SECTIONS, build_section, positive_number
+from prefixroute.drivers.shared import SharedStateConfig
 from prefixroute.router import Router
 
 if TYPE_CHECKING:
@@ -50,8 +52,6 @@ _SERVER_KEYS = {
     "max_connections": "int",
 }
 _METRICS_KEYS = {"max_tenants": "int", "pool_name": "str"}
-DRIVER_SECTIONS = ("server", "endpoints", "scrape", "identity", "metrics", "kv_events", "models")
-"""The top-level sections a `DriverConfig` reads itself; the rest is the router's document."""
 
 
 @attrs.frozen
@@ -121,6 +121,8 @@ class DriverConfig:
     """The KV-event subscribers' knobs (docs/kv-events.md)."""
     models: Mapping[str, ModelTokenizer] = attrs.field(factory=dict)
     """Per model name, its loaded tokenizer and chat template (docs/tokens.md): token mode."""
+    shared_state: SharedStateConfig | None = None
+    """Where replicas share state (Redis; docs/replicas.md); None: this replica alone."""
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> DriverConfig:
@@ -147,6 +149,7 @@ class DriverConfig:
             metrics=build_section(doc, "metrics", _METRICS_KEYS, MetricsConfig),
             kv_events=KVEventsConfig.from_document(doc),
             models=_read_models(doc.get("models"), base_dir),
+            shared_state=SharedStateConfig.from_document(doc, base_dir=base_dir),
         )
 
     def build_router(self) -> Router:

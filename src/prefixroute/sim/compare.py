@@ -48,10 +48,15 @@ def run_policy(
     *,
     progress: Callable[[float], None] | None = None,
 ) -> Run:
-    """Simulate `scenario` routed by `policy`; deterministic given the scenario's seed."""
+    """Simulate `scenario` routed by `policy`; deterministic given the scenario's seed.
+
+    The router replicas are the policy's `simulator.routers` when it sets
+    them, else the scenario's `routers` (`prefixroute.sim.replicas`).
+    """
     started = time.perf_counter()
+    routers = policy.routers if policy.routers is not None else scenario.routers
     sim = Simulation(
-        policy.build(scenario.seed),
+        [policy.build(scenario.seed, replica=k) for k in range(routers.replicas)],
         make_source(scenario),
         endpoints=scenario.endpoints,
         engine=scenario.engine,
@@ -64,6 +69,7 @@ def run_policy(
         restarts=scenario.restarts,
         precise=policy.precise,
         seed=scenario.seed,
+        routers=routers,
     )
     sim.run()
     wall = time.perf_counter() - started

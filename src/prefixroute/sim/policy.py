@@ -6,6 +6,8 @@ an optional `simulator:` section the simulator reads and strips:
     simulator:
       kv_events: true   # feed the engines' KV-cache events to Router.observe
       precise: true     # and put every endpoint in precise mode (needs kv_events)
+      routers: {replicas: 4, balance: round-robin, sharing: decisions, delay_s: 0.01}
+                        # router replicas (prefixroute.sim.replicas); wins over the scenario's
 
 Built-in policies live in `prefixroute/sim/policies/NAME.yaml`; each file's
 header names the system it models, its sources and parameters
@@ -26,8 +28,12 @@ import attrs
 from prefixroute.config import ConfigError, ConfigFields, load_config
 from prefixroute.drivers.documents import read_document
 from prefixroute.router import Router
+from prefixroute.sim.replicas import Routers, parse_routers
 
-__all__ = ["Policy", "builtin_policies", "load_policy"]
+__all__ = ["REPLICA_SEED_STEP", "Policy", "builtin_policies", "load_policy"]
+
+REPLICA_SEED_STEP = 1_000_003
+"""How far apart the picker seeds of a run's router replicas are (`Policy.build`)."""
 
 
 @attrs.frozen
@@ -38,11 +44,20 @@ class Policy:
     document: dict[str, Any]
     kv_events: bool = False
     precise: bool = False
+    routers: Routers | None = None  # None: the scenario's
 
-    def build(self, seed: int) -> Router:
-        """A fresh router; the document's own `seed` wins over `seed` when it sets one."""
+    def build(self, seed: int, *, replica: int = 0) -> Router:
+        """A fresh router; the document's own `seed` wins over `seed` when it sets one.
+
+        Replica `k > 0` of a run with several gets the picker seed
+        `seed + k * REPLICA_SEED_STEP` (its own tie-breaks, as separate
+        processes would make); the hashing seed (`hashing.seed`) is the
+        document's, so every replica's block keys agree.
+        """
         doc = copy.deepcopy(self.document)
         doc.setdefault("seed", seed)
+        if replica:
+            doc["seed"] += replica * REPLICA_SEED_STEP
         return load_config(doc)
 
 
@@ -70,7 +85,8 @@ def load_policy(source: str | Path) -> Policy:
     precise = sim.boolean("precise", False)
     if precise and not kv_events:
         raise ConfigError("simulator.precise", "needs simulator.kv_events: true")
+    routers = parse_routers(sim.sub("routers")) if sim.has("routers") else None
     sim.done()
-    policy = Policy(name=name, document=doc, kv_events=kv_events, precise=precise)
+    policy = Policy(name=name, document=doc, kv_events=kv_events, precise=precise, routers=routers)
     policy.build(0)  # validate now, with the file's name in the error
     return policy

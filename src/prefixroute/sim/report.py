@@ -16,6 +16,13 @@ when one tenant gets all hits.
 `prediction_bias` and `prediction_mae` come from the router's own
 `TenantLedger`: (predicted - actual cached tokens) / prompt tokens, signed
 and absolute, i.e. how well the router's index foresaw the engines' hits.
+With several router replicas they are over every replica's ledger (the
+ledgers' totals summed).
+
+`routers` records the run's router replicas (`prefixroute.sim.replicas`):
+their count, balancer, sharing and delay, and how many requests the
+balancer sent each (`requests`). Reports name a run by its policy, and by
+`run_label` (e.g. `prefixroute x4 decisions`) when it has several replicas.
 
 `prediction` compares, per served request, the cached tokens the router
 predicted at its decision (`Decision.predicted_cached_tokens`) with those
@@ -47,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from prefixroute.sim.replicas import DEFAULT_CARRY, Routers
 from prefixroute.sim.simulation import Simulation
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "format_table",
     "format_tenants",
     "plot_runs",
+    "run_label",
     "summarize",
 ]
 
@@ -159,12 +168,42 @@ def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
 
 
 def _ledger(sim: Simulation) -> dict[str, Any]:
-    """What the router's own tenant ledger says (the figures an exporter would read)."""
-    fairness = sim.router.ledger.snapshot().fairness
+    """What the routers' own tenant ledgers say (the figures an exporter would read)."""
+    if len(sim.replicas) == 1:
+        fairness = sim.router.ledger.snapshot().fairness
+        return {
+            "prediction_bias": fairness.prediction_bias,
+            "prediction_mae": fairness.prediction_mae,
+        }
+    totals = [r.ledger.snapshot().total for r in sim.replicas]
+    den = sum(t.completed_prompt_tokens for t in totals)
+    predicted = sum(t.completed_predicted_cached_tokens for t in totals)
+    cached = sum(t.cached_tokens for t in totals)
+    error = sum(t.prediction_abs_error_tokens for t in totals)
     return {
-        "prediction_bias": fairness.prediction_bias,
-        "prediction_mae": fairness.prediction_mae,
+        "prediction_bias": (predicted - cached) / den if den else None,
+        "prediction_mae": error / den if den else None,
     }
+
+
+def _routers(sim: Simulation) -> dict[str, Any]:
+    """The run's router replicas and the requests the balancer sent each."""
+    return {**sim.routing.as_dict(), "requests": list(sim.replica_requests)}
+
+
+def run_label(result: dict[str, Any]) -> str:
+    """A run's name in reports: its policy, plus its replicas when it has several."""
+    routers = result.get("routers")
+    if not routers or routers["replicas"] == 1:
+        return str(result["policy"])
+    label = Routers(
+        replicas=routers["replicas"],
+        balance=routers["balance"],
+        sharing=routers["sharing"],
+        delay_s=routers["delay_s"],
+        carry=routers.get("carry", DEFAULT_CARRY),
+    ).label
+    return f"{result['policy']} {label}"
 
 
 def _prediction(sim: Simulation) -> dict[str, Any]:
@@ -244,6 +283,7 @@ def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> 
         "throughput_rps": float(ok.sum()) / makespan if makespan else 0.0,
         "output_tokens_per_s": outputs / makespan if makespan else 0.0,
         "tenants": {**_tenants(sim), **_ledger(sim)},
+        "routers": _routers(sim),
         "endpoint_requests": [split.get(i, 0) for i in range(len(sim.engines))],
         "preemptions": sum(e.stats.preemptions for e in engines),
         "events": sim.events,
@@ -262,8 +302,9 @@ def _pct(x: float | None) -> str:
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table, one row per run (times in milliseconds)."""
+    w = max([20, *(len(run_label(r)) for r in results)])
     head = (
-        f"{'policy':<20} {'hit':>6} {'ttft p50':>8} {'p95':>7} {'p99':>7} {'itl p50':>7} "
+        f"{'policy':<{w}} {'hit':>6} {'ttft p50':>8} {'p95':>7} {'p99':>7} {'itl p50':>7} "
         f"{'e2e p50':>8} {'p99':>7} {'req/s':>7} {'failed':>6} {'tail hit':>8} {'jain':>5}"
     )
     lines = [head, "-" * len(head)]
@@ -271,7 +312,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         t = r["tenants"]
         jain_s = "-" if t["jain_hit_rate"] is None else f"{t['jain_hit_rate']:.2f}"
         lines.append(
-            f"{r['policy']:<20} {_pct(r['hit_rate']):>6} {_ms(r['ttft_s']['p50']):>8} "
+            f"{run_label(r):<{w}} {_pct(r['hit_rate']):>6} {_ms(r['ttft_s']['p50']):>8} "
             f"{_ms(r['ttft_s']['p95']):>7} {_ms(r['ttft_s']['p99']):>7} "
             f"{_ms(r['itl_s']['p50']):>7} {_ms(r['e2e_s']['p50']):>8} "
             f"{_ms(r['e2e_s']['p99']):>7} {r['throughput_rps']:>7.1f} {r['failed']:>6} "
@@ -307,8 +348,9 @@ def format_tenants(result: dict[str, Any]) -> str:
 
 def format_fairness(results: Sequence[dict[str, Any]]) -> str:
     """Tenant fairness per run: head vs tail, Jain's indexes, the tail's latency, rejections."""
+    w = max([20, *(len(run_label(r)) for r in results)])
     head = (
-        f"{'policy':<20} {'head hit':>8} {'tail hit':>8} {'jain hit':>8} {'jain ttft':>9} "
+        f"{'policy':<{w}} {'head hit':>8} {'tail hit':>8} {'jain hit':>8} {'jain ttft':>9} "
         f"{'tail ttft p50':>13} {'p99':>7} {'429s':>6}"
     )
     lines = [head, "-" * len(head)]
@@ -321,7 +363,7 @@ def format_fairness(results: Sequence[dict[str, Any]]) -> str:
             return "-" if x is None else f"{x:.2f}"
 
         lines.append(
-            f"{r['policy']:<20} {_pct(t['head_hit_rate']):>8} {_pct(t['tail_hit_rate']):>8} "
+            f"{run_label(r):<{w}} {_pct(t['head_hit_rate']):>8} {_pct(t['tail_hit_rate']):>8} "
             f"{j(t['jain_hit_rate']):>8} {j(t['jain_ttft']):>9} "
             f"{_ms(tail['ttft_s']['p50']):>13} {_ms(tail['ttft_s']['p99']):>7} {rejected:>6}"
         )

@@ -19,6 +19,11 @@
         on_gap: clear             # a gap not replayed: clear the endpoint, or keep its entries
     restarts:                     # engines that die and come back with an empty cache
       - {endpoint: 0, at_s: 60, down_s: 15}   # endpoint index, when, how long down
+    routers:                      # router replicas (prefixroute.sim.replicas)
+      replicas: 1                 # default 1: one router, as before
+      balance: round-robin        # round-robin | random | hash
+      sharing: none               # none | decisions | events
+      delay_s: 0.0                # how late shared decisions and in-flight counts arrive
     workload: {...}               # see prefixroute.sim.workload_schema
 
 Unknown keys are refused with their path. Built-in scenarios live in
@@ -38,6 +43,7 @@ import attrs
 from prefixroute.drivers.documents import read_document
 from prefixroute.sim.cost import PROFILES, CostModel
 from prefixroute.sim.engine import EngineConfig
+from prefixroute.sim.replicas import Routers, parse_routers
 from prefixroute.sim.schema import Fields, ScenarioError
 from prefixroute.sim.simulation import EventLink, Restart
 
@@ -60,6 +66,7 @@ class Scenario:
     base_dir: Path
     link: EventLink = attrs.field(factory=EventLink)
     restarts: tuple[Restart, ...] = ()
+    routers: Routers = attrs.field(factory=Routers)
 
     def with_overrides(
         self,
@@ -68,6 +75,7 @@ class Scenario:
         duration_s: float | None = None,
         seed: int | None = None,
         link: EventLink | None = None,
+        routers: Routers | None = None,
     ) -> Scenario:
         """A copy with the command line's overrides applied (ScenarioError if invalid)."""
         if endpoints is not None and endpoints < 1:
@@ -82,6 +90,7 @@ class Scenario:
             duration_s=self.duration_s if duration_s is None else duration_s,
             seed=self.seed if seed is None else seed,
             link=self.link if link is None else link,
+            routers=self.routers if routers is None else routers,
         )
 
 
@@ -153,6 +162,7 @@ def _parse(doc: object, base: Path) -> Scenario:
             )
         )
         r.done()
+    routers = parse_routers(top.sub("routers"))
     workload = top.raw("workload")
     if not isinstance(workload, dict):
         raise ScenarioError("workload", "is required and must be a mapping")
@@ -175,4 +185,5 @@ def _parse(doc: object, base: Path) -> Scenario:
         base_dir=base,
         link=link,
         restarts=tuple(restarts),
+        routers=routers,
     )

@@ -46,6 +46,16 @@ is back, `down_s` later, with an empty cache; it observes
 back; with events, the restarted engine's batch numbers start again at 0,
 which clears it too).
 
+Router replicas (`prefixroute.sim.replicas`): with `routers.replicas` N > 1
+the simulator runs N `Router`s in front of the same engines; a balancer
+sends each arriving request to one, which routes it, releases it when it
+deferred it, and gets its completion. Every replica sees the same scraped
+snapshots and, restarts being the pool's knowledge, every replica observes
+a restarted engine's `AllBlocksCleared`. What else they learn of each
+other (KV events, each other's decisions and in-flight counts, `delay_s`
+late) is `routers.sharing`, described in that module; shared decisions and
+counts travel through the same heap as everything else.
+
 Events are kept in one heap ordered by (time, insertion order), so runs are
 deterministic: the same scenario, policy and seed give the same result.
 """
@@ -70,9 +80,15 @@ from prefixroute.request import Usage
 from prefixroute.router import Router
 from prefixroute.sim.cost import CostModel
 from prefixroute.sim.engine import Completion, Engine, EngineConfig, SeqHandle
+from prefixroute.sim.replicas import Balancer, Routers
 from prefixroute.sim.source import SimRequest, Source
 
 __all__ = ["EventLink", "EventStats", "Outcomes", "PolicyMismatch", "Restart", "Simulation"]
+
+
+_DecisionRecord = tuple[
+    int, EndpointId, Sequence[int], float, float | None, tuple[str, str] | None
+]  # replica, endpoint, block keys, TTL, cold placement time, session (Simulation._decided)
 
 
 class PolicyMismatch(ValueError):
@@ -80,6 +96,7 @@ class PolicyMismatch(ValueError):
 
 
 _ARRIVE, _DELIVER, _STEP_END, _REFRESH, _EVENTS, _CRASH, _RECOVER = range(7)
+_SHARE, _CONFIRM, _PEER = range(7, 10)  # what replicas share, delay_s late
 _LOAD_SAMPLES = 600  # per-endpoint load samples kept for plots
 REPLAY_BUFFER_STEPS = 10_000  # batches an engine can replay (vLLM's `buffer_steps` default)
 
@@ -209,12 +226,18 @@ class Simulation:
     readable after. Arrivals stop at `duration_s`; requests in flight then
     drain for at most `drain_s` more (those still unfinished count as 504).
     `link` (KV events), `restarts`, `precise` and `seed` (of the event
-    losses) are described in the module docstring.
+    losses and the random balancer) are described in the module docstring.
+
+    `router` is one `Router`, or one per replica (`routers.replicas` of
+    them, all built from the same policy); `routers` says how requests
+    reach them and what they share (`prefixroute.sim.replicas`). `router`
+    is the first replica; `replicas` lists them all, and
+    `replica_requests` counts the requests the balancer sent each.
     """
 
     def __init__(
         self,
-        router: Router,
+        router: Router | Sequence[Router],
         source: Source,
         *,
         endpoints: int,
@@ -229,12 +252,33 @@ class Simulation:
         restarts: Sequence[Restart] = (),
         precise: bool = False,
         seed: int = 0,
+        routers: Routers | None = None,
     ) -> None:
+        replicas = [router] if isinstance(router, Router) else list(router)
+        routing = routers if routers is not None else Routers(replicas=len(replicas))
+        if len(replicas) != routing.replicas:
+            raise ValueError(
+                f"routers.replicas is {routing.replicas} but {len(replicas)} routers were given"
+            )
+        router = replicas[0]
         if endpoints < 1:
             raise ValueError(f"endpoints must be >= 1, got {endpoints}")
         if not metrics_interval_s > 0:
             raise ValueError(f"metrics_interval_s must be > 0, got {metrics_interval_s}")
         self.router = router
+        self.replicas = replicas
+        self.routing = routing
+        self.replica_requests = [0] * len(replicas)
+        self._balancer = Balancer(routing, seed)
+        several = len(replicas) > 1
+        # what replicas share (prefixroute.sim.replicas)
+        self._share_decisions = several and routing.sharing == "decisions"
+        self._share_delay = routing.delay_s
+        self._carry_completions = "completions" in routing.carry
+        self._carry_cold = "cold" in routing.carry
+        self._carry_sessions = "sessions" in routing.carry
+        self._contrib: list[dict[EndpointId, list[int]]] = [{} for _ in replicas]
+        self._peers_stale = [False] * len(replicas)
         self.source = source
         self.cost = cost
         self.duration_s = duration_s
@@ -257,6 +301,8 @@ class Simulation:
             )
         if precise and not kv_events:
             raise PolicyMismatch("precise mode needs kv_events")
+        if several and routing.sharing != "events":  # events reach every replica or none
+            kv_events = precise = False
         for r in restarts:
             if r.endpoint >= endpoints:
                 raise ValueError(f"a restart names endpoint {r.endpoint} of {endpoints}")
@@ -285,13 +331,14 @@ class Simulation:
         self.load: list[list[int]] = [[] for _ in self.ids]
         self._heap: list[tuple[float, int, int, object]] = []
         self._tie = itertools.count()
-        self._pending: dict[int, tuple[SimRequest, Decision]] = {}
+        self._pending: dict[int, tuple[SimRequest, Decision, int]] = {}  # and its replica
         self._deferred: dict[int, SimRequest] = {}  # id(request) -> waiting in admission
         self._snapshots: list[EndpointState] = []
         self._refresh(0.0)
         if precise:
-            for eid in self.ids:
-                router.observe(ModeChanged(eid, True))
+            for replica in replicas:
+                for eid in self.ids:
+                    replica.observe(ModeChanged(eid, True))
 
     @property
     def all_engines(self) -> list[Engine]:
@@ -347,6 +394,12 @@ class Simulation:
                 busy += self._crash(payload, t)  # type: ignore[arg-type]
             elif kind == _RECOVER:
                 self._recover(payload, t)  # type: ignore[arg-type]
+            elif kind == _SHARE:
+                self._apply_decision(*cast(_DecisionRecord, payload), t)
+            elif kind == _CONFIRM:
+                self._apply_completion(*cast(tuple[int, EndpointId, Sequence[int], bool], payload))
+            elif kind == _PEER:
+                self._apply_load(*cast(tuple[int, EndpointId, int, int], payload))
             else:
                 self._refresh(t)
                 self._push(t + self.metrics_interval_s, _REFRESH, None)
@@ -354,21 +407,24 @@ class Simulation:
                     busy += self._release(t)
                 if progress is not None and self.events % 64 == 0:
                     progress(t)
-        for sim, decision in self._pending.values():  # still unfinished: timed out
+        for sim, decision, k in self._pending.values():  # still unfinished: timed out
             served = self._where[id(sim)][0]
-            self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[served])
+            self._settle(k, decision, Usage(ok=False), t, served_by=self.ids[served])
             self.outcomes.add(sim, endpoint=served, status=504)
         self._where.clear()
         self._pending.clear()
-        if self._deferred:  # still waiting for admission: let every deadline pass
-            for request, outcome in self.router.release(self._snapshots, math.inf):
+        for router in self.replicas:
+            if not self._deferred:
+                break
+            # still waiting for admission: let every deadline pass
+            for request, outcome in router.release(self._snapshots, math.inf):
                 sim = self._deferred.pop(id(request))
                 if isinstance(outcome, Rejection):
                     self.outcomes.add(
                         sim, endpoint=-1, status=outcome.status, retry_after_s=outcome.retry_after_s
                     )
                 else:  # routed at the very end: it can no longer run
-                    self.router.on_complete(outcome, Usage(ok=False), t)
+                    router.on_complete(outcome, Usage(ok=False), t)
                     self.outcomes.add(sim, endpoint=self._index[outcome.endpoint], status=504)
         for sim in self._deferred.values():  # never answered by the policy
             self.outcomes.add(sim, endpoint=-1, status=504)
@@ -376,31 +432,41 @@ class Simulation:
         return self.outcomes
 
     def _arrive(self, sim: SimRequest, t: float) -> int:
-        decision = self.router.route(sim.request, self._snapshots, t)
+        k = self._balancer.pick(sim.request)
+        self.replica_requests[k] += 1
+        if self._peers_stale[k]:
+            self._sync_peers(k)
+        decision = self.replicas[k].route(sim.request, self._snapshots, t)
         if isinstance(decision, Deferral):
             self._deferred[id(sim.request)] = sim
             return 0
-        return self._dispatch(sim, decision, t)
+        return self._dispatch(sim, decision, t, k)
 
     def _release(self, t: float) -> int:
-        """Hand deferred requests the router lets go to their engines (or their rejections)."""
+        """Hand deferred requests the routers let go to their engines (or their rejections)."""
         added = 0
-        for request, outcome in self.router.release(self._snapshots, t):
-            added += self._dispatch(self._deferred.pop(id(request)), outcome, t)
+        for k, router in enumerate(self.replicas):
+            if self._peers_stale[k]:
+                self._sync_peers(k)
+            for request, outcome in router.release(self._snapshots, t):
+                added += self._dispatch(self._deferred.pop(id(request)), outcome, t, k)
         return added
 
-    def _dispatch(self, sim: SimRequest, decision: Decision | Rejection, t: float) -> int:
+    def _dispatch(self, sim: SimRequest, decision: Decision | Rejection, t: float, k: int) -> int:
+        """Send `sim` where replica `k` decided (or answer its rejection); the events added."""
         if isinstance(decision, Rejection):
             self.outcomes.add(
                 sim, endpoint=-1, status=decision.status, retry_after_s=decision.retry_after_s
             )
             return self._follow(sim, t, ok=False)
+        if self._share_decisions:
+            self._decided(k, decision, t)
         i = self._index[decision.endpoint]
         if not self.engines[i].fits(sim):
-            self.router.on_complete(decision, Usage(ok=False), t)
+            self._settle(k, decision, Usage(ok=False), t)
             self.outcomes.add(sim, endpoint=i, status=400)
             return self._follow(sim, t, ok=False)
-        self._pending[id(sim)] = (sim, decision)
+        self._pending[id(sim)] = (sim, decision, k)
         self._where[id(sim)] = (i, None)
         self._push(t + self.cost.frontend_latency_s, _DELIVER, (i, sim, decision))
         return 1
@@ -435,9 +501,8 @@ class Simulation:
         if self.kv_events:
             self._forward_events(i, t)
         added = 0
-        router = self.router
         for c in done:
-            sim, decision = self._pending.pop(id(c.sim))
+            sim, decision, k = self._pending.pop(id(c.sim))
             del self._where[id(c.sim)]
             usage = Usage(
                 prompt_tokens=c.prompt_tokens,
@@ -446,7 +511,7 @@ class Simulation:
                 ttft_s=c.first_token_s - sim.arrival_s,
                 e2e_s=c.finished_s - sim.arrival_s,
             )
-            router.on_complete(decision, usage, t, served_by=self.ids[i])
+            self._settle(k, decision, usage, t, served_by=self.ids[i])
             self.outcomes.add(
                 sim, endpoint=i, status=200, predicted=decision.predicted_cached_tokens, done=c
             )
@@ -463,6 +528,149 @@ class Simulation:
             return 0
         self._push(max(nxt.arrival_s, t), _ARRIVE, (nxt, None))
         return 1
+
+    # -- replicas ----------------------------------------------------------------------
+
+    def _settle(
+        self,
+        k: int,
+        decision: Decision,
+        usage: Usage,
+        t: float,
+        *,
+        served_by: EndpointId | None = None,
+    ) -> None:
+        """Replica `k`'s `on_complete` for its `decision`, and what its peers learn of it.
+
+        They learn that its in-flight count went down and, with `completions`
+        carried, what the deciding router's `on_complete` does to its index
+        (approximate mode): a successful request's blocks confirmed where it
+        was served, or inserted as confirmed when it was served elsewhere or
+        outlived the speculative TTL.
+        """
+        router = self.replicas[k]
+        router.on_complete(decision, usage, t, served_by=served_by)
+        if not self._share_decisions:
+            return
+        self._load_delta(k, decision.endpoint, -1, -decision.load_tokens, t)
+        served = served_by or decision.endpoint
+        if (
+            not (usage.ok and self._carry_completions and router.confirm_on_complete)
+            or router.is_precise(served)
+            or not decision.block_keys
+        ):
+            return
+        late = served != decision.endpoint or t - decision.decided_at >= router.speculative_ttl_s
+        record = (k, served, decision.block_keys, late)
+        if self._share_delay:
+            self._push(t + self._share_delay, _CONFIRM, record)
+        else:
+            self._apply_completion(*record)
+
+    def _decided(self, k: int, decision: Decision, t: float) -> None:
+        """Share replica `k`'s new `decision`: its speculative blocks and its in-flight count.
+
+        With `cold` carried, whether it was a cold placement (no endpoint
+        matched any block: the router's `note_cold`); with `sessions`, its
+        session binding.
+        """
+        self._load_delta(k, decision.endpoint, 1, decision.load_tokens, t)
+        request = decision.request
+        record = (
+            k,
+            decision.endpoint,
+            decision.block_keys,
+            self.replicas[k].speculative_ttl_s,
+            t if self._carry_cold and not decision.matches else None,
+            None
+            if request.session is None or not self._carry_sessions
+            else (request.tenant, request.session),
+        )
+        if self._share_delay:
+            self._push(t + self._share_delay, _SHARE, record)
+        else:
+            self._apply_decision(*record, t)
+
+    def _apply_decision(
+        self,
+        k: int,
+        endpoint: EndpointId,
+        keys: Sequence[int],
+        ttl: float,
+        cold_at: float | None,
+        session: tuple[str, str] | None,
+        t: float,
+    ) -> None:
+        """A decision record of replica `k` reaches the others at `t`.
+
+        Applied as the deciding router recorded it (`Router._route_admitted`):
+        its blocks speculative on `endpoint` until `t + ttl`, so a peer's next
+        request with that prefix follows it; the cold placement (`cold_at`,
+        kept only when later than the peer's own) and the session binding.
+        O(replicas x blocks).
+        """
+        until = t + ttl
+        for j, router in enumerate(self.replicas):
+            if j == k:
+                continue
+            if keys:
+                router.index.insert(endpoint, keys, speculative_until=until)
+            load = router.load
+            if cold_at is not None:
+                last = load.last_cold(endpoint)
+                if last is None or last < cold_at:
+                    load.note_cold(endpoint, cold_at)
+            if session is not None:
+                load.bind_session(session, endpoint)
+
+    def _apply_completion(
+        self, k: int, served: EndpointId, keys: Sequence[int], late: bool
+    ) -> None:
+        """Replica `k`'s completion record reaches the others: as its own `on_complete` did."""
+        for j, router in enumerate(self.replicas):
+            if j == k:
+                continue
+            if late:
+                router.index.insert(served, keys)
+            else:
+                router.index.confirm(served, keys)
+
+    def _load_delta(
+        self, k: int, endpoint: EndpointId, requests: int, tokens: int, t: float
+    ) -> None:
+        """Replica `k`'s in-flight count on `endpoint` changed; the others see it `delay_s` on."""
+        if self._share_delay:
+            self._push(t + self._share_delay, _PEER, (k, endpoint, requests, tokens))
+        else:
+            self._apply_load(k, endpoint, requests, tokens)
+
+    def _apply_load(self, k: int, endpoint: EndpointId, requests: int, tokens: int) -> None:
+        """Apply one change of replica `k`'s shared contribution; the others resync lazily. O(R)."""
+        contrib = self._contrib[k]
+        c = contrib.get(endpoint)
+        if c is None:
+            c = contrib[endpoint] = [0, 0]
+        c[0] += requests
+        c[1] += tokens
+        if c[0] <= 0:
+            del contrib[endpoint]
+        stale = self._peers_stale
+        for j in range(len(stale)):
+            if j != k:
+                stale[j] = True
+
+    def _sync_peers(self, j: int) -> None:
+        """Give replica `j` the sum of the others' contributions (`LoadTracker.set_peers`)."""
+        requests: dict[EndpointId, int] = {}
+        tokens: dict[EndpointId, int] = {}
+        for k, contrib in enumerate(self._contrib):
+            if k == j:
+                continue
+            for eid, (n, w) in contrib.items():
+                requests[eid] = requests.get(eid, 0) + n
+                tokens[eid] = tokens.get(eid, 0) + w
+        self.replicas[j].load.set_peers(requests, tokens)
+        self._peers_stale[j] = False
 
     # -- what the router sees ------------------------------------------------------
 
@@ -514,11 +722,11 @@ class Simulation:
             handle = self._where[key][1]
             if handle is None:
                 continue  # still on its way: refused on delivery, then falls back
-            sim, decision = self._pending[key]
+            sim, decision, k = self._pending[key]
             if self.engines[i].first_token_s(handle) is not None:  # streaming had begun
                 del self._pending[key]
                 del self._where[key]
-                self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[i])
+                self._settle(k, decision, Usage(ok=False), t, served_by=self.ids[i])
                 self.outcomes.add(sim, endpoint=i, status=502)
                 self.event_stats.failed += 1
                 added += self._follow(sim, t, ok=False)
@@ -550,9 +758,9 @@ class Simulation:
                 self._where[id(sim)] = (j, None)
                 self._push(t + self.cost.frontend_latency_s, _DELIVER, (j, sim, decision))
                 return 1
-        del self._pending[id(sim)]
+        k = self._pending.pop(id(sim))[2]
         del self._where[id(sim)]
-        self.router.on_complete(decision, Usage(ok=False), t, served_by=self.ids[failed])
+        self._settle(k, decision, Usage(ok=False), t, served_by=self.ids[failed])
         self.outcomes.add(sim, endpoint=failed, status=503)
         self.event_stats.failed += 1
         return self._follow(sim, t, ok=False)
@@ -625,7 +833,9 @@ class Simulation:
                 held.pop(k, None)
                 gone.append(k)
         if gone:
-            self.router.observe(BlockRemoved(eid, gone))
+            event: BlockRemoved | BlockStored = BlockRemoved(eid, gone)
+            for router in self.replicas:
+                router.observe(event)
         new = []
         for k in stored:
             n = held.get(k, 0)
@@ -633,10 +843,14 @@ class Simulation:
             if not n:
                 new.append(k)
         if new:
-            self.router.observe(BlockStored(eid, new))
+            event = BlockStored(eid, new)
+            for router in self.replicas:
+                router.observe(event)
 
     def _clear(self, i: int) -> None:
         """Forget what engine `i` holds: at the router and in the receiver's counts."""
         self.event_stats.cleared += 1
         self._held[i].clear()
-        self.router.observe(AllBlocksCleared(self.ids[i]))
+        event = AllBlocksCleared(self.ids[i])
+        for router in self.replicas:
+            router.observe(event)

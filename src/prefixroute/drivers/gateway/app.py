@@ -326,15 +326,7 @@ class Gateway(RoutingService):
         client_usage = not prepared.usage_asked
 
         ex.begin()
-        now = self.clock()
-        t0 = time.perf_counter()
-        outcome = self.router.route(request, self.pool.states(), now, keys=prepared.keys)
-        elapsed = time.perf_counter() - t0
-        if isinstance(outcome, Decision):
-            self.metrics.observe_decision(elapsed, "decision", decision=outcome)
-        else:
-            kind = "deferral" if isinstance(outcome, Deferral) else "rejection"
-            self.metrics.observe_decision(elapsed, kind)
+        outcome = await self.decide(request, self.pool.states(), prepared.keys)
         if isinstance(outcome, Deferral):
             released = await self._wait(http, request, outcome)
             if released is None:
