@@ -16,19 +16,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from prefixroute.decision import Deferral
-from prefixroute.endpoint import EndpointId, EndpointState
+from prefixroute.endpoint import EndpointId
 from prefixroute.fairqueue import FairQueueAdmission
 from prefixroute.load import LoadTracker
 from prefixroute.plugins import AdmissionContext
 from prefixroute.request import Request, Usage
+from tests.test_fairqueue import EPS, NoTenants
 
-EPS = [EndpointState(id="e0", address="10.0.0.1:8000")]
 E0 = EndpointId("e0")
-
-
-class NoTenants:
-    def in_flight(self, tenant: str) -> int:
-        return 0
 
 
 def ctx(tenant: str, tokens: int, load: LoadTracker, now: float = 0.0) -> AdmissionContext:
