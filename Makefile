@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench side-by-side inference-perf envoy vllm engine-truth redis lint typecheck clean
+.PHONY: test demo bench side-by-side inference-perf envoy vllm engine-truth redis peers real-peers lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,5 +81,19 @@ inference-perf: $(STAMP)
 engine-truth: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m benchmarks.engine_truth
 
+# sglang-router 0.3.2 and vllm-router 0.1.17 (PyPI) in .venv-peers for benchmarks/real_peers.py
+# (docs/simulator.md, "Peers, real vs simulated")
+PEERS_STAMP := .venv-peers/.peers-sglang-0.3.2-vllm-0.1.17
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP):
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --quiet sglang-router==0.3.2 vllm-router==0.1.17
+	touch $(PEERS_STAMP)
+
+real-peers: $(STAMP) $(PEERS_STAMP)
+	$(BIN)/python -m benchmarks.real_peers --runs 3 --json real_peers.json
+
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-sglang .venv-envoy .venv-inference-perf .pytest_cache .mypy_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .venv-vllm .venv-sglang .venv-envoy .venv-inference-perf .venv-peers .pytest_cache .mypy_cache .ruff_cache .benchmarks

@@ -50,6 +50,7 @@ from prefixroute.pickers import (
     SoftmaxPicker,
     WeightedRandomPicker,
 )
+from prefixroute.predictive import PredictedLatencyScorer, SloFilter
 from prefixroute.router import _TrackedLoad, default_profile
 from prefixroute.scorers import (
     UNIT_ROW_SCORERS,
@@ -185,10 +186,11 @@ FILTERS = [
     SaturationFilter(max_waiting=3, max_kv_usage=0.5),
     HotSpotFilter(),
     HotSpotFilter(ratio=1.0, slack=0.0),
+    SloFilter(),  # no objectives here: keeps all (with objectives: tests/test_latency.py)
 ]
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(situation=situations(), which=st.sampled_from(range(len(FILTERS))))
 def test_every_filters_rows_equal_its_list(
     situation: tuple[RouteContext, RouteContext, np.ndarray], which: int
@@ -261,10 +263,12 @@ SCORERS = [
     ConsistentHashScorer(key="tenant"),
     KVCostScorer(),
     KVCostScorer(overlap_score_weight=0.3, scale=7.0),
+    PredictedLatencyScorer(),
+    PredictedLatencyScorer(scale_ms=50.0, tpot_weight=100.0, quantile=0.9),
 ]
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(
     situation=situations(),
     which=st.sampled_from(range(len(SCORERS))),
@@ -294,7 +298,7 @@ def test_every_scorers_rows_equal_its_list_bit_for_bit(
         assert scorer.score_rows(arrayed, rows).tobytes() == expected.tobytes()
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(situation=situations(), which=st.sampled_from(range(len(SCORERS))))
 def test_the_unit_scorers_rows_stay_within_0_and_1(
     situation: tuple[RouteContext, RouteContext, np.ndarray], which: int

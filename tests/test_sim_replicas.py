@@ -224,6 +224,10 @@ def test_replicas_sharing_everything_at_once_decide_as_one_router() -> None:
     )
     # the same run but for which endpoint a random tie-break named (replicas' own seeds)
     a, b = comparable(four.summary), comparable(one.summary)
+    # with `latency` carried every replica's model learned every completion: the same errors,
+    # counted once per replica
+    ma, mb = a.pop("latency_model"), b.pop("latency_model")
+    assert ma["samples"] == 4 * mb["samples"] and ma["ttft_mae_s"] == mb["ttft_mae_s"]
     assert sorted(a.pop("endpoint_requests")) == sorted(b.pop("endpoint_requests"))
     assert a == b
     same = columns(four.simulation)

@@ -9,6 +9,10 @@ The document, every key optional:
     router:   {speculative_ttl_s: 30.0, precise_speculative_ttl_s: 2.0,
                confirm_on_complete: true}  # engine_block_size: unset = as scraped, else 16
     tenants:  {top_k: 128, pinned: [], tail_quantile: 0.5}   # the TenantLedger
+    objectives: {ttft_ms: 500, tpot_ms: 50,  # latency objectives per request (default: none)
+                 tenants: {acme: {ttft_ms: 200}}}  # per tenant; a request's headers win
+    latency:  {forgetting: 0.99, clip: 4.0,   # the online latency model (prefixroute.latency)
+               prior: {ttft_base_s: 0.03, prefill_s_per_token: 0.0001, ...}}  # LatencyPrior
     plugins:                     # instances: type, name (default: the type), parameters
       - {type: prefix-affinity-scorer, name: prefix, parameters: {length_weight: 0.2}}
     profiles:                    # plugin references; weights apply to scorers only
@@ -35,10 +39,19 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 from prefixroute.admission import AdmissionChain
 from prefixroute.blocks import Blocker
 from prefixroute.compiled_index import make_index
 from prefixroute.index import Tier
+from prefixroute.latency import (
+    NO_OBJECTIVES,
+    LatencyModel,
+    LatencyPrior,
+    ObjectivePolicy,
+    Objectives,
+)
 from prefixroute.ledger import TenantLedger
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
 from prefixroute.profile import Profile, WeightedScorer
@@ -53,7 +66,18 @@ __all__ = [
     "read_section",
 ]
 
-_TOP_KEYS = ("seed", "hashing", "index", "router", "tenants", "plugins", "profiles", "profile")
+_TOP_KEYS = (
+    "seed",
+    "hashing",
+    "index",
+    "router",
+    "tenants",
+    "objectives",
+    "latency",
+    "plugins",
+    "profiles",
+    "profile",
+)
 # Section schemas: key -> the JSON type its value must have.
 _HASHING = {
     "mode": "str",
@@ -127,6 +151,8 @@ def load_config(source: Mapping[str, Any], *, registry: Registry | None = None) 
 
     profile, admission = _profiles(top, registry)
     parts = {
+        "objectives": _objectives(top.sub("objectives")),
+        "latency": _latency(top.sub("latency")),
         "profile": profile,
         "blocker": blocker,
         "index": index,
@@ -135,6 +161,56 @@ def load_config(source: Mapping[str, Any], *, registry: Registry | None = None) 
         "rng": random.Random(seed),
     }
     return build(Router, router_kwargs, "router", error=ConfigError, base=parts)
+
+
+def _objective(section: ConfigFields, base: Objectives) -> Objectives:
+    """One `{ttft_ms, tpot_ms}` entry, milliseconds in, seconds out; unset axes from `base`."""
+    values = []
+    for key, fallback in (("ttft_ms", base.ttft_s), ("tpot_ms", base.tpot_s)):
+        if section.raw(key) is None:
+            values.append(fallback)
+        else:
+            values.append(section.number(key, 0.0, above=0.0) / 1000.0)
+    return Objectives(*values)
+
+
+def _objectives(section: ConfigFields) -> ObjectivePolicy:
+    """The `objectives` section: defaults for every request, then per tenant."""
+    section.allow("ttft_ms", "tpot_ms", "tenants")
+    default = _objective(section, NO_OBJECTIVES)
+    tenants = section.sub("tenants")
+    per_tenant = {}
+    for name in tenants.doc:
+        entry = tenants.sub(name)
+        entry.allow("ttft_ms", "tpot_ms")
+        per_tenant[name] = _objective(entry, default)
+    return ObjectivePolicy(default=default, tenants=per_tenant)
+
+
+_PRIOR = {f.name: "float" for f in attrs.fields(LatencyPrior)}
+
+
+def _latency(section: ConfigFields) -> LatencyModel:
+    """The `latency` section: the online model's parameters and cold-start prior."""
+    section.allow("forgetting", "clip", "prior")
+    fields = section.sub("prior")
+    fields.allow(*_PRIOR)
+    prior = build(
+        LatencyPrior,
+        {key: fields.typed(key, _PRIOR[key]) for key in fields.doc},
+        fields.path,
+        error=ConfigError,
+    )
+    return build(
+        LatencyModel,
+        {
+            "forgetting": section.number("forgetting", 0.99, min=0.5, max=1.0),
+            "clip": section.number("clip", 4.0, above=0.0),
+        },
+        section.path,
+        error=ConfigError,
+        base={"prior": prior},
+    )
 
 
 def _plugins(top: ConfigFields, registry: Registry) -> dict[str, object]:

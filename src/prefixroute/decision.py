@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from prefixroute.endpoint import EndpointId
+from prefixroute.latency import NO_OBJECTIVES, LatencyNote, Objectives
 from prefixroute.request import Request
 
 __all__ = ["CandidateIds", "Decision", "Deferral", "Rejection"]
@@ -105,6 +106,11 @@ class Decision:
     array) and the tuples are built on first read: most decisions are
     forwarded and settled without anyone reading them. `keys` is the block
     keys as the router's read-only uint64 array.
+
+    `latency` is the latency model's note for the chosen endpoint (its
+    predicted TTFT and TPOT, also as `predicted_ttft_s` / `predicted_tpot_s`,
+    and the features it learns from at completion); `objectives` the latency
+    objectives the request is held to (its own, else its tenant's default).
     """
 
     endpoint: EndpointId
@@ -130,6 +136,18 @@ class Decision:
     epoch: int = attrs.field(default=0, repr=False)
     serial: int = attrs.field(default=0, repr=False)
     issuer: object = attrs.field(default=None, repr=False)
+    latency: LatencyNote | None = attrs.field(default=None, repr=False)
+    objectives: Objectives = attrs.field(default=NO_OBJECTIVES, repr=False)
+
+    @property
+    def predicted_ttft_s(self) -> float | None:
+        """The model's mean TTFT for the chosen endpoint at decision time, seconds."""
+        return None if self.latency is None else self.latency.ttft_s
+
+    @property
+    def predicted_tpot_s(self) -> float | None:
+        """The model's mean TPOT for the chosen endpoint at decision time, seconds."""
+        return None if self.latency is None else self.latency.tpot_s
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _REPR)

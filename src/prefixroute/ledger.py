@@ -57,6 +57,7 @@ from types import MappingProxyType
 import attrs
 
 from prefixroute.histogram import LatencySummary, LogHistogram
+from prefixroute.latency import Objectives
 
 __all__ = [
     "DEFAULT_TOP_K",
@@ -106,6 +107,10 @@ class TenantSnapshot:
     prompt tokens, `predicted_hit_rate` predicted / decided prompt tokens
     (None when the denominator is 0). `in_flight` is exact. `rejections`
     maps a kind (``rate-limit``, ``concurrency``, ...) to a count.
+    `slo_requests` counts the requests held to a latency objective that
+    ended (completed, failed or rejected) and `slo_met` those that completed
+    ok within every objective set; `attainment` is their ratio (goodput is
+    `slo_met` per second, a rate of the counter).
     """
 
     tenant: str
@@ -122,6 +127,8 @@ class TenantSnapshot:
     in_flight: int = 0
     rejected: int = 0
     rejections: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_counts, hash=False)
+    slo_requests: int = 0
+    slo_met: int = 0
     ttft: LatencySummary = _NO_LATENCY
     e2e: LatencySummary = _NO_LATENCY
 
@@ -134,6 +141,11 @@ class TenantSnapshot:
     def predicted_hit_rate(self) -> float | None:
         """Predicted cached / prompt tokens at decision; None when nothing was routed."""
         return _ratio(self.predicted_cached_tokens, self.prompt_tokens)
+
+    @property
+    def attainment(self) -> float | None:
+        """Requests within their latency objectives / requests held to one; None when none."""
+        return _ratio(self.slo_met, self.slo_requests)
 
 
 @attrs.frozen(slots=True)
@@ -222,6 +234,8 @@ class _Account:
         "rejected",
         "rejections",
         "requests",
+        "slo_met",
+        "slo_requests",
         "ttft",
     )
 
@@ -239,6 +253,8 @@ class _Account:
         self.abs_error = 0
         self.rejected = 0
         self.rejections: dict[str, int] = {}
+        self.slo_requests = 0
+        self.slo_met = 0
         self.ttft = LogHistogram()
         self.e2e = LogHistogram()
 
@@ -255,6 +271,8 @@ class _Account:
         self.completed_predicted += other.completed_predicted
         self.abs_error += other.abs_error
         self.rejected += other.rejected
+        self.slo_requests += other.slo_requests
+        self.slo_met += other.slo_met
         for kind, n in other.rejections.items():
             _count_rejection(self.rejections, kind, n)
         self.ttft.merge(other.ttft)
@@ -267,6 +285,7 @@ class _Account:
         self.requests = self.prompt = self.predicted = 0
         self.completed = self.failed = self.completed_prompt = self.cached = 0
         self.completed_predicted = self.abs_error = self.rejected = 0
+        self.slo_requests = self.slo_met = 0
         self.rejections.clear()
         self.ttft.clear()
         self.e2e.clear()
@@ -287,9 +306,16 @@ class _Account:
             in_flight=in_flight,
             rejected=self.rejected,
             rejections=self.rejections,
+            slo_requests=self.slo_requests,
+            slo_met=self.slo_met,
             ttft=self.ttft.summary(),
             e2e=self.e2e.summary(),
         )
+
+
+def _seconds(value: float | None) -> float | None:
+    """A measured duration, or None when unknown (None, negative or not finite)."""
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 def _count_rejection(kinds: dict[str, int], kind: str, n: int) -> None:
@@ -320,6 +346,8 @@ def _combined(parts: Iterable[_Account]) -> _Account:
         row.completed_predicted += part.completed_predicted
         row.abs_error += part.abs_error
         row.rejected += part.rejected
+        row.slo_requests += part.slo_requests
+        row.slo_met += part.slo_met
         for kind, n in part.rejections.items():
             kinds[kind] = kinds.get(kind, 0) + n
         row.ttft.merge(part.ttft)
@@ -468,14 +496,18 @@ class TenantLedger:
         heapq.heapreplace(heap, (current + 1, self._seq, tenant))
         return row
 
-    def on_rejection(self, tenant: str, *, kind: str, now: float) -> None:
+    def on_rejection(self, tenant: str, *, kind: str, now: float, slo: bool = False) -> None:
         """A request of `tenant` was rejected (`kind`: a short stable label such as ``rate-limit``).
 
         At most `MAX_REJECTION_KINDS` kinds are kept per row; later kinds count as ``other``.
+        `slo`: the request was held to a latency objective, which it missed.
         """
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"kind must be a non-empty string, got {kind!r}")
         row = self._table.get(tenant, self._other)
+        if slo:
+            row.slo_requests += 1
+            self._total.slo_requests += 1
         row.rejected += 1
         _count_rejection(row.rejections, kind, 1)
         total = self._total
@@ -493,6 +525,8 @@ class TenantLedger:
         e2e_s: float | None,
         ok: bool,
         now: float,
+        objectives: Objectives | None = None,
+        tpot_s: float | None = None,
     ) -> None:
         """A routed request of `tenant` ended (`ok` False: it failed).
 
@@ -500,6 +534,10 @@ class TenantLedger:
         prompt, actual and predicted cached tokens, and its TTFT and
         end-to-end latency (seconds; None, negative or non-finite: unknown,
         left out of the summaries); a failed one only counts as failed.
+        With `objectives` set, the request counts toward `slo_requests`, and
+        toward `slo_met` when it completed ok with `ttft_s` and `tpot_s`
+        within them (`Objectives.met`); an answer that was not streamed (no
+        `ttft_s`) reached its client whole, and is judged on `e2e_s`.
         """
         if prompt_tokens < 0 or cached_tokens < 0 or predicted_cached_tokens < 0:
             raise ValueError(
@@ -517,6 +555,13 @@ class TenantLedger:
             self._in_flight_total -= 1
         row = self._table.get(tenant, self._other)
         total = self._total
+        if objectives is not None and objectives.any:
+            row.slo_requests += 1
+            total.slo_requests += 1
+            first = _seconds(ttft_s if ttft_s is not None else e2e_s)  # not streamed: all at once
+            if ok and objectives.met(first, _seconds(tpot_s)):
+                row.slo_met += 1
+                total.slo_met += 1
         if not ok:
             row.failed += 1
             total.failed += 1
@@ -741,6 +786,9 @@ class TenantLedger:
             if named > MAX_REJECTION_KINDS or sum(row.rejections.values()) != row.rejected:
                 raise AssertionError(f"bad rejection counts: {row.rejections}")
         parts = [*table.values(), self._other]
+        for row in (*parts, self._total):
+            if not 0 <= row.slo_met <= row.slo_requests:
+                raise AssertionError(f"slo_met {row.slo_met} outside [0, {row.slo_requests}]")
         for name in _SUMMED:
             got = sum(getattr(row, name) for row in parts)
             if got != getattr(self._total, name):
@@ -760,4 +808,6 @@ _SUMMED = (
     "completed_predicted",
     "abs_error",
     "rejected",
+    "slo_requests",
+    "slo_met",
 )

@@ -27,6 +27,7 @@ import numpy.typing as npt
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState, EndpointTable, Rows
 from prefixroute.index import PrefixMatch
+from prefixroute.latency import NO_OBJECTIVES, LatencyModel, Objectives
 from prefixroute.load import LoadTracker
 from prefixroute.request import Request, Usage
 
@@ -69,7 +70,9 @@ class RouteContext:
     `block_keys` is the request's chain of block keys (a list of ints, built
     on first read when the router passed its uint64 array). `table` is the
     router's `EndpointTable` of `endpoints` (None when a plugin is driven
-    without a router); the array capabilities read it.
+    without a router); the array capabilities read it. `latency` is the
+    router's `LatencyModel` (None without a router) and `objectives` the
+    latency objectives the request is held to (its own, else its tenant's).
     """
 
     __slots__ = (
@@ -78,9 +81,11 @@ class RouteContext:
         "_candidates",
         "_rows",
         "endpoints",
+        "latency",
         "load",
         "matches",
         "now",
+        "objectives",
         "prompt_tokens",
         "request",
         "rng",
@@ -103,8 +108,12 @@ class RouteContext:
         load: LoadTracker,
         tenants: TenantView | None = None,
         table: EndpointTable | None = None,
+        latency: LatencyModel | None = None,
+        objectives: Objectives = NO_OBJECTIVES,
     ) -> None:
         self.request = request
+        self.latency = latency
+        self.objectives = objectives
         self.tenants = tenants
         self.now = now
         self.rng = rng

@@ -38,6 +38,7 @@ from prefixroute.pickers import (
     WeightedRandomPicker,
 )
 from prefixroute.plugins import AdmissionPolicy, Filter, Picker, Scorer
+from prefixroute.predictive import PredictedLatencyScorer, SloFilter
 from prefixroute.schema import DocumentError, build
 from prefixroute.scorers import (
     ColdSpreadScorer,
@@ -156,6 +157,8 @@ _BUILTINS: tuple[tuple[str, Callable[..., object]], ...] = (
     ("cold-spread-scorer", ColdSpreadScorer),
     ("consistent-hash-scorer", ConsistentHashScorer),
     ("kv-cost-scorer", KVCostScorer),
+    ("predicted-latency-scorer", PredictedLatencyScorer),
+    ("slo-filter", SloFilter),
     ("max-score-picker", MaxScorePicker),
     ("weighted-random-picker", WeightedRandomPicker),
     ("power-of-two-picker", PowerOfTwoPicker),

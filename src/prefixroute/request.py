@@ -93,6 +93,14 @@ class Request:
     lone surrogate, which JSON can carry, is refused: ids are hashed and
     exported as UTF-8), while `prompt`, `model` and `cache_salt` may hold
     any string.
+
+    Latency objectives (issue 16; drivers read them from `x-slo-ttft-ms`,
+    `x-slo-tpot-ms` and `x-prediction-based-scheduling`, as llm-d does):
+    `slo_ttft_s` and `slo_tpot_s` are the client's objectives for time to
+    first token and time per output token, in seconds (> 0, finite; None:
+    the tenant's configured default, if any). `predictive` turns the
+    predicted-latency plugins on (True) or off (False) for this request;
+    None leaves it to their configuration.
     """
 
     model: str
@@ -112,6 +120,9 @@ class Request:
     max_tokens: int | None = None
     request_id: str | None = None
     stream: bool = False
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    predictive: bool | None = None
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -137,6 +148,16 @@ class Request:
                 raise RequestError(f"{name} must be valid text (no lone surrogates)", field=name)
         if not isinstance(self.stream, bool):
             raise RequestError("stream must be a boolean", field="stream")
+        for name in ("slo_ttft_s", "slo_tpot_s"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and 0.0 < value < math.inf
+            ):
+                raise RequestError(f"{name} must be a number of seconds > 0", field=name)
+        if self.predictive is not None and not isinstance(self.predictive, bool):
+            raise RequestError("predictive must be a boolean or None", field="predictive")
 
 
 def _check_tokens(_inst: object, attr: attrs.Attribute[int], value: int) -> None:

@@ -47,10 +47,10 @@ from prefixroute.filters import (
     HotSpotFilter,
     ModelFilter,
     RoleFilter,
-    SaturationFilter,
     StaleMetricsFilter,
 )
 from prefixroute.index import PrefixIndex
+from prefixroute.latency import NO_OBJECTIVES, LatencyModel, ObjectivePolicy, Objectives
 from prefixroute.ledger import TenantLedger
 from prefixroute.load import LoadTracker
 from prefixroute.pickers import MaxScorePicker
@@ -61,6 +61,7 @@ from prefixroute.plugins import (
     Deferring,
     RouteContext,
 )
+from prefixroute.predictive import PredictedLatencyScorer, SloFilter
 from prefixroute.profile import Profile, WeightedScorer
 from prefixroute.request import Request, Usage
 from prefixroute.scorers import (
@@ -99,13 +100,19 @@ def _check_now(now: float) -> None:
 
 
 def default_profile() -> Profile:
-    """The default profile: prefix affinity balanced against exact and scraped load.
+    """The default profile: prefix affinity balanced against load, in scores and in seconds.
 
     Filters: healthy, serves-model, role (both/prefill), stale-metrics guard,
-    saturation guard, hot-spot guard (in-flight above 1.5 x the mean + 4).
-    Scorers (weight): prefix affinity 3, router in-flight 2, queue depth 1,
-    KV utilisation 1, session affinity 1, LoRA affinity 1, cold spreader 1.
-    Picker: max-score with random tie-break.
+    hot-spot guard (in-flight above 1.5 x the mean + 4), latency objectives
+    (`slo-filter`: sheds a sheddable request, priority < 0, that no endpoint
+    is predicted to serve within its objectives; otherwise keeps every
+    candidate). Scorers (weight): prefix affinity 3, router in-flight 2,
+    queue depth 1, KV utilisation 1, session affinity 1, LoRA affinity 1,
+    cold spreader 1, predicted latency 2 (0.5 at 200 ms). Picker: max-score
+    with random tie-break. Until issue 16 the profile also had a saturation
+    filter and no latency scorer: the simulator measured the new one level
+    or better on every built-in scenario and on held-out traffic
+    (docs/simulator.md "Predicted latency").
     """
     return Profile(
         name="default",
@@ -114,8 +121,8 @@ def default_profile() -> Profile:
             ("model-filter", ModelFilter()),
             ("role-filter", RoleFilter()),
             ("stale-metrics-filter", StaleMetricsFilter()),
-            ("saturation-filter", SaturationFilter()),
             ("hot-spot-filter", HotSpotFilter()),
+            ("slo-filter", SloFilter(on_miss="shed", prefer=False)),
         ),
         scorers=(
             WeightedScorer("prefix", PrefixAffinityScorer(), 3.0),
@@ -125,6 +132,7 @@ def default_profile() -> Profile:
             WeightedScorer("session", SessionAffinityScorer(), 1.0),
             WeightedScorer("lora", LoraAffinityScorer(), 1.0),
             WeightedScorer("cold", ColdSpreadScorer(), 1.0),
+            WeightedScorer("latency", PredictedLatencyScorer(scale_ms=200.0), 2.0),
         ),
         picker=("max-score-picker", MaxScorePicker()),
     )
@@ -347,6 +355,8 @@ class Router:
         confirm_on_complete: bool = True,
         engine_block_size: int | None = None,
         precise_speculative_ttl_s: float = DEFAULT_PRECISE_SPECULATIVE_TTL_S,
+        objectives: ObjectivePolicy | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         if not (math.isfinite(speculative_ttl_s) and speculative_ttl_s > 0):
             raise ValueError(f"speculative_ttl_s must be > 0, got {speculative_ttl_s!r}")
@@ -371,6 +381,9 @@ class Router:
         self.confirm_on_complete = confirm_on_complete
         self.engine_block_size = engine_block_size
         self.chars_per_token = CharsPerToken(self.blocker.chars_per_token)
+        self.objectives = objectives if objectives is not None else ObjectivePolicy()
+        self._has_defaults = self.objectives.default.any or bool(self.objectives.tenants)
+        self.latency = latency if latency is not None else LatencyModel()
         self._precise: set[EndpointId] = set()
         self._block_sizes: dict[EndpointId, int] = {}  # engine block size per endpoint, if known
         self.counters = RouterCounters()
@@ -486,8 +499,15 @@ class Router:
 
     def _reject(self, request: Request, rejection: Rejection, now: float) -> Rejection:
         self.counters.rejections += 1
-        self.ledger.on_rejection(request.tenant, kind=rejection.kind, now=now)
+        slo = self._objectives(request).any
+        self.ledger.on_rejection(request.tenant, kind=rejection.kind, now=now, slo=slo)
         return rejection
+
+    def _objectives(self, request: Request) -> Objectives:
+        """The latency objectives `request` is held to. O(1)."""
+        if self._has_defaults or request.slo_ttft_s is not None or request.slo_tpot_s is not None:
+            return self.objectives.resolve(request)
+        return NO_OBJECTIVES
 
     def _route_admitted(
         self,
@@ -519,6 +539,7 @@ class Router:
         )
         matches = self.index.match(index_keys)
         table = self._table
+        objectives = self._objectives(request)
         ctx = RouteContext(
             request=request,
             now=now,
@@ -530,6 +551,8 @@ class Router:
             load=self.load,
             tenants=self.ledger,
             table=table,
+            latency=self.latency,
+            objectives=objectives,
         )
         ctx.endpoints = endpoints
 
@@ -541,14 +564,14 @@ class Router:
             for name, flt in profile.filters:
                 rows = flt.filter_rows(ctx, rows)  # type: ignore[attr-defined]
                 if not len(rows):
-                    return self._no_candidate(request, name, now)
+                    return self._no_candidate(request, name, now, flt)
             ctx.set_rows(rows)
         else:
             candidates = list(endpoints)
             for name, flt in profile.filters:
                 candidates = flt.filter(ctx, candidates)
                 if not candidates:
-                    return self._no_candidate(request, name, now)
+                    return self._no_candidate(request, name, now, flt)
             ctx.candidates = candidates
             if profile.row_scorers:
                 rows = table.rows_of(candidates)
@@ -586,6 +609,15 @@ class Router:
             reusable = min(int(matched * tokens_per_block), prompt_tokens - 1)
             predicted = max(0, reusable - reusable % engine_block)
         load_tokens = prompt_tokens - predicted + (request.max_tokens or 0)
+        load = self.load
+        note = self.latency.on_route(
+            chosen_id,
+            prompt_tokens - predicted,
+            now,
+            requests=load.requests(chosen_id),
+            tokens=load.tokens(chosen_id),
+            waiting=int(table.waiting[table.row[chosen_id]]),
+        )
 
         if len(keys):
             self.index.insert(chosen_id, index_keys, speculative_until=now + self.speculative_ttl_s)
@@ -626,9 +658,15 @@ class Router:
             epoch=self._generation(chosen_id),
             serial=self._serial,
             issuer=self._token,
+            latency=note,
+            objectives=objectives,
         )
 
-    def _no_candidate(self, request: Request, name: str, now: float) -> Rejection:
+    def _no_candidate(self, request: Request, name: str, now: float, flt: object) -> Rejection:
+        """503 `no-candidate`, or the filter's own `empty_rejection` when it has one (`slo`)."""
+        own = getattr(flt, "empty_rejection", None)
+        if isinstance(own, Rejection):
+            return self._reject(request, own, now)
         reason = f"no endpoint can serve model {request.model!r}: {name} left no candidate"
         return self._reject(
             request, Rejection(503, reason, retry_after_s=1.0, kind="no-candidate"), now
@@ -753,6 +791,7 @@ class Router:
         if not usage.ok:
             counters.failures += 1
         counters.actual_cached_tokens += cached
+        judged_tpot = self._tpot(usage)[1]
         self.ledger.on_complete(
             decision.request.tenant,
             prompt_tokens=prompt,
@@ -762,6 +801,8 @@ class Router:
             e2e_s=usage.e2e_s,
             ok=usage.ok,
             now=now,
+            objectives=decision.objectives,
+            tpot_s=judged_tpot,
         )
         if self._listening:
             self.admission.on_complete(decision, usage, now)  # type: ignore[attr-defined]
@@ -769,6 +810,12 @@ class Router:
         if self._generations.get(decision.endpoint) != decision.epoch:
             return
         self.load.finish(decision.endpoint, decision.load_tokens)
+        sample = self.latency_sample(decision, usage, now, served_by=served_by)
+        if sample is not None:
+            assert decision.latency is not None
+            self.latency.on_complete(
+                decision.endpoint, decision.latency, ttft_s=sample[0], tpot_s=sample[1]
+            )
         keys = decision._block_keys
         if not len(keys):
             return
@@ -792,6 +839,46 @@ class Router:
             self.index.insert(served, keys)
         else:
             self.index.confirm(served, keys)
+
+    def latency_sample(
+        self,
+        decision: Decision,
+        usage: Usage,
+        now: float,
+        *,
+        served_by: EndpointId | None = None,
+    ) -> tuple[float | None, float | None] | None:
+        """What `on_complete` teaches the latency model: (TTFT, TPOT) at `decision.endpoint`.
+
+        None when it teaches nothing (failed, served by another endpoint, no
+        note). The TTFT leaves out the wait before the decision (a deferral
+        queue's): the client measured it from arrival, `now - usage.e2e_s`.
+        A simulator sharing everything between replicas feeds their models
+        the same sample. O(1).
+        """
+        if not usage.ok or decision.latency is None or served_by not in (None, decision.endpoint):
+            return None
+        ttft = usage.ttft_s
+        if ttft is not None and usage.e2e_s is not None:
+            ttft = max(0.0, ttft - max(0.0, decision.decided_at - (now - usage.e2e_s)))
+        return ttft, self._tpot(usage)[0]
+
+    @staticmethod
+    def _tpot(usage: Usage) -> tuple[float | None, float | None]:
+        """The measured TPOT (streamed answers), and the TPOT objectives are judged on.
+
+        A streamed answer's TPOT is (e2e - TTFT) / (tokens - 1); one that was
+        not streamed (no TTFT) has no TPOT to learn from, and is judged on
+        e2e / tokens (GIE's normalised time per output token). None under 2
+        tokens or for a failed request.
+        """
+        n = usage.completion_tokens
+        if not usage.ok or usage.e2e_s is None or n < 2:
+            return None, None
+        if usage.ttft_s is None:
+            return None, usage.e2e_s / n
+        tpot = max(0.0, usage.e2e_s - usage.ttft_s) / (n - 1)
+        return tpot, tpot
 
     def is_precise(self, endpoint: EndpointId) -> bool:
         """Whether `endpoint` is in precise mode (its KV events are the truth). O(1)."""
@@ -868,6 +955,7 @@ class Router:
             case EndpointRemoved(endpoint=eid):
                 self.index.remove_endpoint(eid)
                 self.load.forget(eid)
+                self.latency.forget(eid)
                 self._precise.discard(eid)
                 self._block_sizes.pop(eid, None)
                 self._capacity_seen.pop(eid, None)

@@ -21,6 +21,25 @@ Rules, in order:
 - Priority: `priority_header` (`x-priority`) holds an integer or a name that
   `priorities` maps to one (e.g. `{critical: 1, standard: 0, sheddable: -1}`);
   anything else is 400. Absent: 0.
+- Latency objectives (issue 16), with llm-d's header names:
+  `slo_ttft_header` (`x-slo-ttft-ms`) and `slo_tpot_header` (`x-slo-tpot-ms`)
+  hold a decimal number of milliseconds (`500`, `12.5`, `1e3`), which becomes
+  `Request.slo_ttft_s` / `slo_tpot_s` in seconds; `0` means no objective
+  from the header (as llm-d reads an absent or zero SLO; a tenant default
+  from the `objectives` config section still applies). `predictive_header`
+  (`x-prediction-based-scheduling`) holds a boolean, case-insensitively:
+  `true`/`t`/`1` or `false`/`f`/`0` (Go's `strconv.ParseBool`, which llm-d
+  uses, after lowercasing), becoming `Request.predictive`. Absent or blank:
+  None (the config decides). Anything else (a negative, `inf`, `nan`, a
+  unit, `yes`) is 400 naming the header (GIE's predicted-latency plugin
+  makes such a value a `BadRequest` error, "must be a float" / "must be a
+  boolean"): a client that sent an objective learns it was not understood.
+  A header name set to "" is not read. Sources: kubernetes-sigs/gateway-api-inference-extension
+  `pkg/epp/scheduling/framework/plugins/multi/predicted_latency/headers.go`
+  (`parseFloatHeader`, `parseBoolHeader`) and `.../profile/slo_aware_profile_handler.go`
+  (`x-prediction-based-scheduling`); kaushikmitr/llm-d
+  `guides/predicted-latency-based-scheduling/README.md` (enabled without
+  objectives: SLO 0, the lowest predicted latency).
 
 Ids are trimmed and must be at most `MAX_ID_LENGTH` printable characters
 (400 otherwise), as `prefixroute.openai` requires. Errors are
@@ -33,6 +52,7 @@ secrets character by character.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -56,6 +76,12 @@ DEFAULT_TENANT_HEADERS = (
 )
 _INT32_MAX = 2**31 - 1
 _INTEGER = re.compile(r"[+-]?[0-9]{1,10}")
+# a plain decimal number, optionally with an exponent (Go's ParseFloat takes these too):
+# no minus sign, no inf/nan, no hex, no digit separators
+_MILLISECONDS = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_TRUE = frozenset({"true", "t", "1"})
+_FALSE = frozenset({"false", "f", "0"})
+_MAX_ECHO = 32  # characters of a bad header value quoted back in the 400
 _KEYS = {
     "tenant_headers": "list",
     "api_keys": "mapping",
@@ -65,16 +91,35 @@ _KEYS = {
     "session_header": "str",
     "priority_header": "str",
     "priorities": "mapping",
+    "slo_ttft_header": "str",
+    "slo_tpot_header": "str",
+    "predictive_header": "str",
 }
+_HEADER_KEYS = (
+    "session_header",
+    "priority_header",
+    "slo_ttft_header",
+    "slo_tpot_header",
+    "predictive_header",
+)
 
 
 @attrs.frozen(slots=True)
 class Identity:
-    """The resolved identity of one request."""
+    """The resolved identity of one request: who sent it, and the latency it asks for.
+
+    `slo_ttft_s` / `slo_tpot_s`: the objectives in seconds (None: none on
+    that axis); `predictive`: the client's word on predicted-latency routing
+    (None: the configured default). They go to the `Request` fields of the
+    same names.
+    """
 
     tenant: str = "default"
     session: str | None = None
     priority: int = 0
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    predictive: bool | None = None
 
 
 def _digest(key: str) -> str:
@@ -116,6 +161,11 @@ class IdentityConfig:
     session_header: str | None = attrs.field(default="x-session-id", converter=_lower_name)
     priority_header: str | None = attrs.field(default="x-priority", converter=_lower_name)
     priorities: Mapping[str, int] = attrs.field(factory=dict)
+    slo_ttft_header: str | None = attrs.field(default="x-slo-ttft-ms", converter=_lower_name)
+    slo_tpot_header: str | None = attrs.field(default="x-slo-tpot-ms", converter=_lower_name)
+    predictive_header: str | None = attrs.field(
+        default="x-prediction-based-scheduling", converter=_lower_name
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.require_api_key and not self.api_keys:
@@ -152,7 +202,7 @@ class IdentityConfig:
                 )
         values: dict[str, Any] = {
             key: section[key]
-            for key in ("require_api_key", "tenant_from_user", "session_header", "priority_header")
+            for key in ("require_api_key", "tenant_from_user", *_HEADER_KEYS)
             if key in section
         }
         if values.get("require_api_key") and not keys:
@@ -164,7 +214,8 @@ class IdentityConfig:
     def resolve(self, headers: Mapping[str, str], body: Mapping[str, object]) -> Identity:
         """The request's `Identity`; `RequestError` (400, or 401 for keys) otherwise.
 
-        O(number of tenant headers) look-ups plus one SHA-256 when a key is sent.
+        O(number of tenant headers) look-ups plus one SHA-256 when a key is
+        sent; each objective header is O(its length).
         """
         tenant = self._keyed_tenant(headers)
         if tenant is None:
@@ -180,7 +231,12 @@ class IdentityConfig:
         if session is None:
             session = identifier(_body_str(body, "prompt_cache_key"), "prompt_cache_key")
         return Identity(
-            tenant=tenant or "default", session=session, priority=self._priority(headers)
+            tenant=tenant or "default",
+            session=session,
+            priority=self._priority(headers),
+            slo_ttft_s=_objective(headers, self.slo_ttft_header),
+            slo_tpot_s=_objective(headers, self.slo_tpot_header),
+            predictive=_boolean(headers, self.predictive_header),
         )
 
     def _keyed_tenant(self, headers: Mapping[str, str]) -> str | None:
@@ -213,6 +269,48 @@ class IdentityConfig:
                 field=name,
             )
         return int(value)
+
+
+def _objective(headers: Mapping[str, str], name: str | None) -> float | None:
+    """Header `name`'s milliseconds as seconds; None when absent, blank or 0.
+
+    `RequestError` (400, naming the header) for anything but a plain
+    non-negative decimal number, or one out of range in seconds.
+    """
+    raw = headers.get(name) if name else None
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if _MILLISECONDS.fullmatch(value) is None:
+        raise RequestError(
+            f"header {name} must be a number of milliseconds >= 0, got {value[:_MAX_ECHO]!r}",
+            field=name,
+        )
+    ms = float(value)
+    if ms == 0.0:
+        return None  # llm-d reads 0 as "no objective": the lowest predicted latency
+    seconds = ms / 1000.0
+    if not 0.0 < seconds < math.inf:  # 1e400 ms overflows to inf; 5e-324 ms / 1000 is 0
+        raise RequestError(
+            f"header {name} is out of range: {value[:_MAX_ECHO]!r} milliseconds",
+            field=name,
+        )
+    return seconds
+
+
+def _boolean(headers: Mapping[str, str], name: str | None) -> bool | None:
+    """Header `name` as a boolean (true/t/1, false/f/0, any case); None when absent or blank."""
+    raw = headers.get(name) if name else None
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise RequestError(
+        f"header {name} must be true or false, got {raw.strip()[:_MAX_ECHO]!r}", field=name
+    )
 
 
 def _key_map(value: object, path: str) -> dict[str, str]:

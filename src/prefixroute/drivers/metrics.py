@@ -12,8 +12,9 @@ have their own):
 - **Scrape-time series**, computed by `_ScrapeCollector.collect` when
   `render` runs: router counters, index statistics, the router's in-flight
   accounting, the tenant ledger's snapshot (per-tenant figures, head/tail
-  hit rates, Jain's fairness) and the endpoints' scraped state. The request
-  path pays nothing for them.
+  hit rates, Jain's fairness, latency-objective attainment), the router's
+  latency model's prediction error per endpoint (issue 16) and the
+  endpoints' scraped state. The request path pays nothing for them.
 
 Names follow the Gateway API Inference Extension endpoint picker wherever it
 has one, so its dashboards and alerts work unchanged:
@@ -22,6 +23,9 @@ kubernetes-sigs/gateway-api-inference-extension `pkg/epp/metrics/metrics.go`
 label names, and the latency, size and token buckets),
 `pkg/epp/metrics/collectors/inference_pool.go`
 (``inference_pool_per_pod_queue_size``) and `site-src/guides/metrics-and-observability.md`.
+The predicted-latency histograms (``inference_objective_request_predicted_ttft_seconds``,
+``..._predicted_tpot_seconds``, ``..._tpot_seconds``) are GIE's latency-predictor
+series with its ``GeneralLatencyBuckets`` and ``TPOTBuckets``, same file.
 The rest are ours, prefixed ``prefixroute_``. The per-tenant TTFT buckets are
 vLLM v1's ``vllm:time_to_first_token_seconds`` buckets
 (vllm-project/vllm `vllm/v1/metrics/loggers.py`).
@@ -120,6 +124,13 @@ DECISION_BUCKETS = (
     *(0.01, 0.02, 0.05, 0.1),
 )
 """GIE's scheduler buckets (100 us to 100 ms) plus 10, 25 and 50 us, where our decisions fall."""
+
+TPOT_BUCKETS = (
+    *(0.0005, 0.00205, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2),
+    *(0.3, 0.4, 0.5, 0.6, 0.8, 1, 1.5, 2, 3, 4.5, 6, 12, 18, 24, 30, 36, 48, 60),
+    *(90, 120, 180, 270, 360),
+)
+"""GIE's `TPOTBuckets` (0.5 ms to 6 min), for the predicted and measured TPOT histograms."""
 
 NTPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 REQUEST_SIZE_BUCKETS = tuple(float(2**i) for i in range(6, 31))  # 64 B .. 1 GiB, as GIE
@@ -220,6 +231,7 @@ class _ModelSeries:
         "duration",
         "input_tokens",
         "label",
+        "latency_series",
         "ntpot",
         "output_tokens",
         "request_sizes",
@@ -242,6 +254,19 @@ class _ModelSeries:
         self.cached_tokens = m._cached_tokens.labels(*pair)
         self.ntpot = m._ntpot.labels(*pair)
         self.running = m._running.labels(label)
+        self.latency_series: tuple[Any, Any, Any] | None = None  # see `latency`
+
+    def latency(self, m: GatewayMetrics) -> tuple[Any, Any, Any]:
+        """The predicted-TTFT, predicted-TPOT and measured-TPOT children, made on first use:
+        a model whose requests carry no prediction nor TPOT costs no empty histograms."""
+        if self.latency_series is None:
+            pair = (self.label, self.label)
+            self.latency_series = (
+                m._predicted_ttft.labels(*pair),
+                m._predicted_tpot.labels(*pair),
+                m._tpot.labels(*pair),
+            )
+        return self.latency_series
 
 
 def _finite(value: float | None) -> bool:
@@ -379,6 +404,27 @@ class GatewayMetrics:
             buckets=NTPOT_BUCKETS,
             registry=reg,
         )
+        self._predicted_ttft = Histogram(
+            "inference_objective_request_predicted_ttft_seconds",
+            "The router's predicted TTFT on the chosen endpoint, per decision, in seconds.",
+            MODEL_LABELS,
+            buckets=GIE_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._predicted_tpot = Histogram(
+            "inference_objective_request_predicted_tpot_seconds",
+            "The router's predicted time per output token on the chosen endpoint, in seconds.",
+            MODEL_LABELS,
+            buckets=TPOT_BUCKETS,
+            registry=reg,
+        )
+        self._tpot = Histogram(
+            "inference_objective_request_tpot_seconds",
+            "Time per output token after the first, (duration - TTFT) / (tokens - 1), seconds.",
+            MODEL_LABELS,
+            buckets=TPOT_BUCKETS,
+            registry=reg,
+        )
         self._running = Gauge(
             "inference_objective_running_requests",
             "Requests in the gateway (started and not yet ended), per model.",
@@ -491,8 +537,10 @@ class GatewayMetrics:
         """The router answered in `seconds` with `outcome` (decision, rejection or deferral).
 
         With the `Decision`, its match on the chosen endpoint also feeds the
-        prefix-indexer hit-ratio histogram. ValueError for an unknown outcome
-        (a driver bug). O(buckets).
+        prefix-indexer hit-ratio histogram, and its predicted TTFT and TPOT
+        (the router's latency model's, for the chosen endpoint) the
+        predicted-latency histograms of its model. ValueError for an unknown outcome (a driver
+        bug). O(buckets).
         """
         child = self._attempt_children.get(outcome)
         if child is None:
@@ -500,8 +548,17 @@ class GatewayMetrics:
         child.inc()
         if _finite(seconds):
             self._decision_latency.observe(seconds)
-        if decision is not None and decision.total_blocks:
+        if decision is None:
+            return
+        if decision.total_blocks:
             self._hit_ratio.observe(decision.matched_blocks / decision.total_blocks)
+        ttft, tpot = decision.predicted_ttft_s, decision.predicted_tpot_s
+        if ttft is not None or tpot is not None:
+            children = self._model(decision.request.model).latency(self)
+            if ttft is not None and _finite(ttft):
+                children[0].observe(ttft)
+            if tpot is not None and _finite(tpot):
+                children[1].observe(tpot)
 
     def observe_request(
         self,
@@ -561,6 +618,10 @@ class GatewayMetrics:
                 series.output_tokens.observe(usage.completion_tokens)
                 if _finite(duration_s):
                     series.ntpot.observe(duration_s / usage.completion_tokens)
+                if usage.completion_tokens > 1 and ttft_s is not None and _finite(ttft_s):
+                    tpot = (duration_s - ttft_s) / (usage.completion_tokens - 1)
+                    if _finite(tpot):
+                        series.latency(self)[2].observe(tpot)
         if endpoint is not None:
             served = self._by_endpoint.get(endpoint)
             if served is None:
@@ -601,6 +662,11 @@ _TENANT_COUNTERS = (
     ("completed_prompt_tokens", "Prompt tokens of requests that completed ok."),
     ("cached_tokens", "Prompt tokens the engines reported cached, for requests that completed ok."),
     ("failures", "Routed requests that failed."),
+    (
+        "slo_requests",
+        "Requests with a latency objective (completed, failed or rejected; issue 16).",
+    ),
+    ("slo_met", "Requests with an objective that completed ok and met every objective set."),
 )
 
 
@@ -612,6 +678,8 @@ def _tenant_figures(s: TenantSnapshot) -> tuple[int, ...]:
         s.completed_prompt_tokens,
         s.cached_tokens,
         s.failed,
+        s.slo_requests,
+        s.slo_met,
     )
 
 
@@ -769,8 +837,48 @@ class _ScrapeCollector(Collector):
         self, state: tuple[list[EndpointState], float, LedgerSnapshot] | None
     ) -> Iterator[Metric]:
         yield from self._router_families(state is not None)
+        yield from self._latency_families(state is not None)
         yield from self._pool_families(state)
         yield from self._ledger_families(state[2] if state is not None else None)
+
+    def _latency_families(self, live: bool) -> Iterator[Metric]:
+        """The latency model's prediction error per endpoint and kind (ttft, tpot).
+
+        Counters of samples and of absolute error, so the MAE over a window is
+        a ratio of rates; the signed error (predicted - actual) sum is a gauge,
+        since it goes down whenever the model under-predicts (a counter that
+        falls reads as a reset to `rate`): the bias over a window is its
+        `delta` over the samples' `increase`. O(endpoints the model holds:
+        it forgets removed ones).
+        """
+        labels = ("endpoint", "kind")
+        samples = _counter(
+            "prefixroute_latency_prediction_samples",
+            "Completions the latency model compared its prediction with, per endpoint and kind.",
+            labels,
+        )
+        abs_error = _counter(
+            "prefixroute_latency_prediction_abs_error_seconds",
+            "Sum of |predicted - actual| latency (TTFT, or time per output token), in seconds.",
+            labels,
+        )
+        signed_error = _gauge(
+            "prefixroute_latency_prediction_signed_error_seconds",
+            "Sum of predicted - actual latency since start, in seconds (positive: the model "
+            "over-predicts; a gauge, as it falls when the model under-predicts).",
+            labels,
+        )
+        if live:
+            for eid, e in sorted(self._owner.router.latency.error_by_endpoint().items()):
+                endpoint = label_value(eid)
+                for kind, n, total_abs, total_signed in (
+                    ("ttft", e.ttft_samples, e.ttft_abs_s, e.ttft_signed_s),
+                    ("tpot", e.tpot_samples, e.tpot_abs_s, e.tpot_signed_s),
+                ):
+                    samples.add_metric([endpoint, kind], n)
+                    abs_error.add_metric([endpoint, kind], total_abs)
+                    signed_error.add_metric([endpoint, kind], total_signed)
+        yield from (samples, abs_error, signed_error)
 
     def _router_families(self, live: bool) -> Iterator[Metric]:
         router = self._owner.router
@@ -934,6 +1042,20 @@ class _ScrapeCollector(Collector):
         tenant_inflight = _gauge(
             "prefixroute_tenant_inflight_requests", "Routed requests not yet completed.", tl
         )
+        attainment = _gauge(
+            "prefixroute_tenant_slo_attainment_ratio",
+            "Requests meeting their latency objectives / requests with objectives, since the "
+            "tenant entered the ledger (absent before its first request with one).",
+            tl,
+        )
+        slo_requests = _counter(
+            "prefixroute_slo_requests",
+            "Requests with a latency objective, all tenants (completed, failed or rejected).",
+        )
+        slo_met = _counter(
+            "prefixroute_slo_met",
+            "Requests with an objective that completed ok and met every objective, all tenants.",
+        )
         tail = _gauge(
             "prefixroute_tenant_tail",
             "1 if the tenant is in the tail (fewer requests than the ledger's tail quantile).",
@@ -977,6 +1099,8 @@ class _ScrapeCollector(Collector):
                 rejections.add_metric([label_value(kind)], n)
             completed.add_metric([], total.completed_prompt_tokens)
             cached.add_metric([], total.cached_tokens)
+            slo_requests.add_metric([], total.slo_requests)
+            slo_met.add_metric([], total.slo_met)
             evictions.add_metric([], snap.evictions)
             tracked.add_metric([], len(snap.tenants))
             f = snap.fairness
@@ -996,6 +1120,8 @@ class _ScrapeCollector(Collector):
                 if s.predicted_hit_rate is not None:
                     predicted_hit.add_metric(label, s.predicted_hit_rate)
                 tenant_inflight.add_metric(label, s.in_flight)
+                if s.attainment is not None:
+                    attainment.add_metric(label, s.attainment)
                 if f.tail_threshold is not None and (s.requests > 0 or s.tenant == OTHER):
                     tail.add_metric(label, 1.0 if s.tenant in tail_names else 0.0)
                 if s.ttft.count:
@@ -1035,7 +1161,8 @@ class _ScrapeCollector(Collector):
                 mae.add_metric([], f.prediction_mae)
         yield from counters
         yield from (rejections, tenant_rejections, completed, cached, hit, predicted_hit)
-        yield from (tenant_inflight, tail, ttft, group, groups_n, jain, bias, mae)
+        yield from (tenant_inflight, attainment, slo_requests, slo_met)
+        yield from (tail, ttft, group, groups_n, jain, bias, mae)
         yield from (evictions, tracked)
 
 
@@ -1063,6 +1190,8 @@ def _rows(snap: LedgerSnapshot) -> list[TenantSnapshot]:
                 cached_tokens=other.cached_tokens + s.cached_tokens,
                 in_flight=other.in_flight + s.in_flight,
                 rejected=other.rejected + s.rejected,
+                slo_requests=other.slo_requests + s.slo_requests,
+                slo_met=other.slo_met + s.slo_met,
                 rejections={
                     k: other.rejections.get(k, 0) + s.rejections.get(k, 0)
                     for k in {*other.rejections, *s.rejections}

@@ -305,7 +305,8 @@ class RoutingService:
     ) -> Prepared:
         """Parse a completions body and its headers into what the router and the engine get.
 
-        JSON (400 `invalid-json`), identity (400/401, `IdentityConfig.resolve`)
+        JSON (400 `invalid-json`), identity and latency objectives (400/401,
+        `IdentityConfig.resolve`)
         and `parse_openai` (400/413 naming the field) raise `Refusal`, and so
         does a model name that is not printable text (a lone surrogate, a
         control character) or is over `MAX_MODEL_CHARS` (400), and a prompt
@@ -358,7 +359,13 @@ class RoutingService:
             code = "unauthorized" if exc.status == 401 else "invalid-request"
             raise Refusal(exc.status, str(exc), code=code, param=exc.field) from None
         request = attrs.evolve(
-            parsed, tenant=identity.tenant, session=identity.session, priority=identity.priority
+            parsed,
+            tenant=identity.tenant,
+            session=identity.session,
+            priority=identity.priority,
+            slo_ttft_s=identity.slo_ttft_s,
+            slo_tpot_s=identity.slo_tpot_s,
+            predictive=identity.predictive,
         )
         forwarded: dict[str, Any] | None = None
         blocker = self.router.blocker

@@ -39,6 +39,7 @@ def make_source(scenario: Scenario) -> Source:
         seed=scenario.seed,
         duration_s=scenario.duration_s,
         model=scenario.cost.name.rsplit("-", 1)[0],
+        objectives=scenario.objectives,
     )
 
 
@@ -51,12 +52,19 @@ def run_policy(
     """Simulate `scenario` routed by `policy`; deterministic given the scenario's seed.
 
     The router replicas are the policy's `simulator.routers` when it sets
-    them, else the scenario's `routers` (`prefixroute.sim.replicas`).
+    them, else the scenario's `routers` (`prefixroute.sim.replicas`). Each
+    router's latency model starts from the engine profile's rates
+    (`CostModel.latency_prior`), as a deployment configured with its
+    engines' profile would.
     """
     started = time.perf_counter()
     routers = policy.routers if policy.routers is not None else scenario.routers
+    prior = scenario.cost.latency_prior()
     sim = Simulation(
-        [policy.build(scenario.seed, replica=k) for k in range(routers.replicas)],
+        [
+            policy.build(scenario.seed, replica=k, latency_prior=prior)
+            for k in range(routers.replicas)
+        ],
         make_source(scenario),
         endpoints=scenario.endpoints,
         engine=scenario.engine,

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import attrs
 
+from prefixroute.latency import LatencyPrior
+
 __all__ = ["PROFILES", "CostModel", "cost_profile"]
 
 _H100_FLOPS = 989e12  # dense BF16, H100 SXM datasheet
@@ -77,6 +79,35 @@ class CostModel:
         memory = (self.weight_bytes + self.kv_bytes_per_token * kv_tokens) / self.hbm_bytes_per_s
         overhead = self.step_overhead_s + self.per_seq_overhead_s * seqs
         return overhead + (compute if compute > memory else memory)
+
+    def latency_prior(self, *, context_tokens: int = 2000) -> LatencyPrior:
+        """The router's latency-model cold start (`prefixroute.latency.LatencyPrior`) for it.
+
+        Rates read off `step_time`, as a router configured with this engine
+        profile would assume before its first completion: TTFT of a tiny
+        prompt on an idle engine (front end plus one step), the marginal
+        prefill cost per token of a 2,048-token prompt, the step time a
+        running sequence of `context_tokens` adds (a prefill shares its step
+        with the running decodes), and TPOT: one lone decode step over 1,000
+        tokens of context, plus per running sequence its overhead, plus per
+        in-flight token the KV bytes a decode step reads. O(1).
+        """
+        st = self.step_time
+        base = st(1, 1, 1.0, 1.0)
+        n = 2048
+        prefill = (st(n, 1, n * (n + 1) / 2, n) - base) / (n - 1)
+        c = float(context_tokens)
+        lone = st(1, 1, c, c)
+        per_request = (st(32, 32, 32 * c, 32 * c) - lone) / 31
+        per_seq = (st(32, 32, 32.0, 32.0) - st(1, 1, 1.0, 1.0)) / 31
+        return LatencyPrior(
+            ttft_base_s=self.frontend_latency_s + base,
+            prefill_s_per_token=prefill,
+            ttft_s_per_request=per_request,
+            tpot_base_s=st(1, 1, 1000.0, 1000.0),
+            tpot_s_per_request=per_seq,
+            tpot_s_per_token=self.kv_bytes_per_token / self.hbm_bytes_per_s,
+        )
 
 
 def _model(

@@ -27,6 +27,7 @@ import attrs
 
 from prefixroute.config import ConfigError, ConfigFields, load_config
 from prefixroute.drivers.documents import read_document
+from prefixroute.latency import LatencyPrior
 from prefixroute.router import Router
 from prefixroute.sim.replicas import Routers, parse_routers
 
@@ -46,18 +47,27 @@ class Policy:
     precise: bool = False
     routers: Routers | None = None  # None: the scenario's
 
-    def build(self, seed: int, *, replica: int = 0) -> Router:
+    def build(
+        self, seed: int, *, replica: int = 0, latency_prior: LatencyPrior | None = None
+    ) -> Router:
         """A fresh router; the document's own `seed` wins over `seed` when it sets one.
 
         Replica `k > 0` of a run with several gets the picker seed
         `seed + k * REPLICA_SEED_STEP` (its own tie-breaks, as separate
         processes would make); the hashing seed (`hashing.seed`) is the
-        document's, so every replica's block keys agree.
+        document's, so every replica's block keys agree. `latency_prior`
+        (the engines' profile: `CostModel.latency_prior`) becomes the
+        document's `latency.prior`, the latency model's cold start, unless
+        the document gives its own.
         """
         doc = copy.deepcopy(self.document)
         doc.setdefault("seed", seed)
         if replica:
             doc["seed"] += replica * REPLICA_SEED_STEP
+        if latency_prior is not None:
+            latency = doc.setdefault("latency", {})
+            if isinstance(latency, dict) and "prior" not in latency:
+                latency["prior"] = attrs.asdict(latency_prior)
         return load_config(doc)
 
 

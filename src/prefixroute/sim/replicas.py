@@ -64,8 +64,14 @@ What replicas share (`sharing`):
     any block), which the cold-request spreader reads
     (`LoadTracker.note_cold`);
   - `sessions`: the request's session binding (`LoadTracker.bind_session`),
-    which session affinity reads.
-  With all three and no delay, N replicas make the decisions one router
+    which session affinity reads;
+  - `latency`: the decision's uncached prefill, which joins the peers'
+    prefill backlog for its endpoint, and the latency sample its completion
+    taught the deciding replica's model (`Router.latency_sample`), which
+    their models learn too. Not by default: the drivers' shared state
+    carries neither (issue 15), each replica's model learns from its own
+    completions.
+  With all four and no delay, N replicas make the decisions one router
   would, but for the picker's random tie-breaks (docs/simulator.md).
 """
 
@@ -95,7 +101,7 @@ __all__ = [
 
 BALANCES = ("round-robin", "random", "hash")
 SHARINGS = ("none", "decisions", "events")
-CARRIES = ("completions", "cold", "sessions")
+CARRIES = ("completions", "cold", "sessions", "latency")
 DEFAULT_CARRY = ("completions", "sessions")
 """What decision records carry unless told: not `cold`, which a delay turns into herding."""
 RING_POINTS = 1024

@@ -41,6 +41,23 @@ TTFT over the mean of all tenants' means): 1 when every tenant waits
 alike. `per_tenant` lists the most active tenants, `tail` aggregates the
 tail tenants' requests.
 
+`slo` judges every request that carries latency objectives (the
+scenario's `objectives`, `prefixroute.sim.objectives`) on its own
+objectives and its measured TTFT and time per output token ((E2E - TTFT) /
+(output tokens - 1); a one-token answer is judged on TTFT alone): `requests`
+with objectives, `met` (served within all of them; rejected, failed and
+timed-out requests miss), `attainment` (met / requests) and `goodput_rps`
+(met requests per second over the same span as `throughput_rps`: from 0
+to the last completion). The tail and each listed tenant have their own
+`slo` (without goodput), and `tenants.head_attainment` /
+`tail_attainment` sit beside the head and tail hit rates.
+
+`latency_model` is the routers' latency models' own prediction error
+(`prefixroute.latency.LatencyModel.error`, summed over the replicas): the
+TTFT and TPOT `samples`, mean absolute error and bias (prediction minus
+measurement, seconds), from the means the models predicted at each
+decision for the chosen endpoint.
+
 Percentiles are numpy's linear interpolation over the served requests;
 inter-token latency is weighted per token (each decode step's duration
 counts once for every sequence it advanced).
@@ -54,8 +71,11 @@ from typing import Any
 
 import numpy as np
 
+from prefixroute.latency import LatencyError
+from prefixroute.sim.objectives import met as objectives_met
+from prefixroute.sim.objectives import tpot as measured_tpot
 from prefixroute.sim.replicas import DEFAULT_CARRY, Routers
-from prefixroute.sim.simulation import Simulation
+from prefixroute.sim.simulation import Outcomes, Simulation
 
 __all__ = [
     "TOP_TENANTS",
@@ -100,8 +120,32 @@ def jain(values: Sequence[float]) -> float | None:
     return 1.0 if sq == 0 else s * s / (len(values) * sq)
 
 
+def _slo_columns(out: Outcomes) -> tuple[np.ndarray, np.ndarray]:
+    """Per request: whether it has any objective, and whether it met them all."""
+    ok = np.asarray(out.status) == 200
+    ttft = np.asarray(out.ttft_s, dtype=np.float64)
+    slo_ttft = np.asarray(out.slo_ttft_s, dtype=np.float64)
+    slo_tpot = np.asarray(out.slo_tpot_s, dtype=np.float64)
+    tpot = measured_tpot(
+        ttft, np.asarray(out.e2e_s, dtype=np.float64), np.asarray(out.output_tokens, np.int64)
+    )
+    has = ~np.isnan(slo_ttft) | ~np.isnan(slo_tpot)
+    return has, objectives_met(ok, ttft, tpot, slo_ttft, slo_tpot)
+
+
+def _attainment(idx: np.ndarray, has: np.ndarray, met: np.ndarray) -> dict[str, Any]:
+    n = int(has[idx].sum())
+    m = int(met[idx].sum())
+    return {"requests": n, "met": m, "attainment": m / n if n else None}
+
+
 def _group(
-    rows: Sequence[int], out: Any, ok: np.ndarray, ttft: np.ndarray, e2e: np.ndarray
+    rows: Sequence[int],
+    out: Any,
+    ok: np.ndarray,
+    ttft: np.ndarray,
+    e2e: np.ndarray,
+    slo: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, Any]:
     """Figures of the requests at `rows` (indexes into the outcome columns)."""
     idx = np.asarray(rows, dtype=np.int64)
@@ -118,6 +162,7 @@ def _group(
         "hit_rate": cached / prompt if prompt else None,
         "ttft_s": _dist(t),
         "e2e_s": _dist(e2e[served]),
+        "slo": _attainment(idx, *slo),
     }
 
 
@@ -127,6 +172,7 @@ def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
     ok = status == 200
     ttft = np.asarray(out.ttft_s)
     e2e = np.asarray(out.e2e_s)
+    slo = _slo_columns(out)
     rows: dict[str, list[int]] = {}
     for i, tenant in enumerate(out.tenant):
         rows.setdefault(tenant, []).append(i)
@@ -151,17 +197,25 @@ def _tenants(sim: Simulation, top_k: int = TOP_TENANTS) -> dict[str, Any]:
         if idx:
             mean_ttft.append(float(ttft[idx].mean()))
     tail_rows = [i for t in tail for i in rows[t]]
+    head_rows = [i for t in head for i in rows[t]]
     starved = sum(1 for t in ranked if not any(ok[i] for i in rows[t]))
+
+    def attained(group_rows: list[int]) -> float | None:
+        idx = np.asarray(group_rows, dtype=np.int64)
+        return _attainment(idx, *slo)["attainment"] if idx.size else None
+
     return {
         "count": len(ranked),
         "starved": starved,
         "head_hit_rate": rate(head),
         "tail_hit_rate": rate(tail),
+        "head_attainment": attained(head_rows),
+        "tail_attainment": attained(tail_rows),
         "jain_hit_rate": jain(rates),
         "jain_ttft": jain(mean_ttft),  # Jain's index is scale-free: means = slowdowns
-        "tail": _group(tail_rows, out, ok, ttft, e2e) if tail_rows else None,
+        "tail": _group(tail_rows, out, ok, ttft, e2e, slo) if tail_rows else None,
         "per_tenant": [
-            {"tenant": t, **_group(rows[t], out, ok, ttft, e2e)}
+            {"tenant": t, **_group(rows[t], out, ok, ttft, e2e, slo)}
             for t in sorted(rows, key=lambda t: (-len(rows[t]), t))[:top_k]
         ],
     }
@@ -227,6 +281,28 @@ def _prediction(sim: Simulation) -> dict[str, Any]:
     }
 
 
+def _slo(sim: Simulation, makespan: float) -> dict[str, Any]:
+    """Attainment of the requests' own latency objectives, and goodput (module docstring)."""
+    has, met = _slo_columns(sim.outcomes)
+    figures = _attainment(np.arange(has.size), has, met)
+    return {**figures, "goodput_rps": figures["met"] / makespan if makespan else 0.0}
+
+
+def _latency_model(sim: Simulation) -> dict[str, Any]:
+    """The routers' latency models' prediction errors, summed over the replicas."""
+    total = LatencyError()
+    for router in sim.replicas:
+        total = total + router.latency.error()
+    return {
+        "samples": total.ttft_samples,
+        "ttft_mae_s": total.ttft_mae_s,
+        "ttft_bias_s": total.ttft_bias_s,
+        "tpot_samples": total.tpot_samples,
+        "tpot_mae_s": total.tpot_mae_s,
+        "tpot_bias_s": total.tpot_bias_s,
+    }
+
+
 def _events(sim: Simulation) -> dict[str, Any]:
     """The run's KV-event link and what happened on it, and its restarts."""
     st = sim.event_stats
@@ -282,6 +358,8 @@ def summarize(sim: Simulation, *, scenario: str, policy: str, wall_s: float) -> 
         "e2e_s": _dist(e2e),
         "throughput_rps": float(ok.sum()) / makespan if makespan else 0.0,
         "output_tokens_per_s": outputs / makespan if makespan else 0.0,
+        "slo": _slo(sim, makespan),
+        "latency_model": _latency_model(sim),
         "tenants": {**_tenants(sim), **_ledger(sim)},
         "routers": _routers(sim),
         "endpoint_requests": [split.get(i, 0) for i in range(len(sim.engines))],
@@ -301,23 +379,34 @@ def _pct(x: float | None) -> str:
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width table, one row per run (times in milliseconds)."""
+    """A fixed-width table, one row per run (times in milliseconds).
+
+    When any run's requests carry latency objectives, two more columns:
+    their attainment (`slo met`) and goodput (`good/s`, met requests per second).
+    """
     w = max([20, *(len(run_label(r)) for r in results)])
+    slo = any((r.get("slo") or {}).get("requests") for r in results)
     head = (
         f"{'policy':<{w}} {'hit':>6} {'ttft p50':>8} {'p95':>7} {'p99':>7} {'itl p50':>7} "
         f"{'e2e p50':>8} {'p99':>7} {'req/s':>7} {'failed':>6} {'tail hit':>8} {'jain':>5}"
     )
+    if slo:
+        head += f" {'slo met':>7} {'good/s':>7}"
     lines = [head, "-" * len(head)]
     for r in results:
         t = r["tenants"]
         jain_s = "-" if t["jain_hit_rate"] is None else f"{t['jain_hit_rate']:.2f}"
-        lines.append(
+        line = (
             f"{run_label(r):<{w}} {_pct(r['hit_rate']):>6} {_ms(r['ttft_s']['p50']):>8} "
             f"{_ms(r['ttft_s']['p95']):>7} {_ms(r['ttft_s']['p99']):>7} "
             f"{_ms(r['itl_s']['p50']):>7} {_ms(r['e2e_s']['p50']):>8} "
             f"{_ms(r['e2e_s']['p99']):>7} {r['throughput_rps']:>7.1f} {r['failed']:>6} "
             f"{_pct(t['tail_hit_rate']):>8} {jain_s:>5}"
         )
+        if slo:
+            figures = r.get("slo") or {}
+            line += f" {_pct(figures.get('attainment')):>7} {figures.get('goodput_rps', 0.0):>7.1f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -349,10 +438,13 @@ def format_tenants(result: dict[str, Any]) -> str:
 def format_fairness(results: Sequence[dict[str, Any]]) -> str:
     """Tenant fairness per run: head vs tail, Jain's indexes, the tail's latency, rejections."""
     w = max([20, *(len(run_label(r)) for r in results)])
+    slo = any((r.get("slo") or {}).get("requests") for r in results)
     head = (
         f"{'policy':<{w}} {'head hit':>8} {'tail hit':>8} {'jain hit':>8} {'jain ttft':>9} "
         f"{'tail ttft p50':>13} {'p99':>7} {'429s':>6}"
     )
+    if slo:
+        head += f" {'head slo':>8} {'tail slo':>8}"
     lines = [head, "-" * len(head)]
     for r in results:
         t = r["tenants"]
@@ -362,11 +454,14 @@ def format_fairness(results: Sequence[dict[str, Any]]) -> str:
         def j(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
 
-        lines.append(
+        line = (
             f"{run_label(r):<{w}} {_pct(t['head_hit_rate']):>8} {_pct(t['tail_hit_rate']):>8} "
             f"{j(t['jain_hit_rate']):>8} {j(t['jain_ttft']):>9} "
             f"{_ms(tail['ttft_s']['p50']):>13} {_ms(tail['ttft_s']['p99']):>7} {rejected:>6}"
         )
+        if slo:
+            line += f" {_pct(t.get('head_attainment')):>8} {_pct(t.get('tail_attainment')):>8}"
+        lines.append(line)
     return "\n".join(lines)
 
 

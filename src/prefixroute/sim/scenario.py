@@ -24,6 +24,10 @@
       balance: round-robin        # round-robin | random | hash
       sharing: none               # none | decisions | events
       delay_s: 0.0                # how late shared decisions and in-flight counts arrive
+    objectives:                   # the clients' latency objectives, on every request
+      ttft_ms: 500                # (prefixroute.sim.objectives); default: none
+      tpot_ms: 50
+      tenants: {t0000: {ttft_ms: 200}}
     workload: {...}               # see prefixroute.sim.workload_schema
 
 Unknown keys are refused with their path. Built-in scenarios live in
@@ -43,6 +47,7 @@ import attrs
 from prefixroute.drivers.documents import read_document
 from prefixroute.sim.cost import PROFILES, CostModel
 from prefixroute.sim.engine import EngineConfig
+from prefixroute.sim.objectives import ClientObjectives, parse_objectives
 from prefixroute.sim.replicas import Routers, parse_routers
 from prefixroute.sim.schema import Fields, ScenarioError
 from prefixroute.sim.simulation import EventLink, Restart
@@ -67,6 +72,7 @@ class Scenario:
     link: EventLink = attrs.field(factory=EventLink)
     restarts: tuple[Restart, ...] = ()
     routers: Routers = attrs.field(factory=Routers)
+    objectives: ClientObjectives = attrs.field(factory=ClientObjectives)
 
     def with_overrides(
         self,
@@ -163,6 +169,7 @@ def _parse(doc: object, base: Path) -> Scenario:
         )
         r.done()
     routers = parse_routers(top.sub("routers"))
+    objectives = parse_objectives(top.sub("objectives"))
     workload = top.raw("workload")
     if not isinstance(workload, dict):
         raise ScenarioError("workload", "is required and must be a mapping")
@@ -186,4 +193,5 @@ def _parse(doc: object, base: Path) -> Scenario:
         link=link,
         restarts=tuple(restarts),
         routers=routers,
+        objectives=objectives,
     )

@@ -76,6 +76,7 @@ from prefixroute.blocks import Blocker, HashMode
 from prefixroute.decision import Decision, Deferral, Rejection
 from prefixroute.endpoint import EndpointId, EndpointState
 from prefixroute.events import AllBlocksCleared, BlockRemoved, BlockStored, ModeChanged
+from prefixroute.latency import LatencyNote
 from prefixroute.request import Usage
 from prefixroute.router import Router
 from prefixroute.sim.cost import CostModel
@@ -87,8 +88,10 @@ __all__ = ["EventLink", "EventStats", "Outcomes", "PolicyMismatch", "Restart", "
 
 
 _DecisionRecord = tuple[
-    int, EndpointId, Sequence[int], float, float | None, tuple[str, str] | None
-]  # replica, endpoint, block keys, TTL, cold placement time, session (Simulation._decided)
+    int, EndpointId, Sequence[int], float, float | None, tuple[str, str] | None, int | None
+]  # replica, endpoint, block keys, TTL, cold placement time, session, uncached tokens
+_LearnRecord = tuple[int, EndpointId, LatencyNote, float | None, float | None]
+# replica, endpoint, its latency note, the TTFT and TPOT it learned (Simulation._settle)
 
 
 class PolicyMismatch(ValueError):
@@ -96,7 +99,7 @@ class PolicyMismatch(ValueError):
 
 
 _ARRIVE, _DELIVER, _STEP_END, _REFRESH, _EVENTS, _CRASH, _RECOVER = range(7)
-_SHARE, _CONFIRM, _PEER = range(7, 10)  # what replicas share, delay_s late
+_SHARE, _CONFIRM, _PEER, _LEARN = range(7, 11)  # what replicas share, delay_s late
 _LOAD_SAMPLES = 600  # per-endpoint load samples kept for plots
 REPLAY_BUFFER_STEPS = 10_000  # batches an engine can replay (vLLM's `buffer_steps` default)
 
@@ -165,7 +168,8 @@ class Outcomes:
     `status` is 200 for a served request, else the HTTP status the client
     got (the router's rejection, 400 for a request no engine could hold,
     504 for one still unfinished when the run's drain limit passed).
-    Latencies are NaN for requests that were not served.
+    Latencies are NaN for requests that were not served. `slo_ttft_s` and
+    `slo_tpot_s` are the request's own latency objectives (NaN: none).
     """
 
     arrival_s: list[float] = attrs.Factory(list)
@@ -181,6 +185,8 @@ class Outcomes:
     e2e_s: list[float] = attrs.Factory(list)
     finished_s: list[float] = attrs.Factory(list)
     retry_after_s: list[float] = attrs.Factory(list)
+    slo_ttft_s: list[float] = attrs.Factory(list)
+    slo_tpot_s: list[float] = attrs.Factory(list)
 
     def add(
         self,
@@ -193,8 +199,12 @@ class Outcomes:
         retry_after_s: float | None = None,
     ) -> None:
         """Append one request's outcome (`retry_after_s`: a rejection's hint, else NaN)."""
-        self.retry_after_s.append(float("nan") if retry_after_s is None else retry_after_s)
+        nan = math.nan
+        self.retry_after_s.append(nan if retry_after_s is None else retry_after_s)
         self.arrival_s.append(sim.arrival_s)
+        request = sim.request
+        self.slo_ttft_s.append(nan if request.slo_ttft_s is None else request.slo_ttft_s)
+        self.slo_tpot_s.append(nan if request.slo_tpot_s is None else request.slo_tpot_s)
         self.tenant.append(sim.request.tenant)
         self.kind.append(sim.kind)
         self.endpoint.append(endpoint)
@@ -277,6 +287,7 @@ class Simulation:
         self._carry_completions = "completions" in routing.carry
         self._carry_cold = "cold" in routing.carry
         self._carry_sessions = "sessions" in routing.carry
+        self._carry_latency = "latency" in routing.carry
         self._contrib: list[dict[EndpointId, list[int]]] = [{} for _ in replicas]
         self._peers_stale = [False] * len(replicas)
         self.source = source
@@ -400,6 +411,8 @@ class Simulation:
                 self._apply_completion(*cast(tuple[int, EndpointId, Sequence[int], bool], payload))
             elif kind == _PEER:
                 self._apply_load(*cast(tuple[int, EndpointId, int, int], payload))
+            elif kind == _LEARN:
+                self._apply_learning(*cast(_LearnRecord, payload))
             else:
                 self._refresh(t)
                 self._push(t + self.metrics_interval_s, _REFRESH, None)
@@ -553,6 +566,13 @@ class Simulation:
         if not self._share_decisions:
             return
         self._load_delta(k, decision.endpoint, -1, -decision.load_tokens, t)
+        sample = router.latency_sample(decision, usage, t, served_by=served_by)
+        if self._carry_latency and sample is not None and decision.latency is not None:
+            learn: _LearnRecord = (k, decision.endpoint, decision.latency, *sample)
+            if self._share_delay:
+                self._push(t + self._share_delay, _LEARN, learn)
+            else:
+                self._apply_learning(*learn)
         served = served_by or decision.endpoint
         if (
             not (usage.ok and self._carry_completions and router.confirm_on_complete)
@@ -585,6 +605,9 @@ class Simulation:
             None
             if request.session is None or not self._carry_sessions
             else (request.tenant, request.session),
+            decision.prompt_tokens - decision.predicted_cached_tokens
+            if self._carry_latency
+            else None,
         )
         if self._share_delay:
             self._push(t + self._share_delay, _SHARE, record)
@@ -599,6 +622,7 @@ class Simulation:
         ttl: float,
         cold_at: float | None,
         session: tuple[str, str] | None,
+        uncached: int | None,
         t: float,
     ) -> None:
         """A decision record of replica `k` reaches the others at `t`.
@@ -622,6 +646,21 @@ class Simulation:
                     load.note_cold(endpoint, cold_at)
             if session is not None:
                 load.bind_session(session, endpoint)
+            if uncached is not None:  # `latency` carried: its prefill joins the backlog
+                router.latency.push_backlog(endpoint, uncached, t)
+
+    def _apply_learning(
+        self,
+        k: int,
+        endpoint: EndpointId,
+        note: LatencyNote,
+        ttft_s: float | None,
+        tpot_s: float | None,
+    ) -> None:
+        """Replica `k`'s latency sample reaches the others' models (`latency` carried)."""
+        for j, router in enumerate(self.replicas):
+            if j != k:
+                router.latency.on_complete(endpoint, note, ttft_s=ttft_s, tpot_s=tpot_s)
 
     def _apply_completion(
         self, k: int, served: EndpointId, keys: Sequence[int], late: bool

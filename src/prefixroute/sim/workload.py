@@ -65,6 +65,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -89,6 +90,7 @@ from prefixroute.sim.tokenizer import (
 __all__ = [
     "SEED_PERSONAS",
     "SEED_QUESTIONS",
+    "Bursts",
     "ChatKind",
     "ClosedLoopSource",
     "ColdKind",
@@ -172,6 +174,42 @@ _LABELS: dict[type, str] = {
     ChatKind: "chat",
     SharedPrefixKind: "shared-prefix",
 }
+
+
+@attrs.frozen
+class Bursts:
+    """Periodic bursts of an open-loop arrival process: an on/off rate schedule.
+
+    From `start_s`, every `every_s` seconds the arrival rate is `rate_rps`
+    for `for_s` seconds, then back to the base rate: burst k covers
+    [start_s + k * every_s, start_s + k * every_s + for_s). A burst replaces
+    the base rate (it does not add to it). O(1) per query.
+    """
+
+    rate_rps: float
+    every_s: float
+    for_s: float
+    start_s: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.rate_rps > 0 and self.rate_rps != float("inf")):
+            raise ValueError(f"bursts.rate_rps must be finite and > 0, got {self.rate_rps!r}")
+        if not (0 < self.for_s <= self.every_s < float("inf")):
+            raise ValueError(
+                f"bursts need 0 < for_s <= every_s (finite), got {self.for_s!r}, {self.every_s!r}"
+            )
+        if not (0 <= self.start_s < float("inf")):
+            raise ValueError(f"bursts.start_s must be finite and >= 0, got {self.start_s!r}")
+
+    def phase(self, t: float, base_rps: float) -> tuple[float, float]:
+        """The rate in effect at `t` and when it next changes (> t)."""
+        if t < self.start_s:
+            return base_rps, self.start_s
+        k, into = divmod(t - self.start_s, self.every_s)
+        begin = self.start_s + k * self.every_s
+        if into < self.for_s:
+            return self.rate_rps, max(begin + self.for_s, math.nextafter(t, math.inf))
+        return base_rps, max(begin + self.every_s, math.nextafter(t, math.inf))
 
 
 @attrs.frozen
@@ -475,6 +513,15 @@ def _check_duration(duration_s: float) -> None:
 class OpenLoopSource:
     """Open-loop arrivals (Poisson or evenly spaced) at `rate_rps` until `duration_s`.
 
+    With `bursts` the rate follows their on/off schedule (`Bursts`): Poisson
+    arrivals are then a non-homogeneous Poisson process with a piecewise
+    constant rate (an exponential gap drawn at the rate in effect; one that
+    would cross a change of rate is dropped and drawn again from the change,
+    which is exact since the process is memoryless); evenly spaced arrivals
+    are `1 / rate` apart within each phase, from its start. Scheduled arrival
+    times come from a random stream of their own, so they are the same
+    whatever the requests' completions do to the mix's draws (open-loop
+    chats continue conversations that are idle).
     `arrivals()` is a lazy generator: O(1) memory beyond open conversations,
     O(prompt) work per request. `follow_up` never sends anything; it only
     marks a chat conversation idle so a later chat arrival of its tenant can
@@ -489,6 +536,7 @@ class OpenLoopSource:
         rate_rps: float,
         seed: int,
         duration_s: float,
+        bursts: Bursts | None = None,
     ) -> None:
         if process not in ("poisson", "constant"):
             raise ValueError(f"process must be poisson or constant, got {process!r}")
@@ -497,15 +545,20 @@ class OpenLoopSource:
         _check_duration(duration_s)
         self.process = process
         self.rate_rps = rate_rps
+        self.bursts = bursts
         self.duration_s = duration_s
         self._requests = _Requests(spec, seed)
         self._stream = _Stream(seed, "open-loop")
+        self._seed = seed
         self._idle: list[deque[_Conversation]] = [deque() for _ in self._requests.names]
         self._busy: dict[str, _Conversation] = {}
         self._conversations = 0
 
     def arrivals(self) -> Iterator[SimRequest]:
         """Lazily, each arrival in time order (first at 0 for `constant`)."""
+        if self.bursts is not None:
+            yield from self._scheduled(self.bursts)
+            return
         stream, rate, end = self._stream, self.rate_rps, self.duration_s
         t = 0.0
         for k in itertools.count():
@@ -515,6 +568,33 @@ class OpenLoopSource:
                 t = k / rate
             if t >= end:
                 return
+            yield self._next(t)
+
+    def _scheduled(self, bursts: Bursts) -> Iterator[SimRequest]:
+        """Arrivals whose rate follows `bursts` (class docstring); O(1) per arrival and change."""
+        # Arrival times from a stream of their own: the same for every policy, even when
+        # chat turns (whose draws depend on which conversations are idle) share the mix.
+        stream = _Stream(self._seed, "open-loop/arrivals")
+        base, end = self.rate_rps, self.duration_s
+        poisson = self.process == "poisson"
+        origin, k = 0.0, 0  # the current phase's start, and arrivals in it (constant)
+        t = 0.0
+        rate, change = bursts.phase(t, base)
+        while True:
+            if poisson:
+                t += stream.py.expovariate(rate)
+            else:
+                t = origin + k / rate
+            if t >= change:  # memoryless: draw again from the change, at the new rate
+                t = origin = change
+                k = 0
+                rate, change = bursts.phase(t, base)
+                if t >= end:
+                    return
+                continue
+            if t >= end:
+                return
+            k += 1
             yield self._next(t)
 
     def _next(self, at: float) -> SimRequest:

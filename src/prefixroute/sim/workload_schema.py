@@ -14,6 +14,11 @@ wrapped in a `StreamsSource` when tenants have streams of their own) or a
         think_s: [0.5, 2.0]        # closed-loop: uniform wait after each answer
         ramp_s: 1.0                # closed-loop: users start evenly over [0, ramp_s)
         # rate_rps: 20.0           # poisson | constant: mean arrivals per second
+        # bursts:                  # poisson | constant: an on/off rate schedule: from
+        #   rate_rps: 120          #   start_s, every every_s seconds the rate is rate_rps
+        #   every_s: 60            #   for for_s seconds (it replaces rate_rps; default
+        #   for_s: 15              #   start_s 0)
+        #   start_s: 30
       tenants:
         count: 3                   # default 1; names t0000, t0001, ...
         zipf_exponent: 0.0         # tenant of rank r has weight 1/r**s (0: uniform)
@@ -51,11 +56,13 @@ from collections.abc import Sequence
 
 import attrs
 
+from prefixroute.sim.objectives import ClientObjectives, ObjectiveSource
 from prefixroute.sim.schema import Fields, ScenarioError
 from prefixroute.sim.source import Source
 from prefixroute.sim.trace import TraceSource
 from prefixroute.sim.workload import (
     SEED_PERSONAS,
+    Bursts,
     ChatKind,
     ClosedLoopSource,
     ColdKind,
@@ -148,6 +155,17 @@ def _read_mix(mix: Fields) -> tuple[Kind, ...]:
     return tuple(kinds)
 
 
+def _read_bursts(f: Fields) -> Bursts:
+    for key in ("rate_rps", "every_s", "for_s"):
+        _required(f, key)
+    rate = f.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
+    every = f.number("every_s", 1.0, above=0)
+    length = f.number("for_s", 1.0, above=0, max=every)
+    start = f.number("start_s", 0.0, min=0)
+    f.done()
+    return Bursts(rate_rps=rate, every_s=every, for_s=length, start_s=start)
+
+
 def _read_tenants(f: Fields) -> Tenants:
     if f.has("personas"):
         f.string("personas", "seed", choices=("seed",))
@@ -190,13 +208,32 @@ def _read_tenants(f: Fields) -> Tenants:
     return attrs.evolve(tenants, priorities=tuple(pairs), streams=tuple(streams))
 
 
-def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) -> Source:
+def build_workload(
+    fields: Fields,
+    *,
+    seed: int,
+    duration_s: float,
+    model: str,
+    objectives: ClientObjectives | None = None,
+) -> Source:
     """The `Source` a scenario's `workload` mapping describes (schema: module docstring).
 
     Every mapping read is checked with `done()`, so an unknown key fails with
     a `ScenarioError` naming its path (`workload.mix.chat.turn`). A `trace`
-    path is opened as given (resolve relative paths first).
+    path is opened as given (resolve relative paths first). With
+    `objectives` (the scenario's, `prefixroute.sim.objectives`) every
+    request carries its tenant's; a per-tenant entry naming no tenant of the
+    workload is a `ScenarioError`.
     """
+    source, tenants = _build(fields, seed=seed, duration_s=duration_s, model=model)
+    if objectives is None or not objectives.any:
+        return source
+    objectives.check_tenants(tenants)
+    return ObjectiveSource(source, objectives)
+
+
+def _build(fields: Fields, *, seed: int, duration_s: float, model: str) -> tuple[Source, set[str]]:
+    """The workload's source and its tenants' names."""
     model = fields.string("model", model)
     if fields.has("trace"):
         _refuse(fields, ["arrival", "tenants", "mix"], "cannot be combined with workload.trace")
@@ -206,13 +243,14 @@ def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) 
         time_scale = trace.number("time_scale", 1.0, above=0)
         trace.done()
         fields.done()
-        return TraceSource(path, time_scale=time_scale, model=model, duration_s=duration_s)
+        trace_source = TraceSource(path, time_scale=time_scale, model=model, duration_s=duration_s)
+        return trace_source, {"default"}
 
     arrival = fields.sub("arrival")
     _required(arrival, "process")
     process = arrival.string("process", "poisson", choices=("poisson", "constant", "closed-loop"))
     if process == "closed-loop":
-        _refuse(arrival, ["rate_rps"], "is only for poisson and constant arrivals")
+        _refuse(arrival, ["rate_rps", "bursts"], "is only for poisson and constant arrivals")
         _required(arrival, "users")
         users = arrival.integer("users", 1, min=1)
         think_s = arrival.range("think_s", (0.5, 2.0))
@@ -221,6 +259,7 @@ def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) 
         _refuse(arrival, ["users", "think_s", "ramp_s"], "is only for closed-loop arrivals")
         _required(arrival, "rate_rps")
         rate_rps = arrival.number("rate_rps", 1.0, above=0, max=MAX_RATE_RPS)
+        bursts = _read_bursts(arrival.sub("bursts")) if arrival.has("bursts") else None
     arrival.done()
     tenants = _read_tenants(fields.sub("tenants"))
     if not fields.has("mix"):
@@ -235,8 +274,14 @@ def build_workload(fields: Fields, *, seed: int, duration_s: float, model: str) 
         )
     else:
         base = OpenLoopSource(
-            spec, process=process, rate_rps=rate_rps, seed=seed, duration_s=duration_s
+            spec,
+            process=process,
+            rate_rps=rate_rps,
+            seed=seed,
+            duration_s=duration_s,
+            bursts=bursts,
         )
+    names = set(tenants.names())
     if not tenants.streams:
-        return base
-    return StreamsSource(base, tenants.streams, seed=seed, duration_s=duration_s)
+        return base, names
+    return StreamsSource(base, tenants.streams, seed=seed, duration_s=duration_s), names

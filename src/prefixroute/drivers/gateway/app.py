@@ -627,7 +627,12 @@ def request_streams(decision: Decision, response: aiohttp.ClientResponse) -> boo
 
 
 def explain_header(decision: Decision, served_by: EndpointId) -> str:
-    """The `x-prefixroute-decision` value: the choice, the match, the fallbacks (ASCII)."""
+    """The `x-prefixroute-decision` value: the choice, the match, the fallbacks (ASCII).
+
+    Then, when known, the latency model's predicted TTFT and TPOT on the
+    chosen endpoint and the objectives the request was held to, in
+    milliseconds (issue 16).
+    """
     parts = [
         f"endpoint={decision.endpoint}",
         f"served_by={served_by}",
@@ -636,6 +641,15 @@ def explain_header(decision: Decision, served_by: EndpointId) -> str:
         f"predicted_cached_tokens={decision.predicted_cached_tokens}",
         f"fallbacks={','.join(decision.fallbacks)}",
     ]
+    objectives = decision.objectives
+    for name, seconds in (
+        ("predicted_ttft_ms", decision.predicted_ttft_s),
+        ("predicted_tpot_ms", decision.predicted_tpot_s),
+        ("slo_ttft_ms", objectives.ttft_s),
+        ("slo_tpot_ms", objectives.tpot_s),
+    ):
+        if seconds is not None:
+            parts.append(f"{name}={seconds * 1000:.4g}")
     return "; ".join(parts).encode("ascii", "replace").decode("ascii")
 
 
