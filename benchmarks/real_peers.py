@@ -89,6 +89,7 @@ import httpx
 import yaml
 
 from benchmarks import cells
+from benchmarks.side_by_side import ensure_venv
 from prefixroute.devtools.bench import (
     WireRequest,
     run_load,
@@ -251,23 +252,8 @@ def sending_tools(enabled: bool) -> Iterator[None]:
 
 def ensure_peers(log: Path) -> Path | None:
     """`.venv-peers`' bin directory with both peers installed (creating it); None if that fails."""
-    python = PEERS_VENV / "bin" / "python"
-    check = [str(python), "-c", "import sglang_router, vllm_router"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python.parent
-    print(f"creating {PEERS_VENV} with {' '.join(PEER_PACKAGES)} ...", file=sys.stderr)
-    steps = [[str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES]]
-    if not python.exists():
-        steps.insert(0, [sys.executable, "-m", "venv", str(PEERS_VENV)])
-    with open(log, "wb") as f:
-        for step in steps:
-            try:
-                done = subprocess.run(step, stdout=f, stderr=subprocess.STDOUT, timeout=900)
-            except (OSError, subprocess.TimeoutExpired):
-                return None
-            if done.returncode != 0:
-                return None
-    return python.parent if subprocess.run(check, capture_output=True).returncode == 0 else None
+    python = ensure_venv(PEERS_VENV, PEER_PACKAGES, "sglang_router, vllm_router", log)
+    return None if python is None else python.parent
 
 
 def peer_command(

@@ -182,16 +182,20 @@ def burst_rounds(plan: Plan, *, seed: int = 0, model: str = MODEL) -> list[list[
 # --- routers -----------------------------------------------------------------------------
 
 
-def ensure_sglang(log: Path) -> Path | None:
-    """The sglang venv's python, creating `.venv-sglang` if missing; None if that fails."""
-    python = SGLANG_VENV / "bin" / "python"
-    check = [str(python), "-c", "import sglang_router"]
+def ensure_venv(venv: Path, packages: Sequence[str], modules: str, log: Path) -> Path | None:
+    """`venv`'s python with `packages` pip-installed (creating it), once `modules` import.
+
+    `modules` is an import statement's names (``"sglang_router, vllm_router"``);
+    None if creating, installing or importing fails (pip's output goes to `log`).
+    """
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", f"import {modules}"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    print(f"creating {SGLANG_VENV} with sglang-router=={SGLANG_VERSION} ...", file=sys.stderr)
-    steps = [[str(python), "-m", "pip", "install", "-q", f"sglang-router=={SGLANG_VERSION}"]]
+    print(f"creating {venv} with {' '.join(packages)} ...", file=sys.stderr)
+    steps = [[str(python), "-m", "pip", "install", "-q", *packages]]
     if not python.exists():
-        steps.insert(0, ["python3", "-m", "venv", str(SGLANG_VENV)])
+        steps.insert(0, ["python3", "-m", "venv", str(venv)])
     with open(log, "wb") as f:
         for step in steps:
             try:
@@ -201,6 +205,11 @@ def ensure_sglang(log: Path) -> Path | None:
             if done.returncode != 0:
                 return None
     return python if subprocess.run(check, capture_output=True).returncode == 0 else None
+
+
+def ensure_sglang(log: Path) -> Path | None:
+    """The sglang venv's python, creating `.venv-sglang` if missing; None if that fails."""
+    return ensure_venv(SGLANG_VENV, [f"sglang-router=={SGLANG_VERSION}"], "sglang_router", log)
 
 
 def start_sglang(
