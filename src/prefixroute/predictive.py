@@ -57,29 +57,28 @@ def _model(ctx: RouteContext) -> LatencyModel:
 _Predicted = tuple[_Floats, "_Floats | None", "_Floats | None", "_Floats | None"]
 
 
-@attrs.frozen
-class _Features:
-    """Per-candidate inputs of `LatencyModel.predict_slots`, in the candidates' order."""
-
-    slots: npt.NDArray[np.intp]
-    blocks: _Floats
-    requests: _Floats
-    tokens: _Floats | None
-    waiting: _Floats
-
-
 def _predict(
-    ctx: RouteContext, model: LatencyModel, f: _Features, *, tpot: bool, spread: bool
+    ctx: RouteContext,
+    model: LatencyModel,
+    slots: npt.NDArray[np.intp],
+    blocks: _Floats,
+    requests: _Floats,
+    tokens: _Floats | None,
+    waiting: _Floats,
+    *,
+    tpot: bool,
+    spread: bool,
 ) -> _Predicted:
+    """`LatencyModel.predict_slots` with the request's figures from `ctx`."""
     return model.predict_slots(
-        f.slots,
-        f.blocks,
+        slots,
+        blocks,
         ctx.prompt_tokens,
         ctx.tokens_per_block,
         ctx.now,
-        f.requests,
-        f.tokens,
-        f.waiting,
+        requests,
+        tokens,
+        waiting,
         tpot=tpot,
         spread=spread,
     )
@@ -113,8 +112,7 @@ def predict_candidates(
     waiting = np.fromiter((e.waiting for e in candidates), dtype=np.float64, count=n)
     model = _model(ctx)
     slots = model.slots(e.id for e in candidates)
-    features = _Features(slots, blocks, requests, tokens, waiting)
-    return _predict(ctx, model, features, tpot=tpot, spread=spread)
+    return _predict(ctx, model, slots, blocks, requests, tokens, waiting, tpot=tpot, spread=spread)
 
 
 def predict_rows(
@@ -144,8 +142,7 @@ def predict_rows(
         blocks = full if everything else full[rows]
     requests = table.requests_at(ctx.load, rows).astype(np.float64, copy=False)
     tokens = table.tokens_at(ctx.load, rows).astype(np.float64, copy=False) if tpot else None
-    features = _Features(slots, blocks, requests, tokens, waiting)
-    return _predict(ctx, model, features, tpot=tpot, spread=spread)
+    return _predict(ctx, model, slots, blocks, requests, tokens, waiting, tpot=tpot, spread=spread)
 
 
 @attrs.frozen
